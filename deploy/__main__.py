@@ -1,0 +1,3 @@
+from arq_deploy.cli import main
+
+main()

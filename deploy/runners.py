@@ -1,0 +1,105 @@
+"""Runners: one interface over torch (fake-quant), onnxruntime and TVM.
+
+A `Runner` maps a float32 batch N×C×H×W of RGB pixels in [0, 1] (normalisation is inside the model) to float32 logits
+N×K. Runners batch internally (`batch_size`), so callers may pass any N. They are interchangeable under certification,
+attacks and benchmarks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from arq_deploy.errors import DataFormatError, ModelFormatError
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """x: float32 N×C×H×W -> logits float32 N×K."""
+
+    name: str
+    input_shape: tuple[int, int, int]  # C, H, W
+    num_classes: int
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def check_input(x: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """Validate a batch against the model's C×H×W and return it as contiguous float32."""
+    x = np.asarray(x)
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape):
+        raise DataFormatError(
+            f"input batch has shape {tuple(x.shape)}, the model expects N×{'×'.join(map(str, input_shape))}"
+        )
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
+    outs = [fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), np.float32)
+
+
+class TorchRunner:
+    """A torch module (float or fake-quant) in eval mode on a given device."""
+
+    def __init__(self, model, input_shape, num_classes: int, device: str = "cpu", batch_size: int = 256):
+        import torch
+
+        self.name = "torch"
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.input_shape = tuple(input_shape)
+        self.num_classes = int(num_classes)
+        self.batch_size = int(batch_size)
+
+    def _run(self, xb: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(xb).to(self.device)).float().cpu().numpy()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return _batched(self._run, check_input(x, self.input_shape), self.batch_size)
+
+
+class OrtRunner:
+    """onnxruntime InferenceSession; CUDA EP first when it is present and usable, then the CPU EP."""
+
+    def __init__(self, model_path: str | Path, batch_size: int = 256, providers: list[str] | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        self.name = "onnxruntime"
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+        except Exception as e:  # onnxruntime raises several unrelated exception types
+            raise ModelFormatError(f"onnxruntime cannot load {model_path}: {str(e).splitlines()[0]}") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        shape = inp.shape
+        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+            raise ModelFormatError(f"{model_path}: expected an N×C×H×W input with fixed C, H, W, got {shape}")
+        self.input_shape = tuple(int(d) for d in shape[1:])
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        out = self.session.get_outputs()[0].shape
+        self.num_classes = int(out[-1]) if isinstance(out[-1], int) else -1
+        self.batch_size = self.fixed_batch or int(batch_size)
+        self.providers = self.session.get_providers()
+
+    def _run(self, xb: np.ndarray) -> np.ndarray:
+        n = len(xb)
+        if self.fixed_batch and n != self.fixed_batch:
+            xb = np.concatenate([xb, np.zeros((self.fixed_batch - n, *xb.shape[1:]), np.float32)])
+        return self.session.run(None, {self.input_name: xb})[0][:n]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return _batched(self._run, check_input(x, self.input_shape), self.batch_size)

@@ -1,0 +1,1 @@
+"""arq_deploy.search."""
