@@ -1,0 +1,102 @@
+"""Binomial confidence bounds, certified radii and summaries of a certification run.
+
+Randomized smoothing (Cohen, Rosenfeld, Kolter 2019) turns a base classifier f into g(x) = argmax_c P[f(x + σε) = c],
+ε ~ N(0, I). If p_A = P[f(x + σε) = c_A] satisfies p_A ≥ p̲_A > 1/2, then g(x + δ) = c_A for every ‖δ‖₂ < σ·Φ⁻¹(p̲_A).
+p̲_A comes from a one-sided Clopper-Pearson bound on k successes out of n Monte-Carlo draws.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+from scipy.stats import beta, norm
+
+from arq_deploy.errors import CertificationInputError
+
+DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _check_binomial(k: int, n: int, alpha: float) -> None:
+    if not isinstance(n, numbers.Integral) or n < 1:
+        raise CertificationInputError(f"the number of samples n must be an integer >= 1, got {n!r}")
+    if not isinstance(k, numbers.Integral) or not 0 <= k <= n:
+        raise CertificationInputError(f"the success count k must lie in [0, n] = [0, {n}], got {k!r}")
+    if not (math.isfinite(alpha) and 0.0 < alpha < 1.0):
+        raise CertificationInputError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+
+
+def cp_lower(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 − α) Clopper-Pearson lower bound on p from k ~ Binomial(n, p).
+
+    p̲ = B⁻¹(α; k, n − k + 1), the α-quantile of Beta(k, n − k + 1), and p̲ = 0 when k = 0.
+    Guarantee: P[p̲ ≤ p] ≥ 1 − α for every p.
+    """
+    _check_binomial(k, n, alpha)
+    if k == 0:
+        return 0.0
+    return float(beta.ppf(alpha, k, n - k + 1))
+
+
+def cp_upper(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 − α) Clopper-Pearson upper bound: p̄ = B⁻¹(1 − α; k + 1, n − k), and p̄ = 1 when k = n."""
+    _check_binomial(k, n, alpha)
+    if k == n:
+        return 1.0
+    return float(beta.ppf(1.0 - alpha, k + 1, n - k))
+
+
+def radius(sigma: float, pa_lower: float) -> float:
+    """Certified L2 radius R = σ·Φ⁻¹(p̲_A); positive only when p̲_A > 1/2 (callers abstain otherwise)."""
+    return float(sigma * norm.ppf(pa_lower))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Aggregate of a certification run over `count` inputs.
+
+    certified_accuracy[i] = (1/M)·#{inputs: correct and R ≥ radii[i]}; acr = (1/M)·Σ R·1[correct];
+    clean_accuracy = (1/M)·#{correct} (the smoothed classifier's accuracy, abstentions count as wrong).
+    """
+
+    radii: tuple[float, ...]
+    certified_accuracy: tuple[float, ...]
+    acr: float
+    abstain_rate: float
+    clean_accuracy: float
+    seconds_per_input: float
+    count: int
+
+    def at(self, r: float) -> float:
+        """Certified accuracy at radius r (must be one of `radii`)."""
+        for ri, acc in zip(self.radii, self.certified_accuracy):
+            if math.isclose(ri, r):
+                return acc
+        raise KeyError(f"radius {r} was not summarised; radii are {self.radii}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; certified accuracy is keyed by the radius written with `format(r, 'g')`."""
+        d = asdict(self)
+        d["radii"] = list(self.radii)
+        d["certified_accuracy"] = {format(r, "g"): a for r, a in zip(self.radii, self.certified_accuracy)}
+        return d
+
+
+def summarize(certs: Iterable, radii: Sequence[float] = DEFAULT_RADII) -> Summary:
+    """Summarise certificates (objects with `correct`, `radius`, `prediction`, `seconds`); see `Summary`."""
+    certs = list(certs)
+    if not certs:
+        raise CertificationInputError("there are no certificates to summarise")
+    m = len(certs)
+    correct_radii = [c.radius for c in certs if c.correct]
+    return Summary(
+        radii=tuple(float(r) for r in radii),
+        certified_accuracy=tuple(sum(r_c >= r for r_c in correct_radii) / m for r in radii),
+        acr=sum(correct_radii) / m,
+        abstain_rate=sum(c.prediction == -1 for c in certs) / m,
+        clean_accuracy=len(correct_radii) / m,
+        seconds_per_input=sum(c.seconds for c in certs) / m,
+        count=m,
+    )
