@@ -1,1 +1,1 @@
-"""arq_deploy.export."""
+"""arq_deploy.export: QDQ ONNX export and its validation against the torch fake-quant model."""

@@ -1,0 +1,270 @@
+"""Fake-quant torch model + policy -> QDQ ONNX graph.
+
+The float graph comes from `torch.onnx.export` (dynamo) of the fake-quant model with quantization switched off (so the
+graph holds the BN-folded float weights under their module names). Then, for every quantized layer, graph surgery
+inserts, in front of its Conv/Gemm/MatMul node:
+
+    activation:  x -> [Clip(lo, hi) if a_bits < 8] -> QuantizeLinear(uint8, s_a, z_a) -> DequantizeLinear -> node
+    weight:      int8 initializer holding b-bit values (or native INT4 when asked) -> DequantizeLinear(axis=out) -> node
+    bias:        int32 initializer (scale s_a·s_w per channel) -> DequantizeLinear -> node
+
+Sub-8-bit activations live in uint8 containers; the float Clip keeps them in the b-bit range (QCDQ), so onnxruntime
+and TVM both run the graph and compute exactly what the torch fake-quant model computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from arq_deploy.errors import ModelFormatError, UnsupportedOpError
+from arq_deploy.fileio import atomic_path
+
+QUANT_OPS = ("Conv", "Gemm", "MatMul")
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def float_onnx(model, input_shape, opset: int | None = None) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo) with a dynamic batch dimension; input 'input' N×C×H×W, output 'logits'."""
+    import torch
+
+    from arq_deploy.search.quant import set_quant_enabled
+
+    model = copy.deepcopy(model).eval()
+    set_quant_enabled(model, False)
+    x = torch.rand(2, *input_shape)
+    kwargs = {"opset_version": opset} if opset else {}
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(model, (x,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                 dynamic_shapes=({0: torch.export.Dim("batch")},), optimize=True, verbose=False,
+                                 **kwargs)
+    proto = prog.model_proto
+    del proto.metadata_props[:]
+    return proto
+
+
+class _quiet:
+    """Silence the exporter's progress prints on stdout."""
+
+    def __enter__(self):
+        import contextlib
+
+        self._cm = contextlib.redirect_stdout(io.StringIO())
+        self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+
+
+def _const(name: str, arr: np.ndarray) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def _int4_tensor(name: str, q: np.ndarray) -> TensorProto:
+    return helper.make_tensor(name, TensorProto.INT4, q.shape, q.astype(np.int8).flatten().tolist())
+
+
+class _Graph:
+    """Index over an ONNX graph for the surgery: initializers by name, consumers, nodes to insert before a node."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.g = model.graph
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.before: dict[int, list] = {}
+
+    def replace_init(self, name: str, tensor: TensorProto):
+        self.g.initializer.remove(self.inits[name])
+        tensor.name = name
+        self.g.initializer.append(tensor)
+        self.inits[name] = tensor
+
+    def add_init(self, tensor: TensorProto):
+        self.g.initializer.append(tensor)
+        self.inits[tensor.name] = tensor
+
+    def find_layer_node(self, layer: str, weight: np.ndarray):
+        """The Conv/Gemm/MatMul node whose weight initializer is `layer.weight` (or equals the weight's values)."""
+        by_name = f"{layer}.weight"
+        candidates = [(i, n) for i, n in enumerate(self.g.node) if n.op_type in QUANT_OPS and len(n.input) > 1]
+        for i, n in candidates:
+            if n.input[1] == by_name:
+                return i, n
+        for i, n in candidates:
+            t = self.inits.get(n.input[1])
+            if t is not None and _same_weight(numpy_helper.to_array(t), weight, n):
+                return i, n
+        raise UnsupportedOpError(f"layer {layer}: no Conv/Gemm/MatMul node with its weight in the exported graph")
+
+    def finish(self):
+        nodes = list(self.g.node)
+        del self.g.node[:]
+        for i, n in enumerate(nodes):
+            self.g.node.extend(self.before.get(i, []))
+            self.g.node.append(n)
+
+
+def _same_weight(arr: np.ndarray, w: np.ndarray, node) -> bool:
+    return (arr.shape == w.shape and np.array_equal(arr, w)) or (arr.shape == w.T.shape and np.array_equal(arr, w.T))
+
+
+def _weight_axis(node, arr_shape, w_shape) -> tuple[int, bool]:
+    """(channel axis of the stored weight, whether the stored weight is the module weight transposed)."""
+    if node.op_type == "Conv":
+        return 0, False
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return (0, False) if trans_b else (1, True)
+    return 1, True  # MatMul: x @ W^T stored as [in, out]
+
+
+def insert_qdq(model: onnx.ModelProto, qmodel, int4_weights: bool = False) -> onnx.ModelProto:
+    """Rewrite `model` (float export of `qmodel`) in place into a QDQ graph using qmodel's quantizers."""
+    from arq_deploy.search.quant import quant_layers
+
+    gr = _Graph(model)
+    for name, mod in quant_layers(qmodel).items():
+        w = mod.weight.detach().cpu().numpy()
+        idx, node = gr.find_layer_node(name, w)
+        _quantize_weight(gr, node, name, mod, w, int4_weights)
+        if len(node.input) > 2 and node.input[2]:
+            _quantize_bias(gr, node, name, mod)
+        gr.before.setdefault(idx, []).extend(_activation_qdq(gr, node, name, mod))
+    gr.finish()
+    return model
+
+
+def _quantize_weight(gr: _Graph, node, name: str, mod, w: np.ndarray, int4: bool):
+    axis, transposed = _weight_axis(node, None, w.shape)
+    q = mod.weight_int().cpu().numpy()
+    if transposed:
+        q = q.T
+    qname = f"{name}.weight_q"
+    gr.add_init(_int4_tensor(qname, q) if (int4 and mod.w_bits <= 4) else _const(qname, q.astype(np.int8)))
+    scale = mod.weight_scale().detach().cpu().numpy().astype(np.float32)
+    gr.add_init(_const(f"{name}.weight_scale", scale))
+    zp = np.zeros_like(scale, dtype=np.int8)
+    zp_t = _int4_tensor(f"{name}.weight_zp", zp) if (int4 and mod.w_bits <= 4) else _const(f"{name}.weight_zp", zp)
+    gr.add_init(zp_t)
+    dq = helper.make_node("DequantizeLinear", [qname, f"{name}.weight_scale", f"{name}.weight_zp"],
+                          [f"{name}.weight_dq"], name=f"{name}/weight_dq", axis=axis)
+    _drop_if_unused(gr, node.input[1], node)
+    node.input[1] = f"{name}.weight_dq"
+    gr.before.setdefault(_node_index(gr, node), []).append(dq)
+
+
+def _quantize_bias(gr: _Graph, node, name: str, mod):
+    bq = mod.bias_int()
+    scale = mod.bias_scale().detach().cpu().numpy().astype(np.float32)
+    gr.add_init(_const(f"{name}.bias_q", bq.cpu().numpy().astype(np.int32)))
+    gr.add_init(_const(f"{name}.bias_scale", scale))
+    gr.add_init(_const(f"{name}.bias_zp", np.zeros_like(scale, dtype=np.int32)))
+    dq = helper.make_node("DequantizeLinear", [f"{name}.bias_q", f"{name}.bias_scale", f"{name}.bias_zp"],
+                          [f"{name}.bias_dq"], name=f"{name}/bias_dq", axis=0)
+    _drop_if_unused(gr, node.input[2], node)
+    node.input[2] = f"{name}.bias_dq"
+    gr.before.setdefault(_node_index(gr, node), []).append(dq)
+
+
+def _activation_qdq(gr: _Graph, node, name: str, mod) -> list:
+    x = node.input[0]
+    s, z = float(mod.a_scale), int(round(float(mod.a_zero_point)))
+    gr.add_init(_const(f"{name}.input_scale", np.array(s, np.float32)))
+    gr.add_init(_const(f"{name}.input_zp", np.array(z, np.uint8)))
+    nodes, src = [], x
+    if mod.a_bits < 8:
+        lo, hi = mod.a_range()
+        gr.add_init(_const(f"{name}.input_lo", np.array(lo, np.float32)))
+        gr.add_init(_const(f"{name}.input_hi", np.array(hi, np.float32)))
+        nodes.append(helper.make_node("Clip", [x, f"{name}.input_lo", f"{name}.input_hi"], [f"{name}.input_clip"],
+                                      name=f"{name}/input_clip"))
+        src = f"{name}.input_clip"
+    nodes.append(helper.make_node("QuantizeLinear", [src, f"{name}.input_scale", f"{name}.input_zp"],
+                                  [f"{name}.input_q"], name=f"{name}/input_q"))
+    nodes.append(helper.make_node("DequantizeLinear", [f"{name}.input_q", f"{name}.input_scale", f"{name}.input_zp"],
+                                  [f"{name}.input_dq"], name=f"{name}/input_dq"))
+    node.input[0] = f"{name}.input_dq"
+    return nodes
+
+
+def _node_index(gr: _Graph, node) -> int:
+    for i, n in enumerate(gr.g.node):
+        if n is node:
+            return i
+    raise RuntimeError("node vanished from graph")
+
+
+def _drop_if_unused(gr: _Graph, init_name: str, node) -> None:
+    """Remove the float initializer once the node no longer reads it (and nothing else does)."""
+    if init_name not in gr.inits:
+        return
+    users = sum(1 for n in gr.g.node for i in n.input if i == init_name)
+    if users <= 1:
+        gr.g.initializer.remove(gr.inits.pop(init_name))
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict) -> None:
+    """Store arq.* metadata (values JSON-encoded unless already strings)."""
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in meta.items():
+        key = f"arq.{k}"
+        val = v if isinstance(v, str) else json.dumps(v)
+        if key in existing:
+            existing[key].value = val
+        else:
+            model.metadata_props.add(key=key, value=val)
+
+
+def read_metadata(model: onnx.ModelProto) -> dict:
+    out = {}
+    for p in model.metadata_props:
+        if p.key.startswith("arq."):
+            try:
+                out[p.key[4:]] = json.loads(p.value)
+            except json.JSONDecodeError:
+                out[p.key[4:]] = p.value
+    return out
+
+
+def check(model: onnx.ModelProto) -> None:
+    """onnx.checker full check (with shape inference); a failure is a ModelFormatError."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ModelFormatError(f"exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"ONNX file {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:  # protobuf DecodeError, ValidationError, ...
+        raise ModelFormatError(f"{path} is not a valid ONNX model: {str(e).splitlines()[0][:200]}") from None
+    return model
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+
+
+def export_qdq(qmodel, input_shape, meta: dict, int4_weights: bool = False) -> onnx.ModelProto:
+    """Build and check the QDQ ONNX model of a calibrated fake-quant model. `meta` goes to arq.* metadata_props."""
+    opset = 21 if int4_weights else None
+    model = float_onnx(qmodel, input_shape, opset=opset)
+    insert_qdq(model, qmodel, int4_weights=int4_weights)
+    set_metadata(model, meta)
+    model.producer_name = "arq-deploy"
+    check(model)
+    return model

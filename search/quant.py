@@ -1,0 +1,256 @@
+"""Per-layer fake quantization with straight-through gradients.
+
+Weights: symmetric, per output channel, narrow range q ∈ [-(2^(b-1)-1), 2^(b-1)-1], scale_c = clip_c / q_max where
+clip_c = r_c · max|W_c| and the ratio r_c minimises the channel's quantization MSE (searched once, so the scale follows
+the weights during quantization-aware training).
+Activations (the layer's input): per tensor, affine q ∈ [0, 2^b - 1] with zero point z; unsigned (z = 0) when the
+calibration inputs are non-negative (after ReLU), otherwise asymmetric over the [lo, hi] percentile range.
+Bias: int32 with scale s_a·s_w,c (what the QDQ ONNX graph stores).
+Fake quantization computes  x̂ = (clamp(round(x/s) + z, q_min, q_max) - z) · s  with round = half-to-even, the
+same arithmetic as ONNX QuantizeLinear/DequantizeLinear, so the torch model and the exported graph agree.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arq_deploy.search.policy import LayerBits, QuantPolicy
+
+INT32_MAX = 2**31 - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round half-to-even forward, identity gradient (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant(x, scale, zero_point, qmin: int, qmax: int):
+    """(clamp(round(x/scale) + z, qmin, qmax) - z) · scale, with STE; gradient is zero where clamped."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def weight_qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def mse_clip_ratios(w: torch.Tensor, bits: int, grid: int = 32, lowest: float = 0.3) -> torch.Tensor:
+    """Per output channel, the clip ratio r ∈ [lowest, 1] of max|W| minimising ||W - Q(W)||²; w: C_out×...
+
+    All grid ratios are evaluated at once: a G×C_out×K tensor."""
+    wf = w.detach().reshape(w.shape[0], -1).float()
+    amax = wf.abs().amax(dim=1).clamp_min(1e-12)
+    qmax = weight_qmax(bits)
+    ratios = torch.linspace(lowest, 1.0, grid)
+    s = (ratios[:, None] * amax[None, :] / qmax)[:, :, None]  # G×C×1
+    err = ((torch.clamp(torch.round(wf[None] / s), -qmax, qmax) * s - wf[None]) ** 2).sum(dim=2)  # G×C
+    return ratios[err.argmin(dim=0)]
+
+
+class _QuantMixin:
+    """Shared state of QuantConv2d and QuantLinear (buffers are saved in the state dict)."""
+
+    def _init_quant(self, bits: LayerBits):
+        self.w_bits, self.a_bits = bits.w_bits, bits.a_bits
+        out = self.weight.shape[0]
+        self.register_buffer("w_clip_ratio", mse_clip_ratios(self.weight, self.w_bits))
+        self.register_buffer("a_scale", torch.ones(()))
+        self.register_buffer("a_zero_point", torch.zeros(()))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self.quant_enabled = True
+        self._calib: list[torch.Tensor] | None = None
+        self._calib_min = float("inf")
+        assert self.w_clip_ratio.shape == (out,)
+
+    # weights ---------------------------------------------------------------------------------------------
+    def weight_scale(self) -> torch.Tensor:
+        amax = self.weight.detach().reshape(self.weight.shape[0], -1).abs().amax(dim=1).clamp_min(1e-12)
+        return amax * self.w_clip_ratio / weight_qmax(self.w_bits)
+
+    def weight_int(self) -> torch.Tensor:
+        """Integer weights (int8 container), same shape as weight."""
+        s = self.weight_scale().reshape(-1, *[1] * (self.weight.dim() - 1))
+        q = weight_qmax(self.w_bits)
+        return torch.clamp(torch.round(self.weight.detach() / s), -q, q).to(torch.int8)
+
+    def qweight(self) -> torch.Tensor:
+        s = self.weight_scale().reshape(-1, *[1] * (self.weight.dim() - 1))
+        q = weight_qmax(self.w_bits)
+        return fake_quant(self.weight, s, 0.0, -q, q)
+
+    def bias_scale(self) -> torch.Tensor:
+        return self.a_scale * self.weight_scale()
+
+    def bias_int(self) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        q = torch.round(self.bias.detach() / self.bias_scale())
+        return torch.clamp(q, -INT32_MAX, INT32_MAX).to(torch.int32)
+
+    def qbias(self):
+        if self.bias is None:
+            return None
+        return fake_quant(self.bias, self.bias_scale(), 0.0, -INT32_MAX, INT32_MAX)
+
+    # activations -----------------------------------------------------------------------------------------
+    @property
+    def a_qmax(self) -> int:
+        return 2**self.a_bits - 1
+
+    def a_range(self) -> tuple[float, float]:
+        """Float range [lo, hi] representable by the activation quantizer (what the ONNX Clip uses)."""
+        s, z = float(self.a_scale), float(self.a_zero_point)
+        return (0.0 - z) * s, (self.a_qmax - z) * s
+
+    def qinput(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calib is not None:
+            self._observe(x)
+            return x
+        if not self.quant_enabled:
+            return x
+        return fake_quant(x, self.a_scale, self.a_zero_point, 0, self.a_qmax)
+
+    def _observe(self, x: torch.Tensor, per_batch: int = 20000):
+        flat = x.detach().reshape(-1).float()
+        self._calib_min = min(self._calib_min, float(flat.min()))
+        if flat.numel() > per_batch:
+            idx = torch.randint(0, flat.numel(), (per_batch,), generator=torch.Generator().manual_seed(len(self._calib)))
+            flat = flat[idx]
+        self._calib.append(flat.cpu())
+
+    def start_calibration(self):
+        self._calib, self._calib_min = [], float("inf")
+
+    def finish_calibration(self, percentile: float):
+        vals = torch.cat(self._calib) if self._calib else torch.zeros(1)
+        self._calib = None
+        hi = float(torch.quantile(vals, percentile / 100.0)) if vals.numel() > 1 else float(vals.max())
+        if self._calib_min >= 0:
+            lo = 0.0
+        else:
+            lo = min(float(torch.quantile(vals, 1 - percentile / 100.0)), 0.0)
+        hi = max(hi, lo + 1e-8)
+        scale = (hi - lo) / self.a_qmax
+        zp = 0.0 if lo == 0.0 else min(max(round(-lo / scale), 0), self.a_qmax)
+        self.a_scale.fill_(scale)
+        self.a_zero_point.fill_(float(zp))
+        self.calibrated.fill_(True)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits: LayerBits) -> "QuantConv2d":
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device)
+        q.load_state_dict(conv.state_dict())
+        q._init_quant(bits)
+        return q
+
+    def forward(self, x):
+        if self._calib is not None or not self.quant_enabled:
+            self.qinput(x)
+            return super().forward(x)
+        return self._conv_forward(self.qinput(x), self.qweight(), self.qbias())
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    @classmethod
+    def from_float(cls, lin: nn.Linear, bits: LayerBits) -> "QuantLinear":
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device)
+        q.load_state_dict(lin.state_dict())
+        q._init_quant(bits)
+        return q
+
+    def forward(self, x):
+        if self._calib is not None or not self.quant_enabled:
+            self.qinput(x)
+            return super().forward(x)
+        return F.linear(self.qinput(x), self.qweight(), self.qbias())
+
+
+QUANT_TYPES = (QuantConv2d, QuantLinear)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a Conv2d into the conv (eval-mode statistics).
+
+    Uses torch.fx; a model that cannot be traced is returned unchanged (its BatchNorms then run in float).
+    Module names of the convolutions are kept, so policies keyed by name still apply.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    model = copy.deepcopy(model).eval()
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model
+    try:
+        return fuse(model)
+    except Exception:  # untraceable control flow: keep BN unfolded
+        return model
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def quantize_model(model: nn.Module, policy: QuantPolicy, specs, fold_bn: bool = True) -> nn.Module:
+    """A fake-quant copy of `model`: each Conv2d/Linear the policy gives bits becomes QuantConv2d/QuantLinear.
+    Call `calibrate` before use."""
+    policy.validate(specs)
+    qmodel = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
+    for spec in specs:
+        bits = policy.bits(spec.name)
+        if bits is None:
+            continue
+        mod = qmodel.get_submodule(spec.name)
+        cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
+        _set_submodule(qmodel, spec.name, cls.from_float(mod, bits))
+    return qmodel
+
+
+def quant_layers(model: nn.Module) -> dict[str, _QuantMixin]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
+
+
+@torch.no_grad()
+def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor], percentile: float = 99.99) -> nn.Module:
+    """Set every activation quantizer's range from float forward passes over `batches` (N×C×H×W tensors).
+
+    For a smoothing base model pass noisy batches x + σ·ε: noise widens activation ranges (TOOLCHAIN.md)."""
+    layers = quant_layers(qmodel)
+    qmodel.eval()
+    for m in layers.values():
+        m.start_calibration()
+    try:
+        for xb in batches:
+            qmodel(xb)
+    finally:
+        for m in layers.values():
+            m.finish_calibration(percentile)
+    return qmodel
+
+
+def set_quant_enabled(qmodel: nn.Module, enabled: bool) -> None:
+    for m in quant_layers(qmodel).values():
+        m.quant_enabled = enabled
+
+
+def calibration_batches(x: torch.Tensor, sigma: float, batch_size: int = 128, copies: int = 1, seed: int = 0):
+    """Yield batches of x (and `copies` noisy copies x + σ·ε when σ > 0), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        if sigma > 0:
+            for _ in range(copies):
+                yield xb + sigma * torch.randn(xb.shape, generator=g)
+        else:
+            yield xb
