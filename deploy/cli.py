@@ -1,0 +1,263 @@
+"""The `arq-deploy` command line. Heavy libraries (torch, onnxruntime, TVM) are imported inside commands only."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from arq_deploy import __version__
+from arq_deploy.errors import ArqError
+
+
+class _Group(click.Group):
+    """Turns every user error into one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ArqError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted (results written so far are kept)", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="arq-deploy")
+def main():
+    """arq-deploy: quantize, export, compile and certify CNNs for edge hardware with certified robustness."""
+
+
+def _policy(bits: str | None, policy: str | None):
+    from arq_deploy.search.policy import QuantPolicy, parse_bits
+
+    if bits and policy:
+        raise ArqError("give --bits or --policy, not both")
+    if policy:
+        return QuantPolicy.load(policy)
+    if bits:
+        return parse_bits(bits)
+    return None
+
+
+def _shape(text: str | None):
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ArqError(f"--input-shape must be C,H,W, got {text!r}") from None
+
+
+model_opt = click.option("--model", "model_name", default=None, help="resnet20/32/44/56/110, mobilenetv2, digits_cnn, "
+                         "or package.module:factory (default: the checkpoint's arch)")
+weights_opt = click.option("--weights", default=None, type=click.Path(dir_okay=False),
+                           help="checkpoint (.th/.pt state dict, loaded with weights_only) or torch.export .pt2")
+shape_opt = click.option("--input-shape", default=None, help="C,H,W for a user model")
+bits_opt = click.option("--bits", default=None, help="uniform bits: 8, W4A8 or 4,8")
+policy_opt = click.option("--policy", default=None, type=click.Path(dir_okay=False), help="policy.json")
+data_opt = click.option("--data", default="digits", show_default=True,
+                        help="'digits', a CIFAR-10 python-batch folder, an image folder or a .tar/.tar.gz of one")
+
+
+@main.command()
+@model_opt
+@weights_opt
+@shape_opt
+@bits_opt
+@policy_opt
+def layers(model_name, weights, input_shape, bits, policy):
+    """List the quantizable layers (MACs, params) and the BOPs of a policy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from arq_deploy.pipeline import load
+    from arq_deploy.search.layers import extract_layer_specs
+
+    lm = load(model_name, weights, input_shape=_shape(input_shape))
+    specs = extract_layer_specs(lm.model, lm.input_shape)
+    pol = _policy(bits, policy)
+    if pol is not None:
+        pol.validate(specs)
+    t = Table(title=f"{lm.name}: {len(specs)} quantizable layers, {sum(s.macs for s in specs) / 1e6:.2f} M MACs")
+    for col in ("#", "name", "kind", "in", "out", "kernel", "stride", "MACs", "params", "bits"):
+        t.add_column(col)
+    for s in specs:
+        b = pol.bits(s.name) if pol else None
+        t.add_row(str(s.index), s.name, s.kind, str(s.in_channels), str(s.out_channels), "×".join(map(str, s.kernel)),
+                  str(s.stride[0]), f"{s.macs:,}", f"{s.params:,}", str(b) if b else "float")
+    Console().print(t)
+    if pol is not None:
+        click.echo(f"BOPs {pol.bops(specs):,} = {100 * pol.bops_fraction(specs):.3f}% of W32A32")
+
+
+@main.command()
+@model_opt
+@weights_opt
+@shape_opt
+@data_opt
+@click.option("--sigma", type=float, default=0.25, show_default=True, help="Gaussian noise std (pixel scale)")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@bits_opt
+@policy_opt
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="checkpoint to write")
+def train(model_name, weights, input_shape, data, sigma, epochs, lr, batch_size, bits, policy, seed, out):
+    """Train or fine-tune with Gaussian-noise augmentation (a smoothing base model); with --bits/--policy, QAT."""
+    from arq_deploy.data import load_dataset
+    from arq_deploy.pipeline import load, save_checkpoint, train as run_train
+
+    if sigma < 0 or epochs < 1:
+        raise ArqError("--sigma must be >= 0 and --epochs >= 1")
+    lm = load(model_name or ("digits_cnn" if data == "digits" and not weights else None), weights,
+              input_shape=_shape(input_shape))
+    pol = _policy(bits, policy)
+    ds = load_dataset(data, "train")
+    model, history = run_train(lm, ds, sigma, epochs, lr=lr, batch_size=batch_size, seed=seed, policy=pol)
+    save_checkpoint(out, model, lm, sigma, epochs, policy=pol.resolve(_specs(lm)) if pol else None, history=history)
+    click.echo(f"wrote {out}: {history[-1]}")
+
+
+def _specs(lm):
+    from arq_deploy.search.layers import extract_layer_specs
+
+    return extract_layer_specs(lm.model, lm.input_shape)
+
+
+@main.command()
+@model_opt
+@weights_opt
+@shape_opt
+@bits_opt
+@policy_opt
+@data_opt
+@click.option("--sigma", type=float, default=None,
+              help="calibrate on x + σ·ε (default: the checkpoint's training σ, else 0)")
+@click.option("--calib-images", type=int, default=512, show_default=True)
+@click.option("--validate-images", type=int, default=1000, show_default=True)
+@click.option("--min-agreement", type=float, default=0.99, show_default=True)
+@click.option("--int4-weights", is_flag=True, help="store ≤4-bit weights as native ONNX INT4 (onnxruntime only)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="model.qdq.onnx to write")
+def export(model_name, weights, input_shape, bits, policy, data, sigma, calib_images, validate_images, min_agreement,
+           int4_weights, seed, out):
+    """Quantize (policy + calibration), export a QDQ ONNX model, and validate it against torch (export.json)."""
+    from arq_deploy.data import load_dataset
+    from arq_deploy.pipeline import export_and_validate, load
+
+    lm = load(model_name, weights, input_shape=_shape(input_shape))
+    pol = _policy(bits, policy)
+    if pol is None and lm.meta.get("policy") is None:
+        raise ArqError("give --bits (e.g. 8) or --policy policy.json")
+    if sigma is None:
+        sigma = float(lm.meta.get("sigma") or 0.0)
+    res = export_and_validate(lm, pol, load_dataset(data, "train"), load_dataset(data, "test"), out, sigma=sigma,
+                              calib_images=calib_images, validate_images=validate_images, min_agreement=min_agreement,
+                              int4_weights=int4_weights, seed=seed)
+    v = res["validation"]
+    click.echo(f"wrote {out} ({res['policy_summary']}, BOPs {100 * res['bops_fraction']:.3f}% of W32A32); "
+               f"onnxruntime top-1 {v['accuracy_candidate']:.4f} vs torch {v['accuracy_reference']:.4f}, "
+               f"agreement {v['top1_agreement']:.4f} on {v['images']} images")
+
+
+@main.command(name="compile")
+@click.argument("onnx_path", type=click.Path(dir_okay=False))
+@click.option("--target", default="x86", show_default=True)
+@click.option("--batch-size", type=int, default=100, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="artifact directory to write")
+def compile_cmd(onnx_path, target, batch_size, out):
+    """Compile an ONNX model with TVM into an artifact directory (model library + manifest.json with hashes)."""
+    from arq_deploy.targets.registry import get_target
+    from arq_deploy.targets.tvm_build import compile_onnx
+
+    get_target(target)  # fail fast on unknown names, before importing TVM
+    path = compile_onnx(onnx_path, target=target, out_dir=out, batch_size=batch_size)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+def targets():
+    """List the registered compilation targets."""
+    from arq_deploy.targets.registry import list_targets
+
+    for t in list_targets():
+        click.echo(f"{t.name:18s} {t.description}")
+
+
+@main.command()
+@click.argument("model_path", required=False, type=click.Path())
+@model_opt
+@weights_opt
+@shape_opt
+@data_opt
+@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, tvm or torch")
+@click.option("--sigma", type=float, required=True)
+@click.option("--n0", type=int, default=100, show_default=True, help="selection samples")
+@click.option("--n", "n", type=int, default=10000, show_default=True, help="estimation samples")
+@click.option("--alpha", type=float, default=0.001, show_default=True)
+@click.option("--skip", type=int, default=1, show_default=True, help="certify every SKIP-th test image")
+@click.option("--max", "max_images", type=int, default=None, help="at most this many images")
+@click.option("--batch-size", type=int, default=500, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV log (appended, resumable)")
+def certify(model_path, model_name, weights, input_shape, data, backend, sigma, n0, n, alpha, skip, max_images,
+            batch_size, seed, out):
+    """Randomized-smoothing CERTIFY (Cohen et al.) on test images: TSV rows, summary JSON and a PNG curve."""
+    from arq_deploy.certify.results import CertifyLog, certify_dataset, plot_curve, write_summary
+    from arq_deploy.certify.smooth import Smooth, check_params
+    from arq_deploy.certify.stats import summarize
+    from arq_deploy.data import load_dataset
+    from arq_deploy.errors import CertificationInputError
+    from arq_deploy.fileio import sha256_file
+
+    check_params(n0, n, alpha)
+    if not sigma > 0:
+        raise CertificationInputError(f"--sigma must be > 0, got {sigma}")
+    if skip < 1:
+        raise ArqError("--skip must be >= 1")
+    lm = None
+    if model_path is None:
+        from arq_deploy.pipeline import load
+
+        lm = load(model_name, weights, input_shape=_shape(input_shape))
+    from arq_deploy.pipeline import make_runner
+
+    runner = make_runner(model_path, backend, lm, batch_size=batch_size)
+    ds = load_dataset(data, "test")
+    if tuple(ds.input_shape) != tuple(runner.input_shape):
+        raise ArqError(f"data images are {ds.input_shape}, the model expects {runner.input_shape}")
+    indices = list(range(0, len(ds), skip))[: max_images or None]
+    ident = sha256_file(model_path) if model_path and Path(model_path).is_file() else (
+        sha256_file(Path(model_path) / "manifest.json") if model_path else sha256_file(weights) if weights else "")
+    meta = {"model": str(model_path or weights), "model_sha256": ident, "backend": runner.name, "data": ds.name,
+            "sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed}
+    smooth = Smooth(runner, ds.num_classes, sigma, batch_size=batch_size)
+    with CertifyLog(out, meta) as log:
+        certs = certify_dataset(smooth, ds.x(), ds.labels, indices, n0, n, alpha, seed, log)
+    summary = summarize(certs)
+    out = Path(out)
+    write_summary(out.with_suffix(".summary.json"), summary, meta)
+    plot_curve(certs, out.with_suffix(".png"), sigma)
+    d = summary.to_dict()
+    click.echo(f"{len(certs)} images: ACR {d['acr']:.3f}, certified accuracy "
+               + ", ".join(f"r={r}: {v:.3f}" for r, v in d["certified_accuracy"].items())
+               + f", abstain {d['abstain_rate']:.3f}, {d['seconds_per_input']:.2f} s/image")
+
+
+@main.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--fast", is_flag=True, help="fewer epochs and samples (for tests)")
+def demo(out, fast):
+    """End to end on scikit-learn's digits: train with noise, quantize, export, compile, run, certify, report."""
+    from arq_deploy.demo import run_demo
+
+    run_demo(Path(out), fast=fast)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ARQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CIFAR = SHARED / "cifar10" / "cifar-10-batches-py"
+MODELS = SHARED / "models"
+
+
+def need_shared(path: Path):
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_dir():
+    return need_shared(CIFAR)
+
+
+@pytest.fixture(scope="session")
+def models_dir():
+    return need_shared(MODELS)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from arq_deploy.data import load_dataset
+
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits, tmp_path_factory):
+    """A digits CNN trained briefly with σ=0.25 noise, and its checkpoint path."""
+    from arq_deploy.pipeline import load, save_checkpoint, train
+
+    train_ds, _ = digits
+    lm = load("digits_cnn", None)
+    model, hist = train(lm, train_ds, 0.25, epochs=6, lr=0.05, batch_size=64, progress=False)
+    lm.model = model
+    path = tmp_path_factory.mktemp("digits") / "digits_cnn.pt"
+    save_checkpoint(path, model, lm, 0.25, 6, history=hist)
+    return lm, path
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Run the installed CLI in a subprocess: returns (returncode, stdout, stderr)."""
+    import subprocess
+
+    exe = Path(sys.executable).with_name("arq-deploy")
+
+    def run(*args, cwd=None, timeout=600):
+        p = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+        return p.returncode, p.stdout, p.stderr
+
+    return run
