@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+
+from arq_deploy.models import build_model
+from arq_deploy.search.layers import extract_layer_specs
+from arq_deploy.search.policy import QuantPolicy
+from arq_deploy.search.quant import (QuantConv2d, QuantLinear, calibrate, calibration_batches, fake_quant,
+                                     fold_batchnorm, quant_layers, quantize_model, weight_qmax)
+
+
+def test_fake_quant_rounds_half_to_even_and_clamps():
+    x = torch.tensor([-1.0, 0.0, 0.25, 0.75, 1.25, 10.0])
+    y = fake_quant(x, torch.tensor(0.5), torch.tensor(0.0), 0, 3)
+    # /0.5 -> -2, 0, .5, 1.5, 2.5, 20 -> round-half-even 0(clamped), 0, 0, 2, 2, 3(clamped)
+    assert torch.equal(y, torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.5]))
+
+
+def test_straight_through_gradient():
+    x = torch.tensor([0.3, 0.7, 5.0], requires_grad=True)
+    fake_quant(x, torch.tensor(0.2), torch.tensor(0.0), 0, 7).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 0.0]))  # identity inside the range, zero where clamped
+
+
+@pytest.fixture(scope="module")
+def digits_setup():
+    from arq_deploy.data import load_dataset
+
+    torch.manual_seed(0)
+    m = build_model("digits_cnn").eval()
+    ds = load_dataset("digits", "train")
+    return m, extract_layer_specs(m, (1, 8, 8)), torch.from_numpy(ds.x(np.arange(256)))
+
+
+def test_bn_folding_preserves_function(digits_setup):
+    m, _, x = digits_setup
+    for mod in m.modules():  # non-trivial BN statistics
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2)
+    f = fold_batchnorm(m)
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in f.modules())
+    with torch.no_grad():
+        assert torch.allclose(f(x), m(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("w,a", [(8, 8), (4, 6), (2, 4)])
+def test_quantized_layers_ranges(digits_setup, w, a):
+    m, specs, x = digits_setup
+    q = calibrate(quantize_model(m, QuantPolicy.uniform(w, a), specs), calibration_batches(x, 0.25))
+    layers = quant_layers(q)
+    assert set(layers) == {s.name for s in specs}
+    for name, mod in layers.items():
+        assert isinstance(mod, (QuantConv2d, QuantLinear))
+        wi = mod.weight_int()
+        assert wi.dtype == torch.int8 and int(wi.abs().max()) <= weight_qmax(w)
+        assert mod.a_scale > 0 and 0 <= float(mod.a_zero_point) <= 2**a - 1
+    # inputs after ReLU are unsigned (zero point 0); the first layer sees signed normalised pixels
+    assert float(layers["conv2"].a_zero_point) == 0.0
+    assert float(layers["conv1"].a_zero_point) > 0.0
+
+
+def test_fake_quant_output_matches_integer_arithmetic(digits_setup):
+    """The fake-quant conv equals an integer conv of the integer input and weights, rescaled."""
+    m, specs, x = digits_setup
+    q = calibrate(quantize_model(m, QuantPolicy.uniform(4, 6), specs), calibration_batches(x, 0.0))
+    conv = q.get_submodule("conv2")
+    xin = torch.relu(torch.randn(4, 16, 8, 8))
+    xi = torch.clamp(torch.round(xin / conv.a_scale) + conv.a_zero_point, 0, 63)
+    acc = torch.nn.functional.conv2d(xi - conv.a_zero_point, conv.weight_int().float(), None, 1, 1)
+    ref = acc * (conv.a_scale * conv.weight_scale()).view(1, -1, 1, 1)
+    if conv.bias is not None:
+        ref = ref + (conv.bias_int().float() * conv.bias_scale()).view(1, -1, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(conv(xin), ref, atol=1e-4)
+
+
+def test_noisy_calibration_widens_ranges(digits_setup):
+    m, specs, x = digits_setup
+    clean = calibrate(quantize_model(m, QuantPolicy.uniform(8), specs), calibration_batches(x, 0.0))
+    noisy = calibrate(quantize_model(m, QuantPolicy.uniform(8), specs), calibration_batches(x, 0.5))
+    assert float(quant_layers(noisy)["conv1"].a_scale) > 1.5 * float(quant_layers(clean)["conv1"].a_scale)
+
+
+@pytest.mark.shared_data
+def test_resnet20_ptq_accuracy_by_bits(models_dir, cifar_dir):
+    """Uniform PTQ of the standard ResNet-20: W8A8 keeps float accuracy, accuracy falls with bits."""
+    from arq_deploy.data import load_dataset
+    from arq_deploy.models import load_model
+
+    model, _ = load_model("resnet20", models_dir / "resnet20-12fca82f.th")
+    specs = extract_layer_specs(model, (3, 32, 32))
+    train = torch.from_numpy(load_dataset(str(cifar_dir), "train").x(np.arange(256)))
+    test = load_dataset(str(cifar_dir), "test")
+    idx = np.arange(0, 1000, 2)
+    xt = torch.from_numpy(test.x(idx))
+    accs = {}
+    for b in (8, 4, 2):
+        q = calibrate(quantize_model(model, QuantPolicy.uniform(b), specs), calibration_batches(train, 0.0))
+        with torch.no_grad():
+            accs[b] = float((q(xt).argmax(1).numpy() == test.labels[idx]).mean())
+    with torch.no_grad():
+        acc_float = float((model(xt).argmax(1).numpy() == test.labels[idx]).mean())
+    assert accs[8] >= acc_float - 0.01
+    assert accs[8] > accs[4] > accs[2]
+    assert accs[4] > 0.7
