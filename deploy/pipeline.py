@@ -194,7 +194,7 @@ def train(lm: LoadedModel, train_ds, sigma: float, epochs: int, lr: float = 0.01
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_sum += float(loss) * len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
                 correct += int((out.argmax(1) == y_all[idx]).sum())
                 seen += len(idx)
                 bar.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.3f}")

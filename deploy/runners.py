@@ -64,6 +64,27 @@ class TorchRunner:
         return _batched(self._run, check_input(x, self.input_shape), self.batch_size)
 
 
+def cuda_driver_present() -> bool:
+    """True when the NVIDIA driver library loads (onnxruntime-gpu lists its CUDA EP even on machines without one)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def default_ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    use = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available and cuda_driver_present():
+        use.insert(0, "CUDAExecutionProvider")
+    return use
+
+
 class OrtRunner:
     """onnxruntime InferenceSession; CUDA EP first when it is present and usable, then the CPU EP."""
 
@@ -76,9 +97,8 @@ class OrtRunner:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = int(threads)
-        available = ort.get_available_providers()
         if providers is None:
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            providers = default_ort_providers()
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises several unrelated exception types
