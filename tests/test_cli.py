@@ -1,0 +1,123 @@
+"""The command line as a user meets it: fast help, one-line errors with exit code 2, no half-written files."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def test_help_is_fast_and_imports_no_heavy_library():
+    code = ("import sys, arq_deploy.cli; "
+            "print(sorted(m for m in ('torch', 'tvm', 'onnxruntime', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_lists_commands(cli):
+    rc, out, _ = cli("--help")
+    assert rc == 0
+    for cmd in ("export", "compile", "certify", "train", "layers", "demo", "targets"):
+        assert cmd in out
+
+
+def _one_line_error(rc, out, err, *fragments):
+    assert rc == 2, (rc, out, err)
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["layers", "--model", "resnet21"], ["unknown model", "resnet20"]),
+    (["layers", "--model", "resnet20", "--bits", "9"], ["2..8"]),
+    (["layers", "--model", "resnet20", "--bits", "W4"], ["cannot read bits"]),
+    (["compile", "README.md", "--target", "z80", "--out", "never"], ["z80"]),
+    (["export", "--model", "digits_cnn", "--bits", "8", "--data", "/nonexistent/folder", "--out", "never.onnx"],
+     ["/nonexistent/folder"]),
+    (["certify", "README.md", "--sigma", "0.25", "--out", "never.tsv"], ["README.md"]),
+    (["certify", "README.md", "--sigma", "-1", "--out", "never.tsv"], ["sigma"]),
+    (["certify", "README.md", "--sigma", "0.25", "--alpha", "1.5", "--out", "never.tsv"], ["alpha"]),
+    (["certify", "README.md", "--sigma", "0.25", "--n0", "0", "--out", "never.tsv"], ["n0"]),
+])
+def test_bad_input_one_line_exit_2(cli, tmp_path, args, fragments):
+    rc, out, err = cli(*args, cwd=tmp_path)
+    _one_line_error(rc, out, err, *fragments)
+    assert not any(p.name.startswith("never") for p in tmp_path.iterdir())
+
+
+def test_policy_with_unknown_layer_and_bad_bits(cli, tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"format": "arq-deploy/policy", "version": 1, "default": None,
+                             "layers": {"layer9.conv": [4, 4]}}))
+    _one_line_error(*cli("layers", "--model", "resnet20", "--policy", p), "layer9.conv")
+    p.write_text(json.dumps({"format": "arq-deploy/policy", "version": 1, "default": None,
+                             "layers": {"conv1": [1, 4]}}))
+    _one_line_error(*cli("layers", "--model", "resnet20", "--policy", p), "2..8")
+
+
+def test_weights_that_do_not_fit(cli, digits_model, tmp_path):
+    _, ckpt = digits_model
+    _one_line_error(*cli("layers", "--model", "resnet20", "--weights", ckpt), "do not fit")
+
+
+def test_data_in_no_known_format(cli, digits_model, tmp_path):
+    _, ckpt = digits_model
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    rc, out, err = cli("export", "--weights", ckpt, "--bits", "8", "--data", tmp_path / "junk", "--out",
+                       tmp_path / "m.onnx")
+    _one_line_error(rc, out, err)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_malformed_onnx_everywhere(cli, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf at all" * 20)
+    _one_line_error(*cli("certify", bad, "--sigma", "0.25", "--out", tmp_path / "c.tsv"), "bad.onnx")
+    _one_line_error(*cli("compile", bad, "--target", "x86", "--out", tmp_path / "art"))
+    assert not (tmp_path / "c.tsv").exists() and not (tmp_path / "art").exists()
+
+
+def test_export_then_certify_from_the_cli(cli, digits_model, tmp_path):
+    """A user's path: checkpoint -> export (mixed policy) -> certify with onnxruntime -> resume adds nothing."""
+    _, ckpt = digits_model
+    rc, out, err = cli("layers", "--weights", ckpt, "--bits", "W4A8")
+    assert rc == 0 and "conv1" in out and "BOPs" in out
+    pol = tmp_path / "policy.json"
+    pol.write_text(json.dumps({"format": "arq-deploy/policy", "version": 1, "default": [6, 6],
+                               "layers": {"conv1": [8, 8], "conv3": [2, 8], "linear": [4, 4]}}))
+    rc, out, err = cli("export", "--weights", ckpt, "--policy", pol, "--out", tmp_path / "m.onnx")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "m.export.json").read_text())
+    assert rep["validation"]["top1_agreement"] >= 0.99 and rep["sigma"] == 0.25  # σ taken from the checkpoint
+    args = ["certify", tmp_path / "m.onnx", "--sigma", "0.25", "--n0", "20", "--n", "200", "--skip", "60",
+            "--out", tmp_path / "c.tsv"]
+    rc, out, err = cli(*args)
+    assert rc == 0, err
+    rows = [l for l in (tmp_path / "c.tsv").read_text().splitlines() if l and not l.startswith(("#", "idx"))]
+    assert len(rows) == 9
+    summary = json.loads((tmp_path / "c.summary.json").read_text())["summary"]
+    assert 0 <= summary["acr"] and summary["count"] == 9
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    rc, out2, err = cli(*args)  # resume: nothing new to do, same result
+    assert rc == 0 and out2 == out
+    rows2 = [l for l in (tmp_path / "c.tsv").read_text().splitlines() if l and not l.startswith(("#", "idx"))]
+    assert rows2 == rows
+    # the same log with another σ is refused, and the log is untouched
+    args[3] = "0.5"
+    _one_line_error(*cli(*args))
+    assert (tmp_path / "c.tsv").read_text().count("\n") == len(rows) + 2
+
+
+def test_train_cli_qat(cli, digits_model, tmp_path):
+    _, ckpt = digits_model
+    rc, out, err = cli("train", "--weights", ckpt, "--bits", "W4A6", "--sigma", "0.25", "--epochs", "1", "--out",
+                       tmp_path / "qat.pt")
+    assert rc == 0, err
+    rc, out, err = cli("export", "--weights", tmp_path / "qat.pt", "--out", tmp_path / "qat.onnx")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "qat.export.json").read_text())
+    assert rep["policy_summary"] == "W4A6" and rep["validation"]["top1_agreement"] >= 0.99
