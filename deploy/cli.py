@@ -57,7 +57,7 @@ model_opt = click.option("--model", "model_name", default=None, help="resnet20/3
 weights_opt = click.option("--weights", default=None, type=click.Path(dir_okay=False),
                            help="checkpoint (.th/.pt state dict, loaded with weights_only) or torch.export .pt2")
 shape_opt = click.option("--input-shape", default=None, help="C,H,W for a user model")
-bits_opt = click.option("--bits", default=None, help="uniform bits: 8, W4A8 or 4,8")
+bits_opt = click.option("--bits", default=None, help="uniform bits: 8, W4A8 or 4,8; float for no quantization")
 policy_opt = click.option("--policy", default=None, type=click.Path(dir_okay=False), help="policy.json")
 data_opt = click.option("--data", default="digits", show_default=True,
                         help="'digits', a CIFAR-10 python-batch folder, an image folder or a .tar/.tar.gz of one")

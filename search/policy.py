@@ -138,8 +138,10 @@ def _pair(v) -> tuple[int, int]:
 
 
 def parse_bits(text: str) -> QuantPolicy:
-    """'8' -> W8A8; 'W4A8' or '4,8' -> W4A8 uniform."""
+    """'8' -> W8A8; 'W4A8' or '4,8' -> W4A8 uniform; 'float' or '32' -> no quantization."""
     t = text.strip().upper().replace(" ", "")
+    if t in ("FLOAT", "32", "FP32", "W32A32"):
+        return QuantPolicy()
     try:
         if t.startswith("W") and "A" in t:
             w, a = t[1:].split("A")

@@ -84,6 +84,7 @@ def test_parse_bits():
     assert parse_bits("8") == QuantPolicy.uniform(8, 8)
     assert parse_bits("W4A8") == QuantPolicy.uniform(4, 8)
     assert parse_bits("2,6") == QuantPolicy.uniform(2, 6)
+    assert parse_bits("float") == QuantPolicy() and parse_bits("float").describe() == "float"
     with pytest.raises(PolicyError):
         parse_bits("eight")
 
