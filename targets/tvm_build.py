@@ -1,0 +1,566 @@
+"""ONNX (float or QDQ) -> TVM Relax -> a compiled library in a verified artifact directory.
+
+    compile_onnx(onnx_path, target="x86", out_dir=..., batch_size=100) -> out_dir
+
+The batch size is compiled in (static shapes give TVM fixed loop bounds to schedule); `TvmRunner` pads the last
+partial batch, or runs a short remainder through a second, batch-1 library. The artifact holds `model.so` (batch_size),
+`model_b1.so` (batch 1), a byte copy of the source `model.onnx` and `manifest.json` (see `arq_deploy.artifact`).
+It is built in a temporary directory next to out_dir and renamed into place at the end, so a failed build leaves
+nothing behind and never damages an existing artifact.
+
+CPU schedules. TVM 0.27's default CPU pipeline legalizes every operator to a naive loop nest: one thread, no
+vectorization (about 1/60 of onnxruntime's speed). MetaSchedule tuning fixes that but takes many minutes, and dlight
+has CPU rules only for GEMV and softmax-like reductions. So this module schedules each fused PrimFunc itself, with no
+tuning, in the spirit of dlight rules:
+  * the one reduction block of a conv/matmul-like function (>= 2 inputs, >= 2 spatial axes) is register-tiled: the
+    innermost spatial axis is split by the vector width (vectorized), the row axis before it by U=2 and the channel
+    axis before that by F=4 (both unrolled), reductions outside these tiles, so U·F vector accumulators stay in
+    registers; the outer spatial loops run in parallel (over the batch, with the input padding computed per image,
+    when the batch has enough images, else over batch×channel tiles); the elementwise epilogue (bias, residual, ReLU,
+    Clip/Q/DQ) is computed per tile right after the reduction;
+  * other reductions (pooling, mean) run their spatial loops in parallel;
+  * injective functions are inlined into one loop nest, parallel outside and vectorized inside;
+  * anything these rules do not recognise falls back to dlight's CPU reduction rule, else stays TVM's default.
+Every step is a TVM schedule primitive, which checks its own validity; results are compared with onnxruntime in the
+tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from arq_deploy.errors import ArqError, ModelFormatError, UnsupportedOpError
+from arq_deploy.targets.registry import Target, get_target, resolve_tvm_target
+
+DEFAULT_BATCH = 100
+LIBRARY, LIBRARY_B1 = "model.so", "model_b1.so"  # main at batch_size; main at batch 1
+PIPELINE = "arq-cpu-v1"
+SCHEDULES = ("arq", "none")
+TILE = {"U": 2, "F": 4}  # rows × output channels per register tile (× one vector of the innermost axis)
+
+# ONNX tensor types TVM 0.27's ONNX importer cannot read from initializers (sub-byte types).
+_SUB_BYTE_TYPES = ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1")
+
+
+def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out_dir: str | os.PathLike | None = None,
+                 *, batch_size: int = DEFAULT_BATCH, opt_level: int = 3, schedule: str = "arq",
+                 single: bool = True) -> Path:
+    """Compile an ONNX classifier (input N×C×H×W float32 pixels in [0, 1], output N×K logits) into an artifact.
+
+    onnx_path: float or QDQ ONNX model with one 4-D input (the batch dimension symbolic, or fixed to batch_size).
+    target: a registered target name (see `arq_deploy.targets.registry`) or a `Target`.
+    out_dir: the artifact directory (replaced if it exists); default: <onnx dir>/targets/<target name>.
+    batch_size: the batch compiled into the library's `main` (the runner pads partial batches).
+    single: also compile a batch-1 library, `model_b1.so`, so that single images and small remainders do not pay
+        for a whole padded batch (latency measurements); about doubles the compile time.
+    opt_level: TVM PassContext opt_level.
+    schedule: "arq" (the no-tuning CPU schedules above) or "none" (TVM's untuned default, single-threaded).
+
+    Raises UnknownNameError (target), ModelFormatError (unreadable or malformed ONNX, wrong input spec),
+    UnsupportedOpError (an operator or tensor type TVM cannot import or build). Returns out_dir.
+    """
+    t = get_target(target) if isinstance(target, str) else target
+    if t.kind != "cpu":
+        raise ArqError(f"target {t.name!r}: only CPU (llvm) targets can be built so far")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = int(batch_size)
+    onnx_path = Path(onnx_path)
+    out_dir = Path(out_dir) if out_dir is not None else onnx_path.parent / "targets" / t.name
+
+    model = load_onnx(onnx_path)
+    inp, out = io_spec(model, batch_size)
+    import tvm  # noqa: F401  (~5 s, not counted in the compile time)
+
+    t0 = time.perf_counter()
+    check_supported(model)
+    mod = import_onnx(model, inp["name"], inp["shape"], onnx_path)
+    tvm_target = resolve_tvm_target(t)
+    ex, sched_info = build(mod, tvm_target, opt_level=opt_level, schedule=schedule)
+    libraries = {LIBRARY: ex}
+    if single and batch_size > 1:
+        one = import_onnx(model, inp["name"], [1, *inp["shape"][1:]], onnx_path)
+        libraries[LIBRARY_B1] = build(one, tvm_target, opt_level=opt_level, schedule=schedule)[0]
+    out_shape = _output_shape(mod["main"]) or out["shape"]
+    compile_s = time.perf_counter() - t0
+
+    info = {
+        "target": {"name": t.name, "kind": t.kind, "tvm_target": tvm_target, "host_triple": t.host_triple,
+                   "cross_compiler": t.cross_compiler, "ort_providers": list(t.ort_providers),
+                   "energy_probe": t.energy_probe},
+        "input": inp,
+        "batch_size": batch_size,
+        "library": LIBRARY,
+        "library_b1": LIBRARY_B1 if LIBRARY_B1 in libraries else None,
+        "output": {"name": out["name"], "shape": out_shape, "dtype": "float32"},
+        "compile": {"pipeline": PIPELINE if schedule == "arq" else "tvm-default", "schedule": sched_info,
+                    "opt_level": opt_level, "seconds": round(compile_s, 2),
+                    "batch": "fixed: library at batch_size, library_b1 at 1; the runner pads partial batches"},
+        "source": {"file": onnx_path.name, "opset": [{"domain": o.domain, "version": o.version}
+                                                     for o in model.opset_import]},
+    }
+    with _staging_dir(out_dir) as tmp:
+        kwargs = {"cc": t.cross_compiler} if t.cross_compiler else {}
+        try:
+            for fname, lib in libraries.items():
+                lib.export_library(str(tmp / fname), **kwargs)
+        except Exception as e:  # compiler missing or failing: TVM raises several types
+            raise ArqError(f"linking the library for target {t.name!r} failed: {_first_line(e)}") from None
+        shutil.copyfile(onnx_path, tmp / "model.onnx")
+        from arq_deploy.artifact import load_artifact, write_manifest
+
+        write_manifest(tmp, info)
+        load_artifact(tmp)  # re-hash what was written before it is published
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ONNX checks and import
+
+def load_onnx(path: Path):
+    """onnx.load + onnx.checker; anything unreadable is a ModelFormatError."""
+    import onnx
+
+    if not path.is_file():
+        raise ModelFormatError(f"ONNX file {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:  # protobuf DecodeError, ValidationError, ...
+        raise ModelFormatError(f"{path} is not a valid ONNX model: {_first_line(e)}") from None
+    return model
+
+
+def io_spec(model, batch_size: int) -> tuple[dict, dict]:
+    """The model's one N×C×H×W float32 input (shape with N = batch_size) and its one output."""
+    from onnx import TensorProto
+
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ModelFormatError(f"expected one graph input, got {[i.name for i in inputs]}")
+    i = inputs[0]
+    tt = i.type.tensor_type
+    if tt.elem_type != TensorProto.FLOAT:
+        raise ModelFormatError(f"input {i.name!r} must be float32, got {TensorProto.DataType.Name(tt.elem_type)}")
+    dims = list(tt.shape.dim)
+    if len(dims) != 4 or not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
+        raise ModelFormatError(f"input {i.name!r} must be N×C×H×W with fixed C, H, W; got "
+                               f"{[d.dim_value if d.HasField('dim_value') else d.dim_param for d in dims]}")
+    if dims[0].HasField("dim_value") and dims[0].dim_value not in (0, batch_size):
+        raise ModelFormatError(f"input {i.name!r} has a fixed batch of {dims[0].dim_value}; compile with batch_size="
+                               f"{dims[0].dim_value} or export with a dynamic batch dimension")
+    if len(model.graph.output) != 1:
+        raise ModelFormatError(f"expected one graph output (logits), got {[o.name for o in model.graph.output]}")
+    o = model.graph.output[0]
+    odims = [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+    oshape = [batch_size] + odims[1:] if odims else None
+    inp = {"name": i.name, "shape": [batch_size] + [d.dim_value for d in dims[1:]], "dtype": "float32",
+           "range": [0.0, 1.0], "layout": "NCHW"}
+    return inp, {"name": o.name, "shape": oshape}
+
+
+def check_supported(model) -> None:
+    """Reject, with one line naming the culprit, what TVM 0.27's ONNX importer cannot take."""
+    from onnx import TensorProto
+
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx"):
+            raise UnsupportedOpError(f"ONNX op {n.domain}::{n.op_type} (node {n.name or n.output[0]!r}) is not a "
+                                     f"standard ONNX op; TVM cannot import it")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    known = _get_convert_map()
+    missing = sorted({n.op_type for n in model.graph.node if n.op_type not in known})
+    if missing:
+        node = next(n for n in model.graph.node if n.op_type == missing[0])
+        more = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise UnsupportedOpError(f"ONNX op {missing[0]} (node {node.name or node.output[0]!r}){more} has no TVM "
+                                 f"converter (opset {opset})")
+    sub_byte = {getattr(TensorProto, n): n for n in _SUB_BYTE_TYPES if hasattr(TensorProto, n)}
+    for init in model.graph.initializer:
+        if init.data_type in sub_byte:
+            raise UnsupportedOpError(f"initializer {init.name!r} has type {sub_byte[init.data_type]}, which TVM's ONNX "
+                                     f"importer cannot read: store sub-8-bit values in int8 containers")
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            for a in n.attribute:
+                if a.name == "block_size" and a.i:
+                    raise UnsupportedOpError(f"ONNX op {n.op_type} (node {n.name or n.output[0]!r}) uses block_size="
+                                             f"{a.i}; TVM supports per-tensor and per-axis quantization only")
+
+
+def fold_weight_dequantize(model):
+    """A copy of the model with every DequantizeLinear of initializers (weights, biases) replaced by its float result.
+
+    y = (x - zero_point) * scale in float32, per tensor or along `axis`: what TVM's FoldConstant computes, but in numpy
+    (TVM compiles one TIR function per folded tensor: ~9 s of an 13 s ResNet-20 QDQ build).
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    folded, keep = [], []
+    for n in model.graph.node:
+        ins = [i for i in n.input if i]
+        if n.op_type != "DequantizeLinear" or not all(i in inits for i in ins):
+            keep.append(n)
+            continue
+        x = numpy_helper.to_array(inits[ins[0]])
+        scale = numpy_helper.to_array(inits[ins[1]]).astype(np.float32)
+        zp = numpy_helper.to_array(inits[ins[2]]) if len(ins) > 2 else np.zeros((), x.dtype)
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and x.ndim > 0:
+            axis = axis % x.ndim
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        y = ((x.astype(np.float32) - zp.astype(np.float32)) * scale).astype(np.float32)
+        folded.append(numpy_helper.from_array(y, n.output[0]))
+    if not folded:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    out.graph.initializer.extend(folded)
+    return out
+
+
+def import_onnx(model, input_name: str, shape: list[int], path: Path):
+    """tvm.relax.frontend.onnx.from_onnx with a static input shape; weights become constants of the module."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = fold_weight_dequantize(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return from_onnx(model, shape_dict={input_name: list(shape)}, keep_params_in_input=False)
+    except Exception as e:  # OpNotImplemented, TVMError, ValueError, ...
+        msg = _first_line(e)
+        if type(e).__name__ == "OpNotImplemented":
+            raise UnsupportedOpError(f"{path.name}: {msg}") from None
+        node = _failing_node(e.__traceback__)
+        where = f" at ONNX op {node.op_type} (node {node.name or node.output[0]!r})" if node is not None else ""
+        raise UnsupportedOpError(f"TVM's ONNX importer failed on {path.name}{where}: {type(e).__name__}: {msg}") \
+            from None
+
+
+def _failing_node(tb):
+    """The ONNX node the importer was converting when it raised (its loop variable `node`), if it can be found."""
+    node = None
+    while tb is not None:
+        f = tb.tb_frame
+        if f.f_code.co_filename.endswith("onnx_frontend.py") and hasattr(f.f_locals.get("node"), "op_type"):
+            node = f.f_locals["node"]
+        tb = tb.tb_next
+    return node
+
+
+def _output_shape(func) -> list[int] | None:
+    try:
+        return [int(d) for d in func.ret_struct_info.shape]
+    except Exception:  # tuple outputs or symbolic shapes: fall back to the ONNX graph's output
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Relax pipeline and build
+
+def build(mod, tvm_target: dict, *, opt_level: int = 3, schedule: str = "arq"):
+    """tvm.compile with the CPU pipeline; returns (executable, schedule info for the manifest)."""
+    import tvm
+
+    tgt = tvm.target.Target(tvm_target)
+    lanes = f32_lanes(tgt)
+    stats: dict[str, int] = {}
+    pipeline = cpu_pipeline(tgt, lanes, stats) if schedule == "arq" else "default"
+    try:
+        with tvm.transform.PassContext(opt_level=opt_level):
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
+    except Exception as e:
+        raise UnsupportedOpError(f"TVM failed to build the model for {tgt.kind.name}: {_first_line(e)}") from None
+    info = {"name": schedule, "vector_lanes_f32": lanes}
+    if schedule == "arq":
+        info.update(tile=dict(TILE), **stats)  # funcs_arq / funcs_dlight / funcs_default: how each PrimFunc was done
+    return ex, info
+
+
+def f32_lanes(tgt) -> int:
+    """float32 lanes of the target's widest vector unit (AVX-512: 16, AVX/AVX2: 8, SSE/NEON: 4)."""
+    if tgt.kind.name != "llvm":
+        return 4
+    from tvm.target import codegen
+
+    triple = str(tgt.attrs.get("mtriple", ""))
+    if triple.startswith(("x86_64", "i686")):
+        if codegen.llvm_cpu_has_features("avx512f", tgt):
+            return 16
+        if codegen.llvm_cpu_has_features("avx", tgt):
+            return 8
+    return 4
+
+
+def cpu_pipeline(tgt, lanes: int, stats: dict | None = None):
+    """TVM's CPU pipeline (tvm.relax.backend.cpu_generic) with `schedule_pass` between fusion and lowering."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="ArqCpuPipeline")
+    def _pipeline(mod, _ctx):
+        with tgt:
+            seq = tvm.transform.Sequential(
+                [relax.transform.DecomposeOpsForInference(), relax.transform.FoldConstant()]
+                + cpu.library_dispatch_passes(tgt)
+                + cpu.legalize_passes(tgt)  # LegalizeOps, FoldConstant (folds weight DQ), FuseOps, FuseTIR
+                + [schedule_pass(tgt, lanes, stats)]
+                + cpu.dataflow_lower_passes(tgt)
+                + cpu.finalize_passes(tgt)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def schedule_pass(tgt, lanes: int, stats: dict | None = None):
+    """Module pass: schedule every unscheduled PrimFunc with `schedule_primfunc` (dlight's CPU Reduction rule next)."""
+    import tvm
+    from tvm import tirx
+    from tvm.s_tir import dlight
+
+    fallback = dlight.cpu.Reduction()
+    stats = stats if stats is not None else {}
+    threads = int(tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
+
+    @tvm.transform.module_pass(opt_level=0, name="ArqCpuSchedule")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+                continue
+            sch, how = None, "default"
+            try:
+                sch = schedule_primfunc(func, lanes, threads)
+                how = "arq"
+            except Exception:  # a rule that does not fit this function: try the next one
+                sch = None
+            if sch is None:
+                try:
+                    sch = fallback.apply(func, tgt, False)
+                    sch = sch[0] if isinstance(sch, list) and sch else (sch or None)
+                    how = "dlight"
+                except Exception:
+                    sch = None
+            if sch is None:
+                how = "default"
+            stats[f"funcs_{how}"] = stats.get(f"funcs_{how}", 0) + 1
+            if sch is not None:
+                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The schedule rules
+
+def schedule_primfunc(func, lanes: int, threads: int = 1):
+    """A schedule for one fused PrimFunc (see the module docstring), or None when no rule fits."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos:
+        return None
+    reductions = [b for b in infos if not b.is_injective()]
+    if len(reductions) > 1:
+        return None
+    root = sch.get_sblock("root")
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
+    red = reductions[0].name if reductions else None
+    producers = {sch.get(b).name_hint for b in sch.get_producers(sch.get_sblock(red))} if red else set()
+    for b in infos:  # inline every intermediate elementwise block that is not the reduction's direct input
+        if b.name in outputs or b.name == red or b.name in producers:
+            continue
+        with contextlib.suppress(Exception):
+            sch.compute_inline(sch.get_sblock(b.name))
+    remaining = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
+    if red is None:
+        for name in remaining:
+            _schedule_injective(sch, sch.get_sblock(name), lanes)
+        return sch
+    epilogue = [n for n in remaining if n != red and n not in producers]
+    producers = [n for n in remaining if n in producers]
+    rb = sch.get_sblock(red)
+    kinds = "".join(i.kind for i in reductions[0].iters)
+    n_s = len(kinds) - len(kinds.lstrip("S"))
+    if n_s == 0 or kinds[n_s:] != "R" * (len(kinds) - n_s):
+        return None  # spatial axes after reduction axes: leave it to other rules
+    if not epilogue:  # the reduction writes the function's output: accumulate in a local tile, then copy out
+        epilogue = [sch.get(sch.cache_write(rb, 0, "global")).name_hint]
+    loops = sch.get_loops(rb)
+    s_ext = [_extent(sch, lp) for lp in loops[:n_s]]
+    if None in s_ext:
+        return None
+    gemm_like = len(sch.get(rb).reads) >= 2 and sum(e > 1 for e in s_ext) >= 2
+    if gemm_like:
+        _schedule_tiled(sch, rb, loops[:n_s], loops[n_s:], s_ext, producers, epilogue, lanes, threads)
+    else:
+        _schedule_reduction(sch, rb, loops[:n_s], producers, epilogue, lanes)
+    return sch
+
+
+def _schedule_tiled(sch, rb, s_loops, r_loops, s_ext, producers, epilogue, lanes, threads):
+    """Register tiling: [outer spatial (parallel)] [row, col tiles] [reductions] [F][U][V(vector)]."""
+    v = _divisor(s_ext[-1], lanes)
+    vo, vi = sch.split(s_loops[-1], [None, v])
+    row = max(i for i in range(len(s_loops) - 1) if s_ext[i] > 1)
+    uo, ui = sch.split(s_loops[row], [None, _divisor(s_ext[row], TILE["U"])])
+    outer, inner = [], []
+    for i, lp in enumerate(s_loops[:-1]):
+        if i == row:
+            continue
+        if i == row - 1 and s_ext[i] % TILE["F"] == 0 and s_ext[i] > TILE["F"]:
+            fo, fi = sch.split(lp, [None, TILE["F"]])
+            outer.append(fo)
+            inner.append(fi)
+        else:
+            outer.append(lp)
+    sch.reorder(*outer, uo, vo, *r_loops, *inner, ui, vi)
+    placed = []
+    if len(outer) >= 2 and s_ext[0] >= 2 * threads:
+        # parallel over the batch; the padded input of one image is computed inside its iteration (cache friendly)
+        sch.parallel(outer[0])
+        for name in producers:
+            try:
+                pb = sch.get_sblock(name)
+                sch.compute_at(pb, outer[0])
+                _vectorize_inner(sch, pb, lanes)
+                placed.append(name)
+            except Exception:  # noqa: PERF203 - leave it as its own loop nest below
+                pass
+    elif outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    for name in producers:
+        if name not in placed:
+            _schedule_injective(sch, sch.get_sblock(name), lanes)
+    for name in epilogue:
+        eb = sch.get_sblock(name)
+        sch.reverse_compute_at(eb, vo)
+        _vectorize_inner(sch, eb, lanes)
+    sch.set_scope(rb, 0, "local")
+    for lp in [*inner, ui]:
+        sch.unroll(lp)
+    for lp in r_loops[1:]:
+        e = _extent(sch, lp)
+        if e is not None and e <= 4:
+            sch.unroll(lp)
+    sch.vectorize(vi)
+    sch.decompose_reduction(rb, r_loops[0])
+
+
+def _schedule_reduction(sch, rb, s_loops, producers, epilogue, lanes):
+    """Pooling-like reductions: spatial loops fused and parallel, reduction serial, epilogue per output point."""
+    fused = sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0]
+    sch.parallel(fused)
+    for name in epilogue:
+        sch.reverse_compute_at(sch.get_sblock(name), fused)
+    for name in producers:
+        _schedule_injective(sch, sch.get_sblock(name), lanes)
+
+
+def _schedule_injective(sch, block, lanes):
+    """Outer loops fused and parallel; the innermost loop vectorized when the vector width divides it."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    if len(loops) == 1:
+        e = _extent(sch, loops[0])
+        if e is not None and e % lanes == 0 and e > lanes:
+            outer, inner = sch.split(loops[0], [None, lanes])
+            sch.vectorize(inner)
+            sch.parallel(outer)
+        else:
+            sch.parallel(loops[0])
+        return
+    sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    _vectorize_inner(sch, block, lanes)
+
+
+def _vectorize_inner(sch, block, lanes):
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = loops[-1]
+    e = _extent(sch, inner)
+    if e is None or e < 2:
+        return
+    f = _divisor(e, lanes)
+    if f < min(4, e):
+        return
+    if f < e:
+        inner = sch.split(inner, [None, f])[1]
+    sch.vectorize(inner)
+
+
+def _extent(sch, loop) -> int | None:
+    from tvm import tirx
+
+    e = sch.get(loop).extent
+    return int(e) if isinstance(e, tirx.IntImm) else None
+
+
+def _divisor(n: int, at_most: int) -> int:
+    """The largest divisor of n that is <= at_most."""
+    for f in range(min(at_most, n), 0, -1):
+        if n % f == 0:
+            return f
+    return 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Atomic output
+
+@contextlib.contextmanager
+def _staging_dir(out_dir: Path):
+    """Yield an empty temp dir next to out_dir; on success it replaces out_dir, on failure it is removed."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, old / "a")
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "a", out_dir)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    """The first informative line of an exception message (TVM messages may start with a traceback)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "^"))] or lines
+    return (lines[0] if lines else type(e).__name__)[:300]
