@@ -59,14 +59,19 @@ weights_opt = click.option("--weights", default=None, type=click.Path(dir_okay=F
 shape_opt = click.option("--input-shape", default=None, help="C,H,W for a user model")
 bits_opt = click.option("--bits", default=None, help="uniform bits: 8, W4A8 or 4,8; float for no quantization")
 policy_opt = click.option("--policy", default=None, type=click.Path(dir_okay=False), help="policy.json")
+
+
+def model_opts(f):
+    """--model, --weights, --input-shape."""
+    return model_opt(weights_opt(shape_opt(f)))
+
+
 data_opt = click.option("--data", default="digits", show_default=True,
                         help="'digits', a CIFAR-10 python-batch folder, an image folder or a .tar/.tar.gz of one")
 
 
 @main.command()
-@model_opt
-@weights_opt
-@shape_opt
+@model_opts
 @bits_opt
 @policy_opt
 def layers(model_name, weights, input_shape, bits, policy):
@@ -95,9 +100,7 @@ def layers(model_name, weights, input_shape, bits, policy):
 
 
 @main.command()
-@model_opt
-@weights_opt
-@shape_opt
+@model_opts
 @data_opt
 @click.option("--sigma", type=float, default=0.25, show_default=True, help="Gaussian noise std (pixel scale)")
 @click.option("--epochs", type=int, default=10, show_default=True)
@@ -130,9 +133,7 @@ def _specs(lm):
 
 
 @main.command()
-@model_opt
-@weights_opt
-@shape_opt
+@model_opts
 @bits_opt
 @policy_opt
 @data_opt
@@ -191,9 +192,7 @@ def targets():
 
 @main.command()
 @click.argument("model_path", required=False, type=click.Path())
-@model_opt
-@weights_opt
-@shape_opt
+@model_opts
 @data_opt
 @click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, tvm or torch")
 @click.option("--sigma", type=float, required=True)

@@ -141,6 +141,18 @@ class _QuantMixin:
         self.a_zero_point.fill_(float(zp))
         self.calibrated.fill_(True)
 
+    def _adopt(self, float_module: nn.Module, bits: LayerBits):
+        self.load_state_dict(float_module.state_dict())
+        self._init_quant(bits)
+        return self
+
+    def forward(self, x):
+        """Float op while calibrating or disabled; else op(Q(x), Q(W), Q(b))."""
+        if self._calib is not None or not self.quant_enabled:
+            self.qinput(x)
+            return self._op(x, self.weight, self.bias)
+        return self._op(self.qinput(x), self.qweight(), self.qbias())
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"
 
@@ -150,30 +162,20 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     def from_float(cls, conv: nn.Conv2d, bits: LayerBits) -> "QuantConv2d":
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device)
-        q.load_state_dict(conv.state_dict())
-        q._init_quant(bits)
-        return q
+        return q._adopt(conv, bits)
 
-    def forward(self, x):
-        if self._calib is not None or not self.quant_enabled:
-            self.qinput(x)
-            return super().forward(x)
-        return self._conv_forward(self.qinput(x), self.qweight(), self.qbias())
+    def _op(self, x, w, b):
+        return self._conv_forward(x, w, b)
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
     @classmethod
     def from_float(cls, lin: nn.Linear, bits: LayerBits) -> "QuantLinear":
         q = cls(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device)
-        q.load_state_dict(lin.state_dict())
-        q._init_quant(bits)
-        return q
+        return q._adopt(lin, bits)
 
-    def forward(self, x):
-        if self._calib is not None or not self.quant_enabled:
-            self.qinput(x)
-            return super().forward(x)
-        return F.linear(self.qinput(x), self.qweight(), self.qbias())
+    def _op(self, x, w, b):
+        return F.linear(x, w, b)
 
 
 QUANT_TYPES = (QuantConv2d, QuantLinear)

@@ -71,10 +71,12 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ArqError(f"batch size must be >= 1, got {batch_size}")
     batch_size = int(batch_size)
     onnx_path = Path(onnx_path)
     out_dir = Path(out_dir) if out_dir is not None else onnx_path.parent / "targets" / t.name
+
+    from arq_deploy.export.qdq import load_onnx
 
     model = load_onnx(onnx_path)
     inp, out = io_spec(model, batch_size)
@@ -124,20 +126,6 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
 
 # --------------------------------------------------------------------------------------------------------------------
 # ONNX checks and import
-
-def load_onnx(path: Path):
-    """onnx.load + onnx.checker; anything unreadable is a ModelFormatError."""
-    import onnx
-
-    if not path.is_file():
-        raise ModelFormatError(f"ONNX file {path} does not exist")
-    try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except Exception as e:  # protobuf DecodeError, ValidationError, ...
-        raise ModelFormatError(f"{path} is not a valid ONNX model: {_first_line(e)}") from None
-    return model
-
 
 def io_spec(model, batch_size: int) -> tuple[dict, dict]:
     """The model's one N×C×H×W float32 input (shape with N = batch_size) and its one output."""
