@@ -21,7 +21,7 @@ def test_help_lists_commands(cli):
         assert cmd in out
 
 
-def _one_line_error(rc, out, err, *fragments):
+def assert_one_line_error(rc, out, err, *fragments):
     assert rc == 2, (rc, out, err)
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), err
@@ -44,7 +44,7 @@ def _one_line_error(rc, out, err, *fragments):
 ])
 def test_bad_input_one_line_exit_2(cli, tmp_path, args, fragments):
     rc, out, err = cli(*args, cwd=tmp_path)
-    _one_line_error(rc, out, err, *fragments)
+    assert_one_line_error(rc, out, err, *fragments)
     assert not any(p.name.startswith("never") for p in tmp_path.iterdir())
 
 
@@ -52,15 +52,15 @@ def test_policy_with_unknown_layer_and_bad_bits(cli, tmp_path):
     p = tmp_path / "p.json"
     p.write_text(json.dumps({"format": "arq-deploy/policy", "version": 1, "default": None,
                              "layers": {"layer9.conv": [4, 4]}}))
-    _one_line_error(*cli("layers", "--model", "resnet20", "--policy", p), "layer9.conv")
+    assert_one_line_error(*cli("layers", "--model", "resnet20", "--policy", p), "layer9.conv")
     p.write_text(json.dumps({"format": "arq-deploy/policy", "version": 1, "default": None,
                              "layers": {"conv1": [1, 4]}}))
-    _one_line_error(*cli("layers", "--model", "resnet20", "--policy", p), "2..8")
+    assert_one_line_error(*cli("layers", "--model", "resnet20", "--policy", p), "2..8")
 
 
 def test_weights_that_do_not_fit(cli, digits_model, tmp_path):
     _, ckpt = digits_model
-    _one_line_error(*cli("layers", "--model", "resnet20", "--weights", ckpt), "do not fit")
+    assert_one_line_error(*cli("layers", "--model", "resnet20", "--weights", ckpt), "do not fit")
 
 
 def test_data_in_no_known_format(cli, digits_model, tmp_path):
@@ -69,15 +69,15 @@ def test_data_in_no_known_format(cli, digits_model, tmp_path):
     (tmp_path / "junk" / "notes.txt").write_text("hello")
     rc, out, err = cli("export", "--weights", ckpt, "--bits", "8", "--data", tmp_path / "junk", "--out",
                        tmp_path / "m.onnx")
-    _one_line_error(rc, out, err)
+    assert_one_line_error(rc, out, err)
     assert not (tmp_path / "m.onnx").exists()
 
 
 def test_malformed_onnx_everywhere(cli, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all" * 20)
-    _one_line_error(*cli("certify", bad, "--sigma", "0.25", "--out", tmp_path / "c.tsv"), "bad.onnx")
-    _one_line_error(*cli("compile", bad, "--target", "x86", "--out", tmp_path / "art"))
+    assert_one_line_error(*cli("certify", bad, "--sigma", "0.25", "--out", tmp_path / "c.tsv"), "bad.onnx")
+    assert_one_line_error(*cli("compile", bad, "--target", "x86", "--out", tmp_path / "art"))
     assert not (tmp_path / "c.tsv").exists() and not (tmp_path / "art").exists()
 
 
@@ -108,7 +108,7 @@ def test_export_then_certify_from_the_cli(cli, digits_model, tmp_path):
     assert rows2 == rows
     # the same log with another σ is refused, and the log is untouched
     args[3] = "0.5"
-    _one_line_error(*cli(*args))
+    assert_one_line_error(*cli(*args))
     assert (tmp_path / "c.tsv").read_text().count("\n") == len(rows) + 2
 
 
