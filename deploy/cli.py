@@ -203,9 +203,12 @@ def targets():
 @click.option("--max", "max_images", type=int, default=None, help="at most this many images")
 @click.option("--batch-size", type=int, default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ray", "ray_address", default=None, help="shard inputs over Ray: auto, local or HOST:PORT")
+@click.option("--ray-workers", type=int, default=None, help="Ray workers (default: cluster CPUs / cpus per worker)")
+@click.option("--ray-cpus-per-worker", type=int, default=1, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV log (appended, resumable)")
 def certify(model_path, model_name, weights, input_shape, data, backend, sigma, n0, n, alpha, skip, max_images,
-            batch_size, seed, out):
+            batch_size, seed, ray_address, ray_workers, ray_cpus_per_worker, out):
     """Randomized-smoothing CERTIFY (Cohen et al.) on test images: TSV rows, summary JSON and a PNG curve."""
     from arq_deploy.certify.results import CertifyLog, certify_dataset, plot_curve, write_summary
     from arq_deploy.certify.smooth import Smooth, check_params
@@ -220,12 +223,15 @@ def certify(model_path, model_name, weights, input_shape, data, backend, sigma, 
     if skip < 1:
         raise ArqError("--skip must be >= 1")
     lm = None
+    if ray_address and model_path is None:
+        raise ArqError("--ray certifies an ONNX model or a TVM artifact: give MODEL_PATH (export the model first)")
     if model_path is None:
         from arq_deploy.pipeline import load
 
         lm = load(model_name, weights, input_shape=_shape(input_shape))
     from arq_deploy.pipeline import make_runner
 
+    # with --ray the workers load the model; the driver still opens it once to check it and the data's shape
     runner = make_runner(model_path, backend, lm, batch_size=batch_size)
     ds = load_dataset(data, "test")
     if tuple(ds.input_shape) != tuple(runner.input_shape):
@@ -235,9 +241,17 @@ def certify(model_path, model_name, weights, input_shape, data, backend, sigma, 
         sha256_file(Path(model_path) / "manifest.json") if model_path else sha256_file(weights) if weights else "")
     meta = {"model": str(model_path or weights), "model_sha256": ident, "backend": runner.name, "data": ds.name,
             "sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed}
-    smooth = Smooth(runner, ds.num_classes, sigma, batch_size=batch_size)
     with CertifyLog(out, meta) as log:
-        certs = certify_dataset(smooth, ds.x(), ds.labels, indices, n0, n, alpha, seed, log)
+        if ray_address:
+            from arq_deploy.certify.distributed import certify_dataset_ray, runner_spec
+
+            certs = certify_dataset_ray(runner_spec(model_path, backend, batch_size=batch_size), ds.x(), ds.labels,
+                                        indices, n0, n, alpha, seed, sigma, ds.num_classes, log, address=ray_address,
+                                        batch_size=batch_size, num_workers=ray_workers,
+                                        cpus_per_worker=ray_cpus_per_worker)
+        else:
+            smooth = Smooth(runner, ds.num_classes, sigma, batch_size=batch_size)
+            certs = certify_dataset(smooth, ds.x(), ds.labels, indices, n0, n, alpha, seed, log)
     summary = summarize(certs)
     out = Path(out)
     write_summary(out.with_suffix(".summary.json"), summary, meta)

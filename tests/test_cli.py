@@ -121,3 +121,23 @@ def test_train_cli_qat(cli, digits_model, tmp_path):
     assert rc == 0, err
     rep = json.loads((tmp_path / "qat.export.json").read_text())
     assert rep["policy_summary"] == "W4A6" and rep["validation"]["top1_agreement"] >= 0.99
+
+
+def test_certify_on_ray_matches_sequential(cli, digits_model, tmp_path):
+    _, ckpt = digits_model
+    rc, _, err = cli("export", "--weights", ckpt, "--bits", "W4A8", "--out", tmp_path / "m.onnx")
+    assert rc == 0, err
+    common = ["--sigma", "0.25", "--n0", "20", "--n", "300", "--skip", "90"]
+    assert cli("certify", tmp_path / "m.onnx", *common, "--out", tmp_path / "seq.tsv")[0] == 0
+    rc, out, err = cli("certify", tmp_path / "m.onnx", *common, "--ray", "local", "--ray-workers", "2",
+                       "--out", tmp_path / "ray.tsv")
+    assert rc == 0, err
+
+    def rows(p):  # every column but the timing
+        lines = [l.split("\t") for l in p.read_text().splitlines() if l and not l.startswith(("#", "idx"))]
+        return sorted(l[:5] + l[6:] for l in lines)
+
+    assert len(rows(tmp_path / "seq.tsv")) == 6
+    assert rows(tmp_path / "ray.tsv") == rows(tmp_path / "seq.tsv")
+    assert_one_line_error(*cli("certify", "--weights", ckpt, *common, "--ray", "local", "--out", tmp_path / "x.tsv"),
+                          "MODEL_PATH")
