@@ -1,0 +1,418 @@
+"""Incremental randomized smoothing (IRS; Ugare, Singh, Misailovic, ICLR 2024): certify a quantized model f_q by reusing
+the certificate of the float model f it was derived from.
+
+Let c_A and p̲_A be CERTIFY's class and (1 − α) lower bound on p_A = P[f(x + σε) = c_A] for f, read from a float
+certification log (the *cache*). The disparity ζ = P[f(x + σε) ≠ f_q(x + σε)] is bounded from above by running BOTH
+models on n_p fresh noisy inputs: with k disagreements, ζ̄ = cp_upper(k, n_p, α_ζ). Since
+    P[f_q(x + σε) = c_A] ≥ P[f(x + σε) = c_A] − P[f(x + σε) ≠ f_q(x + σε)] = p_A − ζ ≥ p̲_A − ζ̄,
+if p̲_A,q = p̲_A − ζ̄ > 1/2 the smoothed f_q predicts c_A within the L2 radius σ·Φ⁻¹(p̲_A,q) ("irs" path); otherwise the
+input is certified from scratch with CERTIFY of f_q (n0, n, α; the "full" path, the same certificate as a plain
+`Smooth(f_q).certify` with the same seed).
+
+Soundness. An "irs" certificate is wrong only if p̲_A > p_A (probability ≤ α, the float run's CERTIFY) or ζ̄ < ζ
+(probability ≤ α_ζ): by a union bound P[irs path and wrong] ≤ α + α_ζ, the guarantee IRS states. A "full" certificate
+is wrong only if f_q's own CERTIFY fails (probability ≤ α, whatever the path decision). Over both paths a union bound
+gives P[the certificate of an input is wrong] ≤ 2α + α_ζ in the worst case. α is in the log's meta, α_ζ in the meta
+and in every row.
+
+Independence. The ζ samples use the noise stream (seed, "irs"), independent of the "selection" and "estimation"
+streams from which the float run's c_A and p̲_A came, so ζ̄ is a valid bound whatever p̲_A turned out to be. The
+fallback uses the same seed as the float run (so its rows equal `arq-deploy certify` of f_q); its CERTIFY bound holds
+unconditionally, which is all the union bound above needs.
+
+Cost. The n_p disagreement samples run f as well as f_q: `float_time` and `float_samples` record that cost separately.
+The cache is a `CertifyLog` file (the output of `arq-deploy certify` on the float model), read without modifying it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from arq_deploy.certify.results import (COLUMN_LINE, _check_run_matches_meta, _normalise_meta,
+                                        _truncate_partial_line)
+from arq_deploy.certify.smooth import (ABSTAIN, COLUMNS, Certificate, Smooth, _check_alpha, _check_count,
+                                       check_params, input_seed, noise_batches)
+from arq_deploy.certify.stats import cp_upper, radius
+from arq_deploy.errors import CertificationInputError
+from arq_deploy.fileio import write_text
+
+IRS, FULL = "irs", "full"
+NOISE_PURPOSE = "irs"
+EXTRA_COLUMNS = ("path", "float_pa_lower", "k", "n_p", "zeta_upper", "alpha_zeta", "quant_samples", "float_samples",
+                 "float_time")
+INCREMENTAL_COLUMNS = COLUMNS + EXTRA_COLUMNS
+INCREMENTAL_COLUMN_LINE = "\t".join(INCREMENTAL_COLUMNS)
+IDENTITY_KEYS = ("sigma", "data", "model_sha256")  # cache vs run: a mismatch is an error
+
+
+# ---------------------------------------------------------------- the float cache
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """The float model's certificate of one input: prediction c_A (ABSTAIN if it abstained), p̲_A, count_a of n."""
+
+    idx: int
+    label: int
+    prediction: int
+    pa_lower: float
+    radius: float
+    count_a: int
+    n0: int
+    n: int
+
+    @classmethod
+    def from_certificate(cls, cert: Certificate) -> "CacheEntry":
+        return cls(idx=cert.idx, label=cert.label, prediction=cert.prediction, pa_lower=cert.pa_lower,
+                   radius=cert.radius, count_a=cert.count_a, n0=cert.n0, n=cert.n)
+
+
+class FloatCache:
+    """A float model's certification log (`CertifyLog` format, e.g. `arq-deploy certify FLOAT --out F.tsv`), read only.
+
+    meta: the log's meta dict (sigma, n0, n, alpha, seed, data, model, model_sha256, ...). A partial last line (a float
+    run killed or still running) is ignored, not removed.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise CertificationInputError(
+                f"cannot read the float certification log {self.path}: {e.strerror}") from None
+        try:
+            lines = data[: data.rfind(b"\n") + 1].decode("utf-8").split("\n")[:-1]
+        except UnicodeDecodeError:
+            raise CertificationInputError(f"{self.path} is not a certification log (not UTF-8 text)") from None
+        if len(lines) < 2 or not lines[0].startswith("# ") or lines[1] != COLUMN_LINE:
+            raise CertificationInputError(f"{self.path} is not a float certification log (from `arq-deploy certify`)")
+        try:
+            self.meta = json.loads(lines[0][2:])
+        except ValueError:
+            raise CertificationInputError(f"{self.path}: its meta line is not valid JSON") from None
+        for key in ("sigma", "alpha", "n0", "n", "seed"):
+            if key not in self.meta:
+                raise CertificationInputError(
+                    f"{self.path}: its meta lacks {key!r}, needed for incremental certification")
+        self._entries: dict[int, CacheEntry] = {}
+        for line in lines[2:]:
+            cert = Certificate.from_row(line)
+            if cert.idx in self._entries:
+                raise CertificationInputError(f"{self.path} holds input {cert.idx} twice")
+            self._entries[cert.idx] = CacheEntry.from_certificate(cert)
+
+    @property
+    def sigma(self) -> float:
+        return float(self.meta["sigma"])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.meta["alpha"])
+
+    def indices(self) -> set[int]:
+        return set(self._entries)
+
+    def entry(self, idx: int) -> CacheEntry:
+        """The cached certificate of input idx; CertificationInputError if the float run did not certify it."""
+        try:
+            return self._entries[int(idx)]
+        except KeyError:
+            raise CertificationInputError(
+                f"the float certification log {self.path} has no row for input {idx}; certify the float model on the "
+                "same inputs first (same --skip/--max)") from None
+
+    def check(self, **run) -> None:
+        """Refuse a run whose identity differs from the cache's: every given key (sigma, data, model_sha256, n0, n,
+        alpha, seed, ...) must equal the cache meta's value; a given model_sha256 the cache does not record is
+        refused."""
+        for key, value in run.items():
+            if value is None:
+                continue
+            if key not in self.meta:
+                if key == "model_sha256":
+                    raise CertificationInputError(
+                        f"{self.path} does not record the float model's sha256, so it cannot be checked against it")
+                continue
+            mine = self.meta[key]
+            if not (float(mine) == float(value) if key == "sigma" else mine == value):
+                raise CertificationInputError(
+                    f"the float certification log {self.path} was made with {key}={mine!r} but this run uses "
+                    f"{key}={value!r}; certify the float model with the same settings or pick the matching log")
+
+
+# ---------------------------------------------------------------- the certificate
+
+
+@dataclass(frozen=True)
+class IncrementalCertificate(Certificate):
+    """A `Certificate` of the quantized model f_q plus how it was obtained.
+
+    path: "irs" (radius from p̲_A,q = float p̲_A − ζ̄; then count_a, n0, n are the float run's) or "full" (CERTIFY of
+    f_q; count_a, n0, n are f_q's). float_pa_lower: the cached p̲_A of f. k: disagreements f ≠ f_q among n_p samples
+    (n_p = 0, k = 0, ζ̄ = 1 when the float certificate abstained and none were drawn).
+    zeta_upper: cp_upper(k, n_p, α_ζ).
+    quant_samples / float_samples: forward passes of f_q / f on noisy inputs. float_time: seconds spent running f.
+    seconds: wall time of the whole incremental certification (f runs included).
+    """
+
+    path: str
+    float_pa_lower: float
+    k: int
+    n_p: int
+    zeta_upper: float
+    alpha_zeta: float
+    quant_samples: int
+    float_samples: int
+    float_time: float
+
+    def to_row(self) -> str:
+        extra = (self.path, repr(float(self.float_pa_lower)), self.k, self.n_p, repr(float(self.zeta_upper)),
+                 repr(float(self.alpha_zeta)), self.quant_samples, self.float_samples, repr(float(self.float_time)))
+        return super().to_row() + "\t" + "\t".join(str(f) for f in extra)
+
+    @classmethod
+    def from_row(cls, line: str) -> "IncrementalCertificate":
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != len(INCREMENTAL_COLUMNS):
+            raise CertificationInputError(
+                f"an incremental certificate row needs {len(INCREMENTAL_COLUMNS)} tab-separated fields, got {line!r}")
+        base = Certificate.from_row("\t".join(parts[: len(COLUMNS)]))
+        path, fpa, k, n_p, zeta, az, qs, fs, ft = parts[len(COLUMNS):]
+        if path not in (IRS, FULL):
+            raise CertificationInputError(f"malformed incremental certificate row {line!r}: path {path!r}")
+        try:
+            return cls(**{f.name: getattr(base, f.name) for f in fields(Certificate)}, path=path,
+                       float_pa_lower=float(fpa), k=int(k), n_p=int(n_p), zeta_upper=float(zeta), alpha_zeta=float(az),
+                       quant_samples=int(qs), float_samples=int(fs), float_time=float(ft))
+        except ValueError:
+            raise CertificationInputError(f"malformed incremental certificate row {line!r}") from None
+
+
+def check_irs_params(n_p, alpha_zeta) -> tuple[int, float]:
+    """Validate n_p (an integer >= 1) and α_ζ (in (0, 1))."""
+    n_p = _check_count("n_p", n_p)
+    try:
+        alpha_zeta = _check_alpha(alpha_zeta)
+    except CertificationInputError:
+        raise CertificationInputError(
+            f"alpha_zeta (failure probability of the disparity bound) must lie strictly between 0 and 1, "
+            f"got {alpha_zeta!r}") from None
+    return n_p, alpha_zeta
+
+
+def _labels(runner, batch: np.ndarray, num_classes: int) -> np.ndarray:
+    logits = np.asarray(runner(batch))
+    if logits.shape != (len(batch), num_classes):
+        raise CertificationInputError(
+            f"runner {getattr(runner, 'name', '?')!r} returned logits of shape {logits.shape}, "
+            f"expected ({len(batch)}, {num_classes})")
+    return logits.argmax(axis=1)
+
+
+def disagreements(float_runner, quant_runner, x: np.ndarray, sigma: float, n_p: int, seed: int, num_classes: int,
+                  batch_size: int = 1000) -> tuple[int, float]:
+    """k = #{i < n_p: argmax f(x + σε_i) ≠ argmax f_q(x + σε_i)}, ε_i from the stream (seed, "irs"), and the seconds
+    spent in f. x: one float32 C×H×W input (already validated)."""
+    sig = np.float32(sigma)
+    k, float_time = 0, 0.0
+    for eps in noise_batches(x.shape, n_p, seed, NOISE_PURPOSE, batch_size):
+        batch = x[None] + sig * eps
+        t0 = time.perf_counter()
+        y_f = _labels(float_runner, batch, num_classes)
+        float_time += time.perf_counter() - t0
+        k += int(np.count_nonzero(y_f != _labels(quant_runner, batch, num_classes)))
+    return k, float_time
+
+
+def certify_incremental(float_runner, quant_runner, cache_entry: CacheEntry, x, sigma: float, n_p: int,
+                        alpha_zeta: float, n0: int, n: int, alpha: float, seed: int, label: int = -1, idx: int = -1,
+                        num_classes: int | None = None, batch_size: int = 1000) -> IncrementalCertificate:
+    """IRS of f_q = `quant_runner` at x, given the float model f's cached certificate of x (see the module docstring).
+
+    seed: this input's seed (a dataset run passes `input_seed(seed, idx)`, as `certify_dataset` does); the ζ samples
+    use its "irs" stream, the fallback CERTIFY its "selection"/"estimation" streams. n0, n, α are the fallback's
+    (CERTIFY of f_q). Guarantee: P[irs path and wrong] ≤ α_float + α_ζ; P[wrong] ≤ 2α + α_ζ (union bound).
+    """
+    start = time.perf_counter()
+    n_p, alpha_zeta = check_irs_params(n_p, alpha_zeta)
+    n0, n, alpha = check_params(n0, n, alpha)
+    num_classes = int(num_classes if num_classes is not None else getattr(quant_runner, "num_classes", -1))
+    smooth_q = Smooth(quant_runner, num_classes, sigma, batch_size=batch_size)
+    f_classes = getattr(float_runner, "num_classes", -1)
+    if f_classes > 0 and f_classes != num_classes:
+        raise CertificationInputError(f"the float model has {f_classes} classes, the quantized model {num_classes}")
+    if tuple(float_runner.input_shape) != smooth_q.input_shape:
+        raise CertificationInputError(f"the float model takes {tuple(float_runner.input_shape)} inputs, the quantized "
+                                      f"model {smooth_q.input_shape}")
+    if idx >= 0 and cache_entry.idx != idx:
+        raise CertificationInputError(f"the cache entry is for input {cache_entry.idx}, not {idx}")
+    x = smooth_q._check_x(x)
+
+    k, zeta, float_time, drawn = 0, 1.0, 0.0, 0
+    if cache_entry.prediction != ABSTAIN:  # a float abstention (p̲_A ≤ 1/2) cannot be rescued: go to CERTIFY directly
+        k, float_time = disagreements(float_runner, quant_runner, x, smooth_q.sigma, n_p, seed, num_classes,
+                                      batch_size)
+        zeta, drawn = cp_upper(k, n_p, alpha_zeta), n_p
+    pa_q = cache_entry.pa_lower - zeta
+    common = dict(idx=int(idx if idx >= 0 else cache_entry.idx), label=int(label), float_pa_lower=cache_entry.pa_lower,
+                  k=k, n_p=drawn, zeta_upper=zeta, alpha_zeta=alpha_zeta, float_samples=drawn, float_time=float_time)
+    if cache_entry.prediction != ABSTAIN and pa_q > 0.5:
+        return IncrementalCertificate(**common, prediction=cache_entry.prediction, pa_lower=pa_q,
+                                      radius=radius(smooth_q.sigma, pa_q), count_a=cache_entry.count_a,
+                                      n0=cache_entry.n0, n=cache_entry.n, path=IRS, quant_samples=drawn,
+                                      seconds=time.perf_counter() - start)
+    full = smooth_q.certify(x, n0, n, alpha, seed=seed, label=label, idx=common["idx"])
+    return IncrementalCertificate(**common, prediction=full.prediction, pa_lower=full.pa_lower, radius=full.radius,
+                                  count_a=full.count_a, n0=full.n0, n=full.n, path=FULL,
+                                  quant_samples=drawn + n0 + n, seconds=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- the incremental log
+
+
+def incremental_meta(cache: FloatCache, n_p: int, alpha_zeta: float, **quant) -> dict:
+    """The meta of an incremental run: the quantized model's identity (`quant`: model, model_sha256, backend, ...),
+    the cache's sigma/data/n0/n/alpha/seed, the float model's identity (float_model, float_model_sha256, float_backend),
+    the float log path, n_p and α_ζ, and method "irs"."""
+    n_p, alpha_zeta = check_irs_params(n_p, alpha_zeta)
+    m = cache.meta
+    meta = {k: m[k] for k in ("sigma", "n0", "n", "alpha", "seed", "data") if k in m}
+    meta |= {f"float_{k}": m[k] for k in ("model", "model_sha256", "backend") if k in m}
+    meta |= {"method": "irs", "float_log": str(cache.path), "n_p": n_p, "alpha_zeta": alpha_zeta}
+    return meta | quant
+
+
+class IncrementalLog:
+    """Append-only TSV of `IncrementalCertificate`s: a `# {meta}` JSON line, the `INCREMENTAL_COLUMNS` line (the
+    `CertifyLog` columns, then the IRS ones), one row per input, each flushed and fsynced. Reopening cuts a partial last
+    line (a kill -9 mid-write) and refuses a file whose meta differs, exactly as `CertifyLog`."""
+
+    def __init__(self, path: str | os.PathLike, meta: dict):
+        self.path = Path(path)
+        self.meta = _normalise_meta(meta)
+        self._certs: dict[int, IncrementalCertificate] = {}
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._load(_truncate_partial_line(self.path))
+        else:
+            write_text(self.path, "# " + json.dumps(self.meta, sort_keys=True) + "\n" + INCREMENTAL_COLUMN_LINE + "\n")
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _load(self, data: bytes) -> None:
+        try:
+            lines = data.decode("utf-8").split("\n")[:-1]
+        except UnicodeDecodeError:
+            raise CertificationInputError(f"{self.path} is not an incremental certification log") from None
+        if len(lines) < 2 or not lines[0].startswith("# ") or lines[1] != INCREMENTAL_COLUMN_LINE:
+            raise CertificationInputError(f"{self.path} is not an incremental certification log")
+        try:
+            file_meta = json.loads(lines[0][2:])
+        except ValueError:
+            raise CertificationInputError(f"{self.path}: its meta line is not valid JSON") from None
+        if file_meta != self.meta:
+            diff = sorted(k for k in set(file_meta) | set(self.meta) if file_meta.get(k) != self.meta.get(k))
+            raise CertificationInputError(f"{self.path} belongs to another run: meta differs in {diff}; use another "
+                                          "output path or the same settings")
+        for line in lines[2:]:
+            cert = IncrementalCertificate.from_row(line)
+            if cert.idx in self._certs:
+                raise CertificationInputError(f"{self.path} holds input {cert.idx} twice")
+            self._certs[cert.idx] = cert
+
+    def done_indices(self) -> set[int]:
+        return set(self._certs)
+
+    def certificates(self) -> list[IncrementalCertificate]:
+        return list(self._certs.values())
+
+    def append(self, cert: IncrementalCertificate) -> None:
+        if cert.idx in self._certs:
+            raise CertificationInputError(f"input {cert.idx} is already in {self.path}")
+        self._file.write(cert.to_row() + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._certs[cert.idx] = cert
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "IncrementalLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _progress_text(certs: dict) -> str:
+    if not certs:
+        return "irs - | certified acc -"
+    m = len(certs)
+    return (f"irs {sum(c.path == IRS for c in certs.values()) / m:.0%} | "
+            f"certified acc {sum(c.correct for c in certs.values()) / m:.3f}")
+
+
+def certify_incremental_dataset(float_runner, quant_runner, cache: FloatCache, x_all: np.ndarray,
+                                labels: Sequence[int], indices: Sequence[int], n_p: int, alpha_zeta: float,
+                                log: IncrementalLog, num_classes: int | None = None, sigma: float | None = None,
+                                batch_size: int = 1000, progress: bool = True) -> list[IncrementalCertificate]:
+    """IRS of x_all[i] for each i in `indices` not yet in `log`, appending each row as it finishes.
+
+    σ, n0, n, α and the seed are the cache's (a given `sigma` must equal it; the fallback CERTIFY uses the float
+    run's settings); input i uses `input_seed(seed, i)`. Every index must be in the cache (checked before any work).
+    Returns the certificates of all `indices`, sorted by index; an interruption loses only the input in flight, and a
+    resumed run gives the same rows. The log's meta (see `incremental_meta`) must match the cache and n_p, α_ζ.
+    """
+    n_p, alpha_zeta = check_irs_params(n_p, alpha_zeta)
+    cache.check(sigma=sigma)
+    m = cache.meta
+    sigma, seed = float(m["sigma"]), m["seed"]
+    n0, n, alpha = check_params(m["n0"], m["n"], m["alpha"])
+    _check_run_matches_meta(log.meta, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed, n_p=n_p, alpha_zeta=alpha_zeta)
+    if "data" in log.meta and "data" in m:
+        cache.check(data=log.meta["data"])
+    if "float_model_sha256" in log.meta:
+        cache.check(model_sha256=log.meta["float_model_sha256"])
+    wanted = sorted({int(i) for i in indices})
+    if wanted and not (0 <= wanted[0] and wanted[-1] < min(len(x_all), len(labels))):
+        raise CertificationInputError(f"indices must lie in [0, {min(len(x_all), len(labels))}), got {wanted[0]}"
+                                      f"..{wanted[-1]}")
+    missing = sorted(set(wanted) - cache.indices())
+    if missing:
+        cache.entry(missing[0])  # raises, naming the first missing index
+    wanted_set = set(wanted)
+    done = {c.idx: c for c in log.certificates() if c.idx in wanted_set}
+    todo = [i for i in wanted if i not in done]
+    from arq_deploy.progress import progress_bar
+
+    with progress_bar("certify (IRS)", len(wanted), enabled=progress) as (bar, task):
+        bar.update(task, completed=len(done), info=_progress_text(done))
+        for i in todo:
+            cert = certify_incremental(float_runner, quant_runner, cache.entry(i), x_all[i], sigma, n_p, alpha_zeta,
+                                       n0, n, alpha, input_seed(seed, i), label=int(labels[i]), idx=i,
+                                       num_classes=num_classes, batch_size=batch_size)
+            log.append(cert)
+            done[i] = cert
+            bar.update(task, advance=1, info=_progress_text(done))
+    return [done[i] for i in wanted]
+
+
+def cost_summary(certs: Sequence[IncrementalCertificate]) -> dict:
+    """Where the time went: fraction certified on the irs path, mean f_q and f forward passes per input, mean seconds
+    per input in total and in f (the float model's share of IRS's cost)."""
+    certs = list(certs)
+    if not certs:
+        raise CertificationInputError("there are no certificates to summarise")
+    m = len(certs)
+    return {"count": m, "irs_fraction": sum(c.path == IRS for c in certs) / m,
+            "quant_samples_per_input": sum(c.quant_samples for c in certs) / m,
+            "float_samples_per_input": sum(c.float_samples for c in certs) / m,
+            "seconds_per_input": sum(c.seconds for c in certs) / m,
+            "float_seconds_per_input": sum(c.float_time for c in certs) / m,
+            "mean_zeta_upper": sum(c.zeta_upper for c in certs if c.n_p) / max(1, sum(1 for c in certs if c.n_p))}
