@@ -195,71 +195,134 @@ def targets():
 @model_opts
 @data_opt
 @click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, tvm or torch")
-@click.option("--sigma", type=float, required=True)
-@click.option("--n0", type=int, default=100, show_default=True, help="selection samples")
-@click.option("--n", "n", type=int, default=10000, show_default=True, help="estimation samples")
-@click.option("--alpha", type=float, default=0.001, show_default=True)
+@click.option("--sigma", type=float, default=None, help="noise std in pixel units (required unless incremental)")
+@click.option("--n0", type=int, default=None, help="selection samples [100]")
+@click.option("--n", "n", type=int, default=None, help="estimation samples [10000]")
+@click.option("--alpha", type=float, default=None, help="failure probability [0.001]")
 @click.option("--skip", type=int, default=1, show_default=True, help="certify every SKIP-th test image")
 @click.option("--max", "max_images", type=int, default=None, help="at most this many images")
 @click.option("--batch-size", type=int, default=500, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=None, help="noise seed [0]")
 @click.option("--ray", "ray_address", default=None, help="shard inputs over Ray: auto, local or HOST:PORT")
 @click.option("--ray-workers", type=int, default=None, help="Ray workers (default: cluster CPUs / cpus per worker)")
 @click.option("--ray-cpus-per-worker", type=int, default=1, show_default=True)
+@click.option("--incremental-from", "float_log", default=None, type=click.Path(dir_okay=False),
+              help="incremental smoothing (IRS) from this float model's certification log (σ, N0, N, α, seed, inputs "
+                   "are taken from it)")
+@click.option("--float-model", default=None, type=click.Path(), help="the float model that wrote --incremental-from")
+@click.option("--n-p", "n_p", type=int, default=1000, show_default=True, help="IRS disagreement samples")
+@click.option("--alpha-zeta", type=float, default=0.001, show_default=True, help="IRS disagreement bound's α")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV log (appended, resumable)")
 def certify(model_path, model_name, weights, input_shape, data, backend, sigma, n0, n, alpha, skip, max_images,
-            batch_size, seed, ray_address, ray_workers, ray_cpus_per_worker, out):
-    """Randomized-smoothing CERTIFY (Cohen et al.) on test images: TSV rows, summary JSON and a PNG curve."""
-    from arq_deploy.certify.results import CertifyLog, certify_dataset, plot_curve, write_summary
-    from arq_deploy.certify.smooth import Smooth, check_params
+            batch_size, seed, ray_address, ray_workers, ray_cpus_per_worker, float_log, float_model, n_p, alpha_zeta,
+            out):
+    """Randomized-smoothing CERTIFY (Cohen et al.) on test images: TSV rows, summary JSON and a PNG curve.
+
+    With --incremental-from FLOAT.tsv --float-model FLOAT.onnx, certify a quantized model incrementally (Ugare et
+    al. 2024) from the float model's certificates, falling back to full CERTIFY where that fails."""
+    from arq_deploy.certify.results import plot_curve, write_summary
     from arq_deploy.certify.stats import summarize
     from arq_deploy.data import load_dataset
-    from arq_deploy.errors import CertificationInputError
-    from arq_deploy.fileio import sha256_file
+    from arq_deploy.pipeline import make_runner
 
-    check_params(n0, n, alpha)
-    if not sigma > 0:
-        raise CertificationInputError(f"--sigma must be > 0, got {sigma}")
-    if skip < 1:
-        raise ArqError("--skip must be >= 1")
-    lm = None
     if ray_address and model_path is None:
         raise ArqError("--ray certifies an ONNX model or a TVM artifact: give MODEL_PATH (export the model first)")
+    if skip < 1:
+        raise ArqError("--skip must be >= 1")
+    if not float_log:  # check the numbers before loading anything
+        sigma, n0, n, alpha, seed = _smoothing_params(sigma, n0, n, alpha, seed)
+    lm = None
     if model_path is None:
         from arq_deploy.pipeline import load
 
         lm = load(model_name, weights, input_shape=_shape(input_shape))
-    from arq_deploy.pipeline import make_runner
-
-    # with --ray the workers load the model; the driver still opens it once to check it and the data's shape
     runner = make_runner(model_path, backend, lm, batch_size=batch_size)
     ds = load_dataset(data, "test")
     if tuple(ds.input_shape) != tuple(runner.input_shape):
         raise ArqError(f"data images are {ds.input_shape}, the model expects {runner.input_shape}")
-    indices = list(range(0, len(ds), skip))[: max_images or None]
-    ident = sha256_file(model_path) if model_path and Path(model_path).is_file() else (
-        sha256_file(Path(model_path) / "manifest.json") if model_path else sha256_file(weights) if weights else "")
-    meta = {"model": str(model_path or weights), "model_sha256": ident, "backend": runner.name, "data": ds.name,
-            "sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed}
-    with CertifyLog(out, meta) as log:
+    ident = _model_sha(model_path, weights)
+    meta = {"model": str(model_path or weights), "model_sha256": ident, "backend": runner.name, "data": ds.name}
+    if float_log:
         if ray_address:
-            from arq_deploy.certify.distributed import certify_dataset_ray, runner_spec
-
-            certs = certify_dataset_ray(runner_spec(model_path, backend, batch_size=batch_size), ds.x(), ds.labels,
-                                        indices, n0, n, alpha, seed, sigma, ds.num_classes, log, address=ray_address,
-                                        batch_size=batch_size, num_workers=ray_workers,
-                                        cpus_per_worker=ray_cpus_per_worker)
-        else:
-            smooth = Smooth(runner, ds.num_classes, sigma, batch_size=batch_size)
-            certs = certify_dataset(smooth, ds.x(), ds.labels, indices, n0, n, alpha, seed, log)
+            raise ArqError("--ray and --incremental-from cannot be combined yet")
+        certs, extra = _certify_incremental(runner, ds, meta, float_log, float_model, n_p, alpha_zeta, sigma, n0, n,
+                                            alpha, seed, batch_size, skip, max_images, out)
+        sigma = extra["sigma"]
+    else:
+        meta.update(sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed)
+        indices = list(range(0, len(ds), skip))[: max_images or None]
+        certs, extra = _certify_full(runner, ds, meta, indices, batch_size, ray_address, ray_workers,
+                                     ray_cpus_per_worker, model_path, backend, out), {}
     summary = summarize(certs)
     out = Path(out)
-    write_summary(out.with_suffix(".summary.json"), summary, meta)
+    write_summary(out.with_suffix(".summary.json"), summary, {**meta, **extra})
     plot_curve(certs, out.with_suffix(".png"), sigma)
     d = summary.to_dict()
     click.echo(f"{len(certs)} images: ACR {d['acr']:.3f}, certified accuracy "
                + ", ".join(f"r={r}: {v:.3f}" for r, v in d["certified_accuracy"].items())
-               + f", abstain {d['abstain_rate']:.3f}, {d['seconds_per_input']:.2f} s/image")
+               + f", abstain {d['abstain_rate']:.3f}, {d['seconds_per_input']:.2f} s/image"
+               + (f"; IRS path for {100 * extra['cost']['irs_fraction']:.0f}% of inputs" if "cost" in extra else ""))
+
+
+def _model_sha(model_path, weights) -> str:
+    from arq_deploy.fileio import sha256_file
+
+    if model_path and Path(model_path).is_file():
+        return sha256_file(model_path)
+    if model_path:
+        return sha256_file(Path(model_path) / "manifest.json")
+    return sha256_file(weights) if weights else ""
+
+
+def _smoothing_params(sigma, n0, n, alpha, seed):
+    from arq_deploy.certify.smooth import check_params
+    from arq_deploy.errors import CertificationInputError
+
+    if sigma is None:
+        raise ArqError("give --sigma (the noise level the model was trained for)")
+    if not sigma > 0 or sigma != sigma or sigma == float("inf"):
+        raise CertificationInputError(f"--sigma must be > 0, got {sigma}")
+    n0, n, alpha = check_params(100 if n0 is None else n0, 10000 if n is None else n,
+                                0.001 if alpha is None else alpha)
+    return sigma, n0, n, alpha, 0 if seed is None else seed
+
+
+def _certify_full(runner, ds, meta, indices, batch_size, ray_address, ray_workers, ray_cpus_per_worker, model_path,
+                  backend, out):
+    from arq_deploy.certify.results import CertifyLog, certify_dataset
+    from arq_deploy.certify.smooth import Smooth
+
+    with CertifyLog(out, meta) as log:
+        if ray_address:
+            from arq_deploy.certify.distributed import certify_dataset_ray, runner_spec
+
+            return certify_dataset_ray(runner_spec(model_path, backend, batch_size=batch_size), ds.x(), ds.labels,
+                                       indices, meta["n0"], meta["n"], meta["alpha"], meta["seed"], meta["sigma"],
+                                       ds.num_classes, log, address=ray_address, batch_size=batch_size,
+                                       num_workers=ray_workers, cpus_per_worker=ray_cpus_per_worker)
+        smooth = Smooth(runner, ds.num_classes, meta["sigma"], batch_size=batch_size)
+        return certify_dataset(smooth, ds.x(), ds.labels, indices, meta["n0"], meta["n"], meta["alpha"],
+                               meta["seed"], log)
+
+
+def _certify_incremental(runner, ds, meta, float_log, float_model, n_p, alpha_zeta, sigma, n0, n, alpha, seed,
+                         batch_size, skip, max_images, out):
+    from arq_deploy.certify.incremental import (FloatCache, IncrementalLog, certify_incremental_dataset,
+                                                cost_summary, incremental_meta)
+    from arq_deploy.pipeline import make_runner
+
+    if not float_model:
+        raise ArqError("--incremental-from needs --float-model (the model that wrote that log)")
+    cache = FloatCache(float_log)
+    float_runner = make_runner(float_model, "auto", None, batch_size=batch_size)
+    cache.check(sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed, data=ds.name,
+                model_sha256=_model_sha(float_model, None))
+    indices = [i for i in sorted(cache.indices()) if i % skip == 0][: max_images or None]
+    run_meta = incremental_meta(cache, n_p, alpha_zeta, **meta, float_backend=float_runner.name)
+    with IncrementalLog(out, run_meta) as log:
+        certs = certify_incremental_dataset(float_runner, runner, cache, ds.x(), ds.labels, indices, n_p, alpha_zeta,
+                                            log, num_classes=ds.num_classes, batch_size=batch_size)
+    return certs, {"sigma": cache.meta["sigma"], "cost": cost_summary(certs), **run_meta}
 
 
 @main.command()

@@ -141,3 +141,28 @@ def test_certify_on_ray_matches_sequential(cli, digits_model, tmp_path):
     assert rows(tmp_path / "ray.tsv") == rows(tmp_path / "seq.tsv")
     assert_one_line_error(*cli("certify", "--weights", ckpt, *common, "--ray", "local", "--out", tmp_path / "x.tsv"),
                           "MODEL_PATH")
+
+
+def test_certify_incremental_from_float_log(cli, digits_model, tmp_path):
+    """float certify -> quantized IRS from its log: the IRS path is taken, radii shrink by at most the ζ effect,
+    and a cache from another model is refused without touching the output."""
+    _, ckpt = digits_model
+    for bits, name in (("float", "f"), ("8", "q")):
+        assert cli("export", "--weights", ckpt, "--bits", bits, "--out", tmp_path / f"{name}.onnx")[0] == 0
+    rc, _, err = cli("certify", tmp_path / "f.onnx", "--sigma", "0.25", "--n", "2000", "--skip", "60",
+                     "--out", tmp_path / "f.tsv")
+    assert rc == 0, err
+    rc, out, err = cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv", "--float-model",
+                       tmp_path / "f.onnx", "--n-p", "400", "--out", tmp_path / "qi.tsv")
+    assert rc == 0, err
+    assert "IRS path" in out
+    summary = json.loads((tmp_path / "qi.summary.json").read_text())
+    assert summary["meta"]["method"] == "irs" and summary["meta"]["n_p"] == 400
+    assert summary["meta"]["cost"]["irs_fraction"] > 0.5
+    f_acr = json.loads((tmp_path / "f.summary.json").read_text())["summary"]["acr"]
+    assert 0 < summary["summary"]["acr"] <= f_acr + 1e-9
+    assert_one_line_error(*cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv",
+                               "--float-model", tmp_path / "q.onnx", "--out", tmp_path / "bad.tsv"), "model_sha256")
+    assert_one_line_error(*cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv",
+                               "--out", tmp_path / "bad.tsv"), "--float-model")
+    assert not (tmp_path / "bad.tsv").exists()
