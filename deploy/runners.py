@@ -36,12 +36,28 @@ def check_input(x: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+class SamplingMixin:
+    """`counts(x, n, σ, seed, purpose)`: the runner samples the smoothing noise itself, batch by batch through its
+    `_run`, with the noise made ahead in a background thread (`arq_deploy.certify.sampling.counts_loop`)."""
+
+    def _before_counts(self) -> None:
+        """Hook for runners that must prepare their thread pool in the calling thread."""
+
+    def counts(self, x: np.ndarray, n: int, sigma: float, seed: int, purpose: str = "estimation") -> np.ndarray:
+        """Class counts (int64, length K) of x (C×H×W) over n samples of the seeded noise stream; equal to
+        `Smooth(self, K, sigma)` counting with `__call__`, for every batch size."""
+        from arq_deploy.certify.sampling import counts_loop
+
+        self._before_counts()
+        return counts_loop(self._run, x, n, sigma, seed, purpose, self.batch_size, self.num_classes)
+
+
 def _batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
     outs = [fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), np.float32)
 
 
-class TorchRunner:
+class TorchRunner(SamplingMixin):
     """A torch module (float or fake-quant) in eval mode on a given device."""
 
     def __init__(self, model, input_shape, num_classes: int, device: str = "cpu", batch_size: int = 256):
@@ -85,7 +101,7 @@ def default_ort_providers() -> list[str]:
     return use
 
 
-class OrtRunner:
+class OrtRunner(SamplingMixin):
     """onnxruntime InferenceSession; CUDA EP first when it is present and usable, then the CPU EP."""
 
     def __init__(self, model_path: str | Path, batch_size: int = 256, providers: list[str] | None = None,

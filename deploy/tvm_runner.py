@@ -13,7 +13,7 @@ import numpy as np
 
 from arq_deploy.artifact import Artifact, load_artifact
 from arq_deploy.errors import ArqError, ArtifactIntegrityError
-from arq_deploy.runners import check_input
+from arq_deploy.runners import SamplingMixin, check_input
 
 # runtime.config_threadpool affinity mode: worker threads may run on any of the given cores (no pinning).
 _SHARE_ALL_CORES = -3
@@ -27,7 +27,7 @@ def available_cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-class TvmRunner:
+class TvmRunner(SamplingMixin):
     """x: float32 N×C×H×W in [0, 1] -> float32 logits N×K, on a verified artifact's library with TVM's Relax VM.
 
     The library's `main` has a fixed batch (the artifact's batch_size): inputs are cut into batches of that size and
@@ -114,3 +114,6 @@ class TvmRunner:
             return np.zeros((0, self.num_classes), np.float32)
         outs = [self._run(x[i: i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
         return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+
+    def _before_counts(self) -> None:
+        self._configure_threads()

@@ -1,0 +1,256 @@
+"""Certification throughput: noisy samples/s of each sampling path, and the time to certify K test images.
+
+Reference: a Cohen-et-al.-style loop (their `Smooth._sample_noise`): torch eager fp32, the image repeated to a batch of
+400, `torch.randn_like` noise, argmax counted per batch. Every other row is a path of this toolkit on the same model
+(ResNet-20 gauss0.25), sampling the seeded Philox stream of `certify.smooth.noise_batches` (so its counts are
+reproducible), except the row marked "RandomNormal in graph" (measured only: its noise cannot be replayed):
+  loop    `Smooth.sample_counts` over a Runner (noise made in the main thread, then the forward pass)
+  counts  `runner.counts` (noise made one or two batches ahead in a background thread: `certify.sampling`)
+  graph   the smoothing graph (`export.smoothing_graph`): x, noise, σ in; counts out, one call per batch
+  parallel  `certify.sampling.ParallelOrtSampler`: one onnxruntime session with 1 intra-op thread, called from 2
+          threads at once, each drawing its own batches' noise (batch-level instead of intra-op parallelism)
+for onnxruntime fp32, onnxruntime int8 (`quantize_static`, QDQ per channel, calibrated on noisy images) and TVM x86,
+plus onnxruntime session knobs. All paths are timed interleaved, `--repeats` rounds, best round kept, so that other
+load on the machine hits every row alike; ratios are against the reference measured in the same run.
+
+Then CERTIFY (N0 = 100, N = 10,000, α = 0.001) of every (1000 / images)-th lossless test image with the fastest
+reproducible path (or `--cert-path`): seconds, certified accuracy at r = 0, 0.25, 0.5, ACR.
+
+    python benchmarks/certify_bench.py [--images 100] [--samples 4000] [--repeats 3] [--shared ../shared/data]
+        [--cert-path NAME] [--irs]      (--irs: rows of incremental smoothing, see `irs_rows`; not implemented yet)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIGMA = 0.25
+REF = "reference: torch eager fp32 randn_like (Cohen et al.), b400"
+
+
+def cohen_reference(model, sigma: float, batch: int = 400):
+    """Cohen et al.'s `_sample_noise` in torch eager fp32: counts of argmax f(x + σ·randn) over num samples."""
+    import torch
+
+    def sample(x: np.ndarray, num: int, sigma_: float, seed: int, purpose: str = "estimation") -> np.ndarray:
+        torch.manual_seed(seed)
+        xt = torch.from_numpy(x)
+        counts = np.zeros(10, dtype=np.int64)
+        with torch.no_grad():
+            remaining = num
+            while remaining > 0:
+                this_batch = min(batch, remaining)
+                remaining -= this_batch
+                b = xt.repeat((this_batch, 1, 1, 1))
+                noise = torch.randn_like(b) * sigma
+                predictions = model(b + noise).argmax(1)
+                counts += np.bincount(predictions.numpy(), minlength=10)
+        return counts
+
+    return sample
+
+
+def irs_rows(ctx: dict) -> dict:
+    """Hook for incremental randomized smoothing (IRS) rows: return {row name: fn(x, num, σ, seed, purpose) ->
+    int64 counts}; ctx holds the model, data and rows built here. Filled in by the IRS work. (An IRS certification
+    entry, which needs the float model's counts and the quantized one's, goes beside `certify_images`.)"""
+    raise NotImplementedError("IRS rows are not implemented yet (see irs_rows in benchmarks/certify_bench.py)")
+
+
+def timed(fn, xs: list[np.ndarray], num: int, sigma: float) -> float:
+    t = time.perf_counter()
+    for i, x in enumerate(xs):
+        fn(x, num, sigma, 1000 + i)
+    return time.perf_counter() - t
+
+
+def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: bool) -> dict:
+    import onnx
+    import torch
+
+    from arq_deploy.certify.sampling import (OrtInGraphNoise, OrtSmoothingGraph, ParallelOrtSampler,
+                                             TvmSmoothingGraph, ort_session_options)
+    from arq_deploy.certify.smooth import Smooth
+    from arq_deploy.export.qdq import float_onnx, save_onnx
+    from arq_deploy.export.smoothing_graph import smoothing_graph
+    from arq_deploy.pipeline import pick
+    from arq_deploy.runners import OrtRunner, TorchRunner
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from runtime_bench import ort_quantize_static
+
+    fp32 = float_onnx(lm.model, lm.input_shape)
+    save_onnx(fp32, tmp / "fp32.onnx")
+    calib = train.x(pick(len(train), 512, 0))
+    calib = calib + sigma * np.random.default_rng(1).standard_normal(calib.shape, dtype=np.float32)
+    ort_quantize_static(tmp / "fp32.onnx", calib, tmp / "int8.onnx")
+    models = {"fp32": fp32, "int8": onnx.load(str(tmp / "int8.onnx"))}
+    threads = torch.get_num_threads()
+
+    def loop(runner, b):
+        return lambda x, n, sg, s, p="estimation": Smooth(runner, 10, sg, batch_size=b).sample_counts(x, n, s, p)
+
+    def counts(runner):
+        return runner.counts
+
+    def with_options(path, b, **opts):
+        import onnxruntime as ort
+
+        r = OrtRunner(path, batch_size=b)
+        r.session = ort.InferenceSession(str(path), sess_options=ort_session_options(**opts),
+                                         providers=["CPUExecutionProvider"])
+        return r
+
+    paths = {REF: cohen_reference(lm.model, sigma),
+             "torch eager fp32 runner.counts b400": counts(TorchRunner(lm.model, lm.input_shape, 10, batch_size=400))}
+    for prec, model in models.items():
+        onnx_path = tmp / f"{prec}.onnx"
+        paths[f"ORT {prec} loop (Smooth.sample_counts) b400"] = loop(OrtRunner(onnx_path, batch_size=400), 400)
+        for b in batches:
+            paths[f"ORT {prec} runner.counts b{b}"] = counts(OrtRunner(onnx_path, batch_size=b))
+        graph = smoothing_graph(model)
+        for b in batches:
+            paths[f"ORT {prec} smoothing graph b{b}"] = counts(OrtSmoothingGraph(graph, batch_size=b))
+        paths[f"ORT {prec} counts b400 threads=1"] = counts(with_options(onnx_path, 400, threads=1))
+        paths[f"ORT {prec} counts b400 opt=basic"] = counts(with_options(onnx_path, 400, threads=threads,
+                                                                          opt_level="basic"))
+        paths[f"ORT {prec} counts b400 no mem arena"] = counts(with_options(onnx_path, 400, threads=threads,
+                                                                             mem_arena=False))
+        for b in (100, 400):
+            paths[f"ORT {prec} parallel 2 workers x 1 thread b{b}"] = counts(ParallelOrtSampler(onnx_path, 2, b))
+        paths[f"ORT {prec} parallel smoothing graph 2x1 b400"] = counts(ParallelOrtSampler(graph, 2, 400))
+        ing = OrtInGraphNoise(smoothing_graph(model, in_graph_noise=400, sigma=sigma))
+        paths[f"ORT {prec} RandomNormal in graph b400 (not reproducible)"] = \
+            lambda x, n, sg, s, p="estimation", g=ing: g.counts(x, n)
+    if tvm:
+        from arq_deploy.targets.tvm_build import compile_onnx
+        from arq_deploy.tvm_runner import TvmRunner
+
+        tr = TvmRunner(compile_onnx(tmp / "fp32.onnx", "x86", tmp / "tvm-fp32", batch_size=100, single=False))
+        paths["TVM x86 fp32 loop (Smooth.sample_counts) b100"] = loop(tr, 100)
+        paths["TVM x86 fp32 runner.counts b100"] = counts(tr)
+        save_onnx(smoothing_graph(fp32, packed=True, sigma=sigma), tmp / "sg-packed.onnx")
+        tg = TvmSmoothingGraph(compile_onnx(tmp / "sg-packed.onnx", "x86", tmp / "tvm-sg", batch_size=101,
+                                            single=False))
+        paths["TVM x86 fp32 smoothing graph b100"] = counts(tg)
+    return paths
+
+
+def certify_images(counter, x_all, labels, indices, sigma, n0, n, alpha):
+    from arq_deploy.certify.smooth import Smooth
+    from arq_deploy.certify.smooth import input_seed
+    from arq_deploy.certify.stats import summarize
+
+    smooth = Smooth(counter, 10, sigma, batch_size=400)
+    certs = []
+    t = time.perf_counter()
+    for k, i in enumerate(indices):
+        certs.append(smooth.certify(x_all[i], n0, n, alpha, seed=input_seed(0, int(i)), label=int(labels[i]),
+                                    idx=int(i)))
+        if (k + 1) % 10 == 0:
+            s = summarize(certs, radii=(0.0, 0.25, 0.5))
+            print(f"  {k + 1}/{len(indices)} images, {time.perf_counter() - t:.0f} s, r=0 {s.at(0.0):.2f} "
+                  f"ACR {s.acr:.3f}", file=sys.stderr, flush=True)
+    return certs, time.perf_counter() - t, summarize(certs, radii=(0.0, 0.25, 0.5, 0.75, 1.0))
+
+
+class _CountsAdapter:
+    """A counts-only object in the shape `Smooth` needs (name, input_shape, num_classes, counts)."""
+
+    def __init__(self, fn, name):
+        self.name, self.input_shape, self.num_classes, self._fn = name, (3, 32, 32), 10, fn
+
+    def counts(self, x, n, sigma, seed, purpose="estimation"):
+        return self._fn(x, n, sigma, seed, purpose)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--sigma", type=float, default=SIGMA)
+    ap.add_argument("--samples", type=int, default=2000, help="noisy samples per image per timed round")
+    ap.add_argument("--rate-images", type=int, default=1, help="images per timed round")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="100,400,1000")
+    ap.add_argument("--images", type=int, default=100, help="test images to certify (every 1000/K-th); 0: skip")
+    ap.add_argument("--n0", type=int, default=100)
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--alpha", type=float, default=0.001)
+    ap.add_argument("--cert-path", default=None, help="row name to certify with (default: the fastest reproducible)")
+    ap.add_argument("--no-tvm", action="store_true")
+    ap.add_argument("--irs", action="store_true", help="add incremental-smoothing rows (hook: irs_rows)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "certify_bench.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    from arq_deploy.data import load_dataset
+    from arq_deploy.pipeline import load
+
+    shared = Path(args.shared)
+    cifar = str(shared / "cifar10" / "cifar-10-batches-py")
+    lm = load("resnet20", str(shared / "models" / "resnet20-gauss0.25.pt"))
+    lm.model.eval()
+    train, test = load_dataset(cifar, "train"), load_dataset(cifar, "test")
+    tmp = Path(tempfile.mkdtemp(prefix="arq-certify-bench-"))
+    t0 = time.perf_counter()
+    paths = build_paths(lm, tmp, train, args.sigma, [int(b) for b in args.batches.split(",")], not args.no_tvm)
+    if args.irs:
+        paths.update(irs_rows({"model": lm, "tmp": tmp, "train": train, "test": test, "sigma": args.sigma,
+                               "paths": paths}))
+    print(f"built {len(paths)} paths in {time.perf_counter() - t0:.0f} s; torch threads {torch.get_num_threads()}")
+
+    xs = list(test.x(np.arange(0, 1000, 1000 // max(1, args.rate_images))[: args.rate_images]))
+    for fn in paths.values():  # warm-up (first-call allocations, TVM thread pool)
+        fn(xs[0], 400, args.sigma, 0)
+    best = {k: float("inf") for k in paths}
+    for _ in range(args.repeats):
+        for k, fn in paths.items():
+            best[k] = min(best[k], timed(fn, xs, args.samples, args.sigma))
+    rates = {k: len(xs) * args.samples / s for k, s in best.items()}
+    ref = rates[REF]
+    print(f"\n{'path (σ = %.2f, ResNet-20 gauss0.25)' % args.sigma:62s} {'samples/s':>10s} {'vs ref':>7s}")
+    for k, r in rates.items():
+        print(f"{k:62s} {r:10,.0f} {r / ref:6.2f}x")
+
+    out = {"model": "resnet20-gauss0.25", "sigma": args.sigma, "samples_per_round": args.samples * len(xs),
+           "repeats": args.repeats, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+           "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "load_average_at_end": os.getloadavg(), "samples_per_s": rates,
+           "ratio_vs_reference": {k: r / ref for k, r in rates.items()}}
+
+    if args.images > 0:
+        reproducible = {k: r for k, r in rates.items() if k != REF and "not reproducible" not in k}
+        name = args.cert_path or max(reproducible, key=reproducible.get)
+        counter = _CountsAdapter(paths[name], name)
+        step = 1000 // args.images
+        idx = np.arange(0, 1000, step)[: args.images]
+        certs, secs, summ = certify_images(counter, test.x(np.arange(1000)), test.labels, idx, args.sigma,
+                                           args.n0, args.n, args.alpha)
+        acc = dict(zip(summ.radii, summ.certified_accuracy))
+        print(f"\nCERTIFY {len(idx)} images (every {step}th lossless test image), N0={args.n0}, N={args.n}, "
+              f"α={args.alpha}, path: {name}")
+        print(f"  {secs:.1f} s ({secs / len(idx):.2f} s/image, {len(idx) * (args.n0 + args.n) / secs:,.0f} samples/s)")
+        print("  certified accuracy r=0/0.25/0.5/0.75/1.0: " + " / ".join(f"{acc[r] * 100:.0f}%" for r in summ.radii)
+              + f"   ACR {summ.acr:.3f}   abstain {summ.abstain_rate * 100:.0f}%")
+        out["certify"] = {"path": name, "images": len(idx), "step": step, "n0": args.n0, "n": args.n,
+                          "alpha": args.alpha, "seconds": secs, "seconds_per_image": secs / len(idx),
+                          "certified_accuracy": {format(r, "g"): a for r, a in acc.items()}, "acr": summ.acr,
+                          "abstain_rate": summ.abstain_rate,
+                          "reference_seconds_estimate": len(idx) * (args.n0 + args.n) / ref}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
