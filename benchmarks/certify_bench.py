@@ -17,7 +17,8 @@ Then CERTIFY (N0 = 100, N = 10,000, α = 0.001) of every (1000 / images)-th loss
 reproducible path (or `--cert-path`): seconds, certified accuracy at r = 0, 0.25, 0.5, ACR.
 
     python benchmarks/certify_bench.py [--images 100] [--samples 4000] [--repeats 3] [--shared ../shared/data]
-        [--cert-path NAME] [--irs]      (--irs: rows of incremental smoothing, see `irs_rows`; not implemented yet)
+        [--cert-path NAME]
+Incremental smoothing is measured by benchmarks/irs_bench.py.
 """
 
 from __future__ import annotations
@@ -57,13 +58,6 @@ def cohen_reference(model, sigma: float, batch: int = 400):
         return counts
 
     return sample
-
-
-def irs_rows(ctx: dict) -> dict:
-    """Hook for incremental randomized smoothing (IRS) rows: return {row name: fn(x, num, σ, seed, purpose) ->
-    int64 counts}; ctx holds the model, data and rows built here. Filled in by the IRS work. (An IRS certification
-    entry, which needs the float model's counts and the quantized one's, goes beside `certify_images`.)"""
-    raise NotImplementedError("IRS rows are not implemented yet (see irs_rows in benchmarks/certify_bench.py)")
 
 
 def timed(fn, xs: list[np.ndarray], num: int, sigma: float) -> float:
@@ -187,7 +181,6 @@ def main():
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--cert-path", default=None, help="row name to certify with (default: the fastest reproducible)")
     ap.add_argument("--no-tvm", action="store_true")
-    ap.add_argument("--irs", action="store_true", help="add incremental-smoothing rows (hook: irs_rows)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "certify_bench.json"))
     args = ap.parse_args()
 
@@ -204,9 +197,6 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="arq-certify-bench-"))
     t0 = time.perf_counter()
     paths = build_paths(lm, tmp, train, args.sigma, [int(b) for b in args.batches.split(",")], not args.no_tvm)
-    if args.irs:
-        paths.update(irs_rows({"model": lm, "tmp": tmp, "train": train, "test": test, "sigma": args.sigma,
-                               "paths": paths}))
     print(f"built {len(paths)} paths in {time.perf_counter() - t0:.0f} s; torch threads {torch.get_num_threads()}")
 
     xs = list(test.x(np.arange(0, 1000, 1000 // max(1, args.rate_images))[: args.rate_images]))

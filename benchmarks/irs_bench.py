@@ -1,0 +1,110 @@
+"""Incremental randomized smoothing (IRS) vs full certification of quantized ResNet-20s, measured in one run.
+
+For σ in (0.25, 0.5): the float gauss-σ ResNet-20 is certified once (the cache); then each quantized model (W8A8 and
+a mixed 2..8-bit policy, calibrated on noisy training images) is certified (a) fully, (b) incrementally from the float
+log with n_p samples. Reported: seconds per image of (a) and (b) and their ratio, certified accuracy at r = 0, 0.25,
+0.5 and ACR of each, the IRS-path fraction, and the float model's one-off certification time. All on onnxruntime.
+
+    python benchmarks/irs_bench.py [--images 20] [--n 10000] [--n-p 1000] [--shared ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MIXED = {"conv1": [8, 8], "layer1.0.conv1": [4, 4], "layer1.1.conv2": [2, 8], "layer2.0.conv1": [4, 6],
+         "layer2.2.conv2": [2, 6], "layer3.0.conv1": [4, 8], "layer3.1.conv1": [6, 4], "linear": [8, 8]}
+
+
+def summary_row(certs, seconds):
+    from arq_deploy.certify.stats import summarize
+
+    s = summarize(certs, (0.0, 0.25, 0.5))
+    return {"seconds": seconds, "s_per_image": seconds / len(certs),
+            "certified_accuracy": dict(zip(("0", "0.25", "0.5"), s.certified_accuracy)), "acr": s.acr}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--n0", type=int, default=100)
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--n-p", type=int, default=1000)
+    ap.add_argument("--alpha", type=float, default=0.001)
+    ap.add_argument("--sigmas", default="0.25,0.5")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "irs_bench.json"))
+    args = ap.parse_args()
+
+    from arq_deploy.certify.incremental import (FloatCache, IncrementalLog, certify_incremental_dataset,
+                                                cost_summary, incremental_meta)
+    from arq_deploy.certify.results import CertifyLog, certify_dataset
+    from arq_deploy.certify.smooth import Smooth
+    from arq_deploy.data import load_dataset
+    from arq_deploy.export.qdq import float_onnx, save_onnx
+    from arq_deploy.fileio import sha256_file, write_json
+    from arq_deploy.pipeline import export_and_validate, load
+    from arq_deploy.runners import OrtRunner
+    from arq_deploy.search.policy import QuantPolicy
+
+    shared = Path(args.shared)
+    cifar = str(shared / "cifar10" / "cifar-10-batches-py")
+    train, test = load_dataset(cifar, "train"), load_dataset(cifar, "test")
+    idx = list(range(0, 1000, 1000 // args.images))[: args.images]
+    tmp = Path(tempfile.mkdtemp(prefix="arq-irs-"))
+    results = {"images": len(idx), "n0": args.n0, "n": args.n, "n_p": args.n_p, "alpha": args.alpha,
+               "alpha_zeta": args.alpha, "runtime": "onnxruntime CPU", "sigmas": {}}
+    for sigma in (float(s) for s in args.sigmas.split(",")):
+        lm = load("resnet20", str(shared / "models" / f"resnet20-gauss{sigma:.2f}.pt"))
+        f_path = tmp / f"float-{sigma}.onnx"
+        save_onnx(float_onnx(lm.model, lm.input_shape), f_path)
+        f_runner = OrtRunner(f_path, batch_size=400)
+        meta = {"model": str(f_path), "model_sha256": sha256_file(f_path), "backend": "onnxruntime",
+                "data": test.name, "sigma": sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": 0}
+        t = time.perf_counter()
+        with CertifyLog(tmp / f"float-{sigma}.tsv", meta) as log:
+            fc = certify_dataset(Smooth(f_runner, 10, sigma, 400), test.x(), test.labels, idx, args.n0, args.n,
+                                 args.alpha, 0, log)
+        row = {"float": summary_row(fc, time.perf_counter() - t)}
+        cache = FloatCache(tmp / f"float-{sigma}.tsv")
+        for name, pol in (("W8A8", QuantPolicy.uniform(8)),
+                          ("mixed", QuantPolicy.from_dict({"format": "arq-deploy/policy", "version": 1,
+                                                           "default": [6, 6], "layers": MIXED}))):
+            q_path = tmp / f"{name}-{sigma}.onnx"
+            exp = export_and_validate(lm, pol, train, test, q_path, sigma=sigma, validate_images=200)
+            q_runner = OrtRunner(q_path, batch_size=400)
+            qmeta = {**meta, "model": str(q_path), "model_sha256": sha256_file(q_path)}
+            t = time.perf_counter()
+            with CertifyLog(tmp / f"{name}-{sigma}-full.tsv", qmeta) as log:
+                full = certify_dataset(Smooth(q_runner, 10, sigma, 400), test.x(), test.labels, idx, args.n0,
+                                       args.n, args.alpha, 0, log)
+            full_row = summary_row(full, time.perf_counter() - t)
+            imeta = incremental_meta(cache, args.n_p, args.alpha, model=str(q_path),
+                                     model_sha256=sha256_file(q_path), backend="onnxruntime")
+            t = time.perf_counter()
+            with IncrementalLog(tmp / f"{name}-{sigma}-irs.tsv", imeta) as log:
+                inc = certify_incremental_dataset(f_runner, q_runner, cache, test.x(), test.labels, idx, args.n_p,
+                                                  args.alpha, log, num_classes=10, batch_size=400)
+            irs_row = {**summary_row(inc, time.perf_counter() - t), "cost": cost_summary(inc)}
+            row[name] = {"bops_fraction": exp["bops_fraction"], "full": full_row, "irs": irs_row,
+                         "speedup": full_row["seconds"] / irs_row["seconds"],
+                         "certified_accuracy_r0_diff_pp": 100 * (irs_row["certified_accuracy"]["0"]
+                                                                 - full_row["certified_accuracy"]["0"])}
+            print(f"σ={sigma} {name}: full {full_row['s_per_image']:.2f} s/img ACR {full_row['acr']:.3f} "
+                  f"cert@0 {full_row['certified_accuracy']['0']:.2f} | IRS {irs_row['s_per_image']:.2f} s/img "
+                  f"ACR {irs_row['acr']:.3f} cert@0 {irs_row['certified_accuracy']['0']:.2f} "
+                  f"(irs path {irs_row['cost']['irs_fraction']:.0%}) | speed-up {row[name]['speedup']:.2f}x",
+                  flush=True)
+        results["sigmas"][str(sigma)] = row
+        write_json(args.out, results)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
