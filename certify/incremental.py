@@ -35,13 +35,11 @@ from typing import Sequence
 
 import numpy as np
 
-from arq_deploy.certify.results import (COLUMN_LINE, _check_run_matches_meta, _normalise_meta,
-                                        _truncate_partial_line)
+from arq_deploy.certify.results import COLUMN_LINE, CertifyLog, _check_run_matches_meta
 from arq_deploy.certify.smooth import (ABSTAIN, COLUMNS, Certificate, Smooth, _check_alpha, _check_count,
                                        check_params, input_seed, noise_batches)
 from arq_deploy.certify.stats import cp_upper, radius
 from arq_deploy.errors import CertificationInputError
-from arq_deploy.fileio import write_text
 
 IRS, FULL = "irs", "full"
 NOISE_PURPOSE = "irs"
@@ -290,64 +288,14 @@ def incremental_meta(cache: FloatCache, n_p: int, alpha_zeta: float, **quant) ->
     return meta | quant
 
 
-class IncrementalLog:
+class IncrementalLog(CertifyLog):
     """Append-only TSV of `IncrementalCertificate`s: a `# {meta}` JSON line, the `INCREMENTAL_COLUMNS` line (the
     `CertifyLog` columns, then the IRS ones), one row per input, each flushed and fsynced. Reopening cuts a partial last
     line (a kill -9 mid-write) and refuses a file whose meta differs, exactly as `CertifyLog`."""
 
-    def __init__(self, path: str | os.PathLike, meta: dict):
-        self.path = Path(path)
-        self.meta = _normalise_meta(meta)
-        self._certs: dict[int, IncrementalCertificate] = {}
-        if self.path.exists() and self.path.stat().st_size > 0:
-            self._load(_truncate_partial_line(self.path))
-        else:
-            write_text(self.path, "# " + json.dumps(self.meta, sort_keys=True) + "\n" + INCREMENTAL_COLUMN_LINE + "\n")
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def _load(self, data: bytes) -> None:
-        try:
-            lines = data.decode("utf-8").split("\n")[:-1]
-        except UnicodeDecodeError:
-            raise CertificationInputError(f"{self.path} is not an incremental certification log") from None
-        if len(lines) < 2 or not lines[0].startswith("# ") or lines[1] != INCREMENTAL_COLUMN_LINE:
-            raise CertificationInputError(f"{self.path} is not an incremental certification log")
-        try:
-            file_meta = json.loads(lines[0][2:])
-        except ValueError:
-            raise CertificationInputError(f"{self.path}: its meta line is not valid JSON") from None
-        if file_meta != self.meta:
-            diff = sorted(k for k in set(file_meta) | set(self.meta) if file_meta.get(k) != self.meta.get(k))
-            raise CertificationInputError(f"{self.path} belongs to another run: meta differs in {diff}; use another "
-                                          "output path or the same settings")
-        for line in lines[2:]:
-            cert = IncrementalCertificate.from_row(line)
-            if cert.idx in self._certs:
-                raise CertificationInputError(f"{self.path} holds input {cert.idx} twice")
-            self._certs[cert.idx] = cert
-
-    def done_indices(self) -> set[int]:
-        return set(self._certs)
-
-    def certificates(self) -> list[IncrementalCertificate]:
-        return list(self._certs.values())
-
-    def append(self, cert: IncrementalCertificate) -> None:
-        if cert.idx in self._certs:
-            raise CertificationInputError(f"input {cert.idx} is already in {self.path}")
-        self._file.write(cert.to_row() + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._certs[cert.idx] = cert
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> "IncrementalLog":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    cert_type = IncrementalCertificate
+    column_line = INCREMENTAL_COLUMN_LINE
+    kind = "an incremental certification log"
 
 
 def _progress_text(certs: dict) -> str:

@@ -34,10 +34,6 @@ def _normalise_meta(meta: dict) -> dict:
         raise CertificationInputError(f"certification meta must be JSON-serialisable: {e}") from None
 
 
-def _header(meta: dict) -> str:
-    return "# " + json.dumps(meta, sort_keys=True) + "\n" + COLUMN_LINE + "\n"
-
-
 def _truncate_partial_line(path: Path) -> bytes:
     """Cut everything after the last newline (a row interrupted mid-write) and return the remaining bytes."""
     data = path.read_bytes()
@@ -51,7 +47,13 @@ def _truncate_partial_line(path: Path) -> bytes:
 
 
 class CertifyLog:
-    """Append-only TSV of `Certificate`s for one run, identified by its `meta` dict; see the module docstring."""
+    """Append-only TSV of `Certificate`s for one run, identified by its `meta` dict; see the module docstring.
+
+    Subclasses store richer certificates by overriding `cert_type` (with `to_row`/`from_row`) and `column_line`."""
+
+    cert_type = Certificate
+    column_line = COLUMN_LINE
+    kind = "a certification log"
 
     def __init__(self, path: str | os.PathLike, meta: dict):
         self.path = Path(path)
@@ -60,16 +62,17 @@ class CertifyLog:
         if self.path.exists() and self.path.stat().st_size > 0:
             self._load(_truncate_partial_line(self.path))
         else:
-            write_text(self.path, _header(self.meta))  # atomic: the header is never half-written
+            # atomic: the header is never half-written
+            write_text(self.path, "# " + json.dumps(self.meta, sort_keys=True) + "\n" + self.column_line + "\n")
         self._file = open(self.path, "a", encoding="utf-8")
 
     def _load(self, data: bytes) -> None:
         try:
             lines = data.decode("utf-8").split("\n")[:-1]
         except UnicodeDecodeError:
-            raise CertificationInputError(f"{self.path} is not a certification log (not UTF-8 text)") from None
-        if len(lines) < 2 or not lines[0].startswith("# ") or lines[1] != COLUMN_LINE:
-            raise CertificationInputError(f"{self.path} is not a certification log (no '# meta' and column lines)")
+            raise CertificationInputError(f"{self.path} is not {self.kind} (not UTF-8 text)") from None
+        if len(lines) < 2 or not lines[0].startswith("# ") or lines[1] != self.column_line:
+            raise CertificationInputError(f"{self.path} is not {self.kind} (no '# meta' and matching column lines)")
         try:
             file_meta = json.loads(lines[0][2:])
         except ValueError:
@@ -81,7 +84,7 @@ class CertifyLog:
                 f"(file: {[file_meta.get(k) for k in diff]}, this run: {[self.meta.get(k) for k in diff]}); "
                 "use another output path or the same settings")
         for line in lines[2:]:
-            cert = Certificate.from_row(line)
+            cert = self.cert_type.from_row(line)
             if cert.idx in self._certs:
                 raise CertificationInputError(f"{self.path} holds input {cert.idx} twice (two runs wrote to it?)")
             self._certs[cert.idx] = cert
