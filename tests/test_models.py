@@ -60,8 +60,6 @@ def test_unknown_model():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_zoo_forward_shapes(name):
     info = MODELS[name]
-    if name == "resnet110":
-        pytest.skip("covered by resnet20..56: same code")
     m = build_model(name).eval()
     with torch.no_grad():
         out = m(torch.rand(2, *info.input_shape))
