@@ -11,12 +11,10 @@ log with n_p samples. Reported: seconds per image of (a) and (b) and their ratio
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 MIXED = {"conv1": [8, 8], "layer1.0.conv1": [4, 4], "layer1.1.conv2": [2, 8], "layer2.0.conv1": [4, 6],
          "layer2.2.conv2": [2, 6], "layer3.0.conv1": [4, 8], "layer3.1.conv1": [6, 4], "linear": [8, 8]}

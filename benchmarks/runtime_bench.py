@@ -67,7 +67,7 @@ def main():
     from arq_deploy.data import load_dataset
     from arq_deploy.export.qdq import float_onnx, save_onnx
     from arq_deploy.pipeline import export_and_validate, load, pick
-    from arq_deploy.runners import OrtRunner, TorchRunner
+    from arq_deploy.runners import OrtRunner
     from arq_deploy.search.policy import QuantPolicy
     from arq_deploy.targets.tvm_build import compile_onnx
     from arq_deploy.tvm_runner import TvmRunner

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from arq_deploy.certify.smooth import CHUNK, Smooth, _check_count, _check_seed, _chunk_noise, noise_batches
+from arq_deploy.certify.smooth import CHUNK, _check_count, _check_seed, _chunk_noise, noise_batches
 from arq_deploy.errors import CertificationInputError
 
 PREFETCH = 2  # batches made ahead of the consumer

@@ -6,11 +6,9 @@ validation -> TVM compile for the host -> run with onnxruntime and TVM -> certif
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 SIGMA = 0.25
 RADII = (0.0, 0.25, 0.5)  # N=2,000 at α=0.001 caps the radius at σ·Φ⁻¹(0.001^(1/N)) ≈ 0.67

@@ -263,34 +263,42 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def apply_state_dict(model: nn.Module, state_dict: dict, source: str | Path) -> None:
+    """Load `state_dict` into `model` strictly; a mismatch is a WeightsMismatchError naming `source`."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        raise WeightsMismatchError(f"weights {source} do not fit the model: {msg[:300]}") from None
+
+
 def load_weights(model: nn.Module, path: str | Path) -> dict:
     """Load a checkpoint into `model` strictly; returns the checkpoint's metadata (without the state dict)."""
     ckpt = read_checkpoint(path)
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as e:
-        msg = " ".join(str(e).split())
-        raise WeightsMismatchError(f"weights {path} do not fit the model: {msg[:300]}") from None
+    apply_state_dict(model, ckpt["state_dict"], path)
     return {k: v for k, v in ckpt.items() if k != "state_dict"}
 
 
-def load_model(name: str, weights: str | Path | None = None, num_classes: int = 10) -> tuple[nn.Module, dict]:
-    """Build a model and load its weights. A `.pt2` file is a `torch.export` archive (name is then ignored)."""
+def load_model(name: str | None, weights: str | Path | None = None, num_classes: int = 10,
+               prepare: Callable[[nn.Module, str, dict], nn.Module] | None = None) -> tuple[nn.Module, dict]:
+    """Build a model and load its weights (the checkpoint is read once). A `.pt2` file is a `torch.export` archive
+    (name is then ignored). `prepare(model, name, meta)` may rebuild the model before the weights go in (a QAT
+    checkpoint holds a fake-quant model). Returns (model in eval mode, checkpoint metadata incl. 'arch')."""
     if weights is not None and str(weights).endswith(".pt2"):
         return _load_exported_program(weights), {}
-    meta = {}
-    if weights is not None:
-        ckpt = read_checkpoint(weights)
-        meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
-        arch = meta.get("arch")
-        if name in (None, "", "auto") and arch:
-            name = arch
+    ckpt = read_checkpoint(weights) if weights is not None else {}
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    if name in (None, "", "auto"):
+        name = meta.get("arch")
     if not name:
-        raise UnknownNameError("no model name given and the checkpoint does not name its architecture")
+        raise UnknownNameError("no model name given and the checkpoint does not name its architecture: give --model")
+    meta["arch"] = name
     model = build_model(name, num_classes=int(meta.get("num_classes", num_classes)), mean=meta.get("mean"),
                         std=meta.get("std"))
+    if prepare is not None:
+        model = prepare(model, name, meta)
     if weights is not None:
-        load_weights(model, weights)
+        apply_state_dict(model, ckpt["state_dict"], weights)
     return model.eval(), meta
 
 

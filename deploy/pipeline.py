@@ -30,31 +30,20 @@ def load(model_name: str, weights: str | None, num_classes: int = 10, input_shap
     """Build/load a model. A checkpoint written by `train --policy` is rebuilt as its fake-quant model."""
     import torch
 
-    from arq_deploy.models import MODELS, Normalize, build_model, load_weights, read_checkpoint
+    from arq_deploy.models import Normalize, load_model
 
-    meta = {}
-    if weights is not None and str(weights).endswith(".pt2"):
-        from arq_deploy.models import load_model
+    def as_trained(model, name, meta):  # a `train --policy` checkpoint holds the fake-quant model
+        if meta.get("policy") is None:
+            return model
+        from arq_deploy.search.layers import extract_layer_specs
+        from arq_deploy.search.policy import QuantPolicy
+        from arq_deploy.search.quant import quantize_model
 
-        model, meta = load_model(model_name, weights)
-    else:
-        if weights is not None:
-            meta = {k: v for k, v in read_checkpoint(weights).items() if k != "state_dict"}
-        name = model_name or meta.get("arch")
-        if not name:
-            raise ArqError("give --model (the checkpoint does not name its architecture)")
-        model_name = name
-        num_classes = int(meta.get("num_classes", num_classes))
-        model = build_model(name, num_classes=num_classes, mean=meta.get("mean"), std=meta.get("std"))
-        if meta.get("policy") is not None:
-            from arq_deploy.search.policy import QuantPolicy
-            from arq_deploy.search.quant import quantize_model
-            from arq_deploy.search.layers import extract_layer_specs
+        specs = extract_layer_specs(model, _input_shape(name, meta, input_shape))
+        return quantize_model(model, QuantPolicy.from_dict(meta["policy"]), specs)
 
-            shape = _input_shape(model_name, meta, input_shape)
-            model = quantize_model(model, QuantPolicy.from_dict(meta["policy"]), extract_layer_specs(model, shape))
-        if weights is not None:
-            load_weights(model, weights)
+    model, meta = load_model(model_name, weights, num_classes, prepare=as_trained)
+    model_name = meta.get("arch", model_name)
     shape = _input_shape(model_name, meta, input_shape)
     norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
     mean = tuple(norm.mean.flatten().tolist()) if norm is not None else tuple(meta.get("mean", ()))
@@ -106,7 +95,7 @@ def export_and_validate(lm: LoadedModel, policy, train_ds, test_ds, out: str | P
 
     Writes `report` (default: OUT with suffix .export.json) and returns its dict; raises ExportMismatchError (after
     writing nothing) when the agreement is below `min_agreement`."""
-    from arq_deploy.export.qdq import export_qdq, save_onnx
+    from arq_deploy.export.qdq import export_qdq
     from arq_deploy.export.validate import compare_runners, require_agreement
     from arq_deploy.runners import OrtRunner, TorchRunner
     from arq_deploy.fileio import atomic_path, write_json
@@ -114,15 +103,17 @@ def export_and_validate(lm: LoadedModel, policy, train_ds, test_ds, out: str | P
     check_data_fits(train_ds, lm)
     check_data_fits(test_ds, lm)
     t0 = time.perf_counter()
-    calib_x = train_ds.x(pick(len(train_ds), calib_images, seed))
     if lm.meta.get("policy") is not None:  # a QAT checkpoint is already quantized and calibrated
         from arq_deploy.search.layers import extract_layer_specs
         from arq_deploy.search.policy import QuantPolicy
 
         policy = QuantPolicy.from_dict(lm.meta["policy"])
         qmodel, specs = lm.model, extract_layer_specs(lm.model, lm.input_shape)
+        calibration = {"in_training": True}
     else:
+        calib_x = train_ds.x(pick(len(train_ds), calib_images, seed))
         qmodel, specs = quantize_calibrated(lm, policy, calib_x, sigma, seed)
+        calibration = {"images": len(calib_x), "noise_sigma": sigma, "percentile": 99.99, "seed": seed}
     resolved = policy.resolve(specs)
     meta = {
         "format_version": 1,
@@ -137,7 +128,7 @@ def export_and_validate(lm: LoadedModel, policy, train_ds, test_ds, out: str | P
         "mean": list(lm.mean),
         "std": list(lm.std),
         "sigma": sigma,
-        "calibration": {"images": len(calib_x), "noise_sigma": sigma, "percentile": 99.99, "seed": seed},
+        "calibration": calibration,
     }
     model = export_qdq(qmodel, lm.input_shape, meta, int4_weights=int4_weights)
     t_export = time.perf_counter() - t0
@@ -151,10 +142,9 @@ def export_and_validate(lm: LoadedModel, policy, train_ds, test_ds, out: str | P
         agreement = compare_runners(TorchRunner(qmodel, lm.input_shape, lm.num_classes), ort_runner,
                                     test_ds.x(vidx), test_ds.labels[vidx], sigma=sigma, seed=seed)
         require_agreement(agreement, min_agreement, f"export of {lm.name} {resolved.describe()}")
-    result = {"onnx": str(out), **{k: v for k, v in meta.items() if k != "policy"}, "policy": resolved.to_dict(),
-              "int4_weights": int4_weights, "export_seconds": round(t_export, 2),
+    result = {"onnx": str(out), **meta, "int4_weights": int4_weights, "export_seconds": round(t_export, 2),
               "validation": {"data": test_ds.name, **agreement.to_dict(), "min_agreement": min_agreement},
-              "layers": [{"name": s.name, "macs": s.macs, **({"bits": str(resolved.bits(s.name))})} for s in specs]}
+              "layers": [{"name": s.name, "macs": s.macs, "bits": str(resolved.bits(s.name))} for s in specs]}
     write_json(report or out.with_suffix(".export.json"), result)
     return result
 

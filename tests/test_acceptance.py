@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from arq_deploy.search.policy import QuantPolicy

@@ -19,7 +19,7 @@ from arq_deploy.certify.incremental import (FULL, INCREMENTAL_COLUMN_LINE, IRS, 
                                             incremental_meta)
 from arq_deploy.certify.results import CertifyLog, certify_dataset
 from arq_deploy.certify.smooth import ABSTAIN, Smooth, input_seed
-from arq_deploy.certify.stats import cp_upper, radius, summarize
+from arq_deploy.certify.stats import cp_upper, summarize
 from arq_deploy.errors import CertificationInputError
 
 SHAPE = (1, 4, 4)
