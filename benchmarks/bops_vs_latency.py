@@ -1,0 +1,240 @@
+"""Do BOPs predict latency? ResNet-20 (gauss0.25) over uniform and mixed policies, on onnxruntime and TVM x86.
+
+Each policy is written as policy JSON, exported as QDQ ONNX (calibrated on noisy images, σ = 0.25), compiled with
+TVM for x86, and measured beside the float fp32 model in the same run: latency p50 at batch 1 and throughput at
+`--batch`, measured in `--rounds` interleaved rounds (every model and backend once per round, so that load on the
+machine spreads over all of them; per model the median p50 and the best throughput are kept). BOPs = Σ MACs·w·a.
+For each backend: Spearman's rank correlation between BOPs and batch-1 latency and between BOPs and time per
+image at the large batch (quantized policies only, and with fp32), a scatter plot, and every ratio against fp32.
+
+    python benchmarks/bops_vs_latency.py [--quick] [--shared ../shared/data] [--out benchmarks/results/...json]
+
+`--quick` measures 3 uniform policies and 1 mixed one with fewer repeats and writes *-quick.json/png, to check
+that the study runs; the full study (7 policies) is meant for a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+UNIFORM = {"W8A8": 8, "W6A6": 6, "W4A4": 4, "W2A2": 2}
+QUICK_UNIFORM = ("W8A8", "W4A4", "W2A2")
+# ARQ-style mixed policies: sensitive first/last layers kept wide, cheap bits where the MACs are
+RUNTIME_MIXED = {"conv1": [8, 8], "layer1.0.conv1": [4, 4], "layer1.1.conv2": [2, 8], "layer2.0.conv1": [4, 6],
+                 "layer2.2.conv2": [2, 6], "layer3.0.conv1": [4, 8], "layer3.1.conv1": [6, 4], "linear": [8, 8]}
+
+
+def mixed_policies(specs) -> dict[str, dict]:
+    """Policy dicts (arq-deploy/policy JSON) of the mixed policies, keyed by a short name."""
+    names = [s.name for s in specs]
+
+    def policy(default, layers):
+        return {"format": "arq-deploy/policy", "version": 1, "default": default, "layers": layers}
+
+    edges = {"conv1": [8, 8], "linear": [8, 8]}
+    deep2 = {n: [2, 4] for n in names if n.startswith("layer3.")}
+    return {"mixed-runtime": policy([6, 6], RUNTIME_MIXED),
+            "mixed-edges8-rest4": policy([4, 4], edges),
+            "mixed-layer3-W2A4": policy([4, 6], {**deep2, **edges})}
+
+
+def build_models(args, tmp: Path) -> list[dict]:
+    """Export float + every policy (policy JSON -> QDQ ONNX) and compile each for TVM x86."""
+    from arq_deploy.data import load_dataset
+    from arq_deploy.export.qdq import float_onnx, save_onnx
+    from arq_deploy.pipeline import export_and_validate, load
+    from arq_deploy.search.layers import extract_layer_specs
+    from arq_deploy.search.policy import QuantPolicy
+    from arq_deploy.targets.tvm_build import compile_onnx
+
+    shared = Path(args.shared)
+    cifar = str(shared / "cifar10" / "cifar-10-batches-py")
+    lm = load("resnet20", str(shared / "models" / "resnet20-gauss0.25.pt"))
+    specs = extract_layer_specs(lm.model, lm.input_shape)
+    train, test = load_dataset(cifar, "train"), load_dataset(cifar, "test")
+    policies = {k: QuantPolicy.uniform(b).to_dict() for k, b in UNIFORM.items()
+                if not args.quick or k in QUICK_UNIFORM}
+    mixed = mixed_policies(specs)
+    policies.update(list(mixed.items())[:1] if args.quick else mixed)
+    full_bops = sum(s.macs for s in specs) * 32 * 32
+    models = [{"name": "fp32", "policy": None, "bops": full_bops, "bops_fraction": 1.0, "onnx": tmp / "fp32.onnx"}]
+    save_onnx(float_onnx(lm.model, lm.input_shape), models[0]["onnx"])
+    for name, pdict in policies.items():
+        path = tmp / f"{name}.policy.json"
+        QuantPolicy.from_dict(pdict).save(path)
+        pol = QuantPolicy.load(path)
+        t = time.perf_counter()
+        res = export_and_validate(lm, pol, train, test, tmp / f"{name}.onnx", sigma=0.25,
+                                  calib_images=args.calib_images, validate_images=args.validate_images,
+                                  min_agreement=0.0)  # latency study: a low-bit model's accuracy is not the point
+        print(f"exported {name:22s} BOPs {100 * res['bops_fraction']:6.3f}%  ORT/torch agreement "
+              f"{res['validation']['top1_agreement']:.3f}  ({time.perf_counter() - t:.0f} s)", flush=True)
+        models.append({"name": name, "policy": pol.to_dict(), "policy_summary": res["policy_summary"],
+                       "bops": res["bops"], "bops_fraction": res["bops_fraction"], "onnx": tmp / f"{name}.onnx",
+                       "ort_torch_agreement": res["validation"]["top1_agreement"]})
+    for m in models:
+        t = time.perf_counter()
+        m["tvm"] = compile_onnx(m["onnx"], "x86", tmp / f"tvm-{m['name']}", batch_size=args.batch)
+        print(f"compiled {m['name']:22s} for TVM x86 ({time.perf_counter() - t:.0f} s)", flush=True)
+    return models
+
+
+def runners(models: list[dict]) -> dict[tuple[str, str], object]:
+    from arq_deploy.runners import OrtRunner
+    from arq_deploy.tvm_runner import TvmRunner
+
+    out = {}
+    for m in models:
+        out[(m["name"], "onnxruntime")] = OrtRunner(m["onnx"], providers=["CPUExecutionProvider"])
+        out[(m["name"], "tvm")] = TvmRunner(m["tvm"])
+    return out
+
+
+def measure_all(runs: dict, args) -> dict[tuple[str, str], dict]:
+    """Interleaved rounds of bench.measure: per (model, backend) the median batch-1 p50 and the best throughput."""
+    from arq_deploy.bench import measure
+
+    lat: dict = {k: [] for k in runs}
+    thr: dict = {k: [] for k in runs}
+    for r in range(args.rounds):
+        for key, runner in runs.items():
+            lat[key].append(measure(runner, 1, args.repeats, args.warmup, seed=r))
+            thr[key].append(measure(runner, args.batch, args.large_repeats, 1, seed=r))
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    out = {}
+    for key in runs:
+        p50s = [t.p50_ms for t in lat[key]]
+        best = max(thr[key], key=lambda t: t.images_per_s)
+        out[key] = {"latency_p50_ms": statistics.median(p50s), "latency_p50_ms_rounds": p50s,
+                    "latency_p99_ms": statistics.median(t.p99_ms for t in lat[key]),
+                    "latency_min_ms": min(t.min_ms for t in lat[key]),
+                    "images_per_s": best.images_per_s,
+                    "images_per_s_rounds": [t.images_per_s for t in thr[key]],
+                    "ms_per_image_large_batch": 1e3 / best.images_per_s}
+    return out
+
+
+def spearman(models: list[dict], res: dict, backend: str, metric: str, with_fp32: bool) -> dict:
+    from scipy.stats import spearmanr
+
+    pts = [(m["bops"], res[(m["name"], backend)][metric]) for m in models if with_fp32 or m["name"] != "fp32"]
+    rho, p = spearmanr([b for b, _ in pts], [v for _, v in pts])
+    return {"rho": None if np.isnan(rho) else float(rho), "p_value": None if np.isnan(p) else float(p),
+            "n": len(pts)}
+
+
+def plot(models: list[dict], res: dict, path: Path, batch: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels = (("latency_p50_ms", "latency p50 at batch 1 (ms)"), ("ms_per_image_large_batch", "ms per image"))
+    for ax, (metric, label) in zip(axes, panels):
+        for backend, marker in (("onnxruntime", "o"), ("tvm", "s")):
+            xs = [100 * m["bops_fraction"] for m in models]
+            ys = [res[(m["name"], backend)][metric] for m in models]
+            ax.scatter(xs, ys, marker=marker, label=backend, s=40)
+            for m, x, y in zip(models, xs, ys):
+                ax.annotate(m["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("BOPs (% of W32A32, log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[1].set_title(f"batch {batch}", fontsize=9)
+    axes[0].set_title("batch 1", fontsize=9)
+    fig.suptitle("ResNet-20: BOPs vs measured latency (same run, this machine)")
+    fig.tight_layout()
+    from arq_deploy.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def report(models, res, corr) -> None:
+    print(f"\n{'model':22s} {'BOPs %':>8s} | {'backend':11s} {'p50 ms b=1':>10s} {'vs fp32':>8s} "
+          f"{'img/s':>9s} {'vs fp32':>8s}")
+    for m in models:
+        for backend in ("onnxruntime", "tvm"):
+            r, base = res[(m["name"], backend)], res[("fp32", backend)]
+            print(f"{m['name']:22s} {100 * m['bops_fraction']:8.3f} | {backend:11s} {r['latency_p50_ms']:10.3f} "
+                  f"{base['latency_p50_ms'] / r['latency_p50_ms']:7.2f}x {r['images_per_s']:9,.0f} "
+                  f"{r['images_per_s'] / base['images_per_s']:7.2f}x")
+    print("\nSpearman rho (BOPs vs time; +1 = fewer BOPs always faster), quantized policies [with fp32]:")
+    for backend, c in corr.items():
+        print(f"  {backend:11s} batch 1: {_rho(c['latency_quantized'])} [{_rho(c['latency_with_fp32'])}]   "
+              f"large batch: {_rho(c['per_image_quantized'])} [{_rho(c['per_image_with_fp32'])}]")
+
+
+def _rho(c: dict) -> str:
+    return "  n/a" if c["rho"] is None else f"{c['rho']:+.2f} (p={c['p_value']:.2f}, n={c['n']})"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4 policies, fewer repeats (a check that the study runs)")
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--batch", type=int, default=256, help="large batch (also TVM's compiled batch)")
+    ap.add_argument("--repeats", type=int, default=None, help="batch-1 calls per round [100; quick 30]")
+    ap.add_argument("--large-repeats", type=int, default=None, help="large-batch calls per round [10; quick 3]")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds [3; quick 2]")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--calib-images", type=int, default=512)
+    ap.add_argument("--validate-images", type=int, default=200)
+    ap.add_argument("--out", default=None, help="JSON path [results/bops_vs_latency(-quick).json]; PNG beside it")
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.repeats = args.repeats or (30 if q else 100)
+    args.large_repeats = args.large_repeats or (3 if q else 10)
+    args.rounds = args.rounds or (2 if q else 3)
+    out = Path(args.out or RESULTS / f"bops_vs_latency{'-quick' if q else ''}.json")
+    if not (Path(args.shared) / "models" / "resnet20-gauss0.25.pt").is_file():
+        sys.exit(f"error: {args.shared}/models/resnet20-gauss0.25.pt not found (give --shared DIR)")
+
+    from arq_deploy.bench import host_info
+    from arq_deploy.fileio import write_json
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="arq-bops-") as d:
+        models = build_models(args, Path(d))
+        res = measure_all(runners(models), args)
+    corr = {b: {"latency_quantized": spearman(models, res, b, "latency_p50_ms", False),
+                "latency_with_fp32": spearman(models, res, b, "latency_p50_ms", True),
+                "per_image_quantized": spearman(models, res, b, "ms_per_image_large_batch", False),
+                "per_image_with_fp32": spearman(models, res, b, "ms_per_image_large_batch", True)}
+            for b in ("onnxruntime", "tvm")}
+    report(models, res, corr)
+    png = out.with_suffix(".png")
+    plot(models, res, png, args.batch)
+    rows = []
+    for m in models:
+        row = {k: v for k, v in m.items() if k not in ("onnx", "tvm")}
+        for backend in ("onnxruntime", "tvm"):
+            r, base = res[(m["name"], backend)], res[("fp32", backend)]
+            row[backend] = {**r, "latency_speedup_vs_fp32": base["latency_p50_ms"] / r["latency_p50_ms"],
+                            "throughput_ratio_vs_fp32": r["images_per_s"] / base["images_per_s"]}
+        rows.append(row)
+    write_json(out, {
+        "study": "BOPs vs latency, ResNet-20 gauss0.25, onnxruntime CPU and TVM x86 (arq schedules, untuned)",
+        "quick": q, "batch_large": args.batch, "repeats": args.repeats, "large_repeats": args.large_repeats,
+        "rounds": args.rounds, "warmup": args.warmup, "calib_images": args.calib_images, "sigma": 0.25,
+        "aggregation": "per model: median over rounds of the batch-1 p50 (and the fastest call, latency_min_ms); "
+                       "best throughput over rounds",
+        "models": rows, "spearman": corr, "plot": png.name, "host": host_info(),
+        "seconds": round(time.perf_counter() - t0, 1)})
+    print(f"\nwrote {out} and {png} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
