@@ -1,0 +1,207 @@
+"""The ARQ table: ResNet-20 on CIFAR-10, mixed-precision search with a certified-robustness reward vs baselines.
+
+For each σ: the float gauss-σ ResNet-20 (../shared/data/models) is searched under a BOPs budget on a validation subset
+of *training* images, by
+  ARQ      DDPG + IRS reward (ACR by incremental smoothing against the float model's certificates)
+  HAQ      the same agent with HAQ's reward (clean top-1 of the quantized base model)
+  random   random actions through the same environment and action wall, same number of episodes
+  greedy   per-layer sensitivity (IRS reward) + greedy bit lowering (mixed precision without RL)
+and compared with FP32, W8A8, W4A4 and the best uniform width that fits the budget. Every policy is calibrated on
+noisy training images, exported to QDQ ONNX and certified with onnxruntime on lossless test images (CERTIFY, N0, N, α).
+A second DDPG search whose reward is *full* certification (same inputs, n0/n of the float cache) runs for a few
+episodes to measure what incremental smoothing saves per reward (seconds and network evaluations).
+Fine-tuning (`--finetune-epochs`, Gaussian-noise QAT) is applied to every quantized policy when > 0.
+
+    python benchmarks/arq_table.py --quick          # sized for this 2-core CPU (settings printed and stored)
+    python benchmarks/arq_table.py --sigmas 0.25,0.5 --episodes 200 --test-images 500 --test-n 10000  # GPU-size
+
+Writes benchmarks/results/arq_table.json and prints a Markdown table. Resumable: every search and certification keeps
+its files under --work, so a rerun continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def args_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--sigmas", default="0.25")
+    ap.add_argument("--budget", type=float, default=0.015)
+    ap.add_argument("--episodes", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--val-images", type=int, default=50)
+    ap.add_argument("--n", type=int, default=2000, help="float-cache CERTIFY samples (search reward)")
+    ap.add_argument("--n-p", type=int, default=200)
+    ap.add_argument("--greedy-grid", default="2,3,4,6,8")
+    ap.add_argument("--full-episodes", type=int, default=4, help="episodes of the full-certification-reward search")
+    ap.add_argument("--test-images", type=int, default=100)
+    ap.add_argument("--test-n", type=int, default=2000)
+    ap.add_argument("--finetune-epochs", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="the CPU settings (the defaults above)")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "arq-table"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "arq_table.json"))
+    return ap
+
+
+def search(method, reward, args, sigma, weights, out, episodes=None):
+    from arq_deploy.search.driver import run_search_command
+
+    t0 = time.perf_counter()
+    summary = run_search_command(
+        model_name="resnet20", weights=weights, input_shape=None, data=args.cifar, sigma=sigma, budget=args.budget,
+        latency_budget_ms=None, target=None, latency_table=None, episodes=episodes or args.episodes, method=method,
+        reward_kind=reward, val_images=args.val_images, calib_images=256, n0=100, n=args.n, n_p=args.n_p,
+        alpha=0.001, alpha_zeta=0.001, warmup=args.warmup, min_bits=2, max_bits=8, warm_start=None, seed=args.seed,
+        out=out, progress=True, greedy_grid=[int(b) for b in args.greedy_grid.split(",")])
+    rows = [json.loads(x) for x in (Path(out) / "search.jsonl").read_text().splitlines()] \
+        if (Path(out) / "search.jsonl").exists() else []
+    return summary, rows, time.perf_counter() - t0
+
+
+def certify_policy(name, policy, lm, train, test, sigma, args, work: Path) -> dict:
+    """Export (or fine-tune then export) and certify on every k-th lossless test image with onnxruntime."""
+    from arq_deploy.certify.results import CertifyLog, certify_dataset
+    from arq_deploy.certify.smooth import Smooth
+    from arq_deploy.certify.stats import summarize
+    from arq_deploy.export.qdq import float_onnx, save_onnx
+    from arq_deploy.pipeline import export_and_validate, train as run_train
+    from arq_deploy.runners import OrtRunner
+    from arq_deploy.search.layers import extract_layer_specs
+
+    work.mkdir(parents=True, exist_ok=True)
+    onnx_path = work / f"{name}.onnx"
+    specs = extract_layer_specs(lm.model, lm.input_shape)
+    bops = 1.0 if policy is None else policy.resolve(specs).bops_fraction(specs)
+    if not onnx_path.exists():
+        if policy is None:
+            save_onnx(float_onnx(lm.model, lm.input_shape), onnx_path)
+        else:
+            src = lm
+            if args.finetune_epochs > 0:
+                import copy
+
+                model, _ = run_train(lm, train, sigma, args.finetune_epochs, lr=0.01, batch_size=128,
+                                     seed=args.seed, policy=policy, progress=True)
+                src = copy.copy(lm)
+                src.model, src.meta = model, lm.meta | {"policy": policy.resolve(specs).to_dict()}
+            export_and_validate(src, policy, train, test, onnx_path, sigma=sigma, calib_images=256,
+                                validate_images=200, seed=args.seed)
+    runner = OrtRunner(str(onnx_path))
+    idx = list(range(0, len(test), max(1, len(test) // args.test_images)))[: args.test_images]
+    meta = {"model": name, "sigma": sigma, "n0": 100, "n": args.test_n, "alpha": 0.001, "seed": args.seed,
+            "data": "cifar10-test"}
+    t0 = time.perf_counter()
+    with CertifyLog(work / f"{name}.tsv", meta) as log:
+        certs = certify_dataset(Smooth(runner, 10, sigma, batch_size=500), test.x(), test.labels, idx, 100,
+                                args.test_n, 0.001, args.seed, log)
+    s = summarize(certs, (0.0, 0.25, 0.5, 0.75))
+    return {"clean": s.clean_accuracy, "cert_0.25": s.at(0.25), "cert_0.5": s.at(0.5), "cert_0.75": s.at(0.75),
+            "acr": s.acr, "bops_percent": 100 * bops, "certify_seconds": time.perf_counter() - t0}
+
+
+def run_sigma(sigma, args, train, test) -> dict:
+    from arq_deploy.pipeline import load
+    from arq_deploy.search.baselines import best_uniform
+    from arq_deploy.search.env import BopsCost, QuantEnv
+    from arq_deploy.search.layers import extract_layer_specs
+    from arq_deploy.search.policy import QuantPolicy
+
+    weights = str(Path(args.shared) / "models" / f"resnet20-gauss{sigma:.2f}.pt")
+    lm = load("resnet20", weights)
+    specs = extract_layer_specs(lm.model, lm.input_shape)
+    cost = BopsCost(specs)
+    env = QuantEnv(specs, lambda p: 0.0, args.budget * cost.total_w32a32)
+    work = Path(args.work) / f"sigma{sigma}"
+    searches = {}
+    for label, method, reward in (("ARQ", "ddpg", "irs"), ("HAQ", "ddpg", "accuracy"), ("random", "random", "irs"),
+                                  ("greedy", "greedy", "irs")):
+        summary, rows, wall = search(method, reward, args, sigma, weights, work / label)
+        searches[label] = {"summary": summary, "wall_seconds_this_run": wall, "rows": len(rows),
+                           "reward_seconds": summary.get("reward_seconds"), "evaluations": summary["evaluations"],
+                           "policy": QuantPolicy.load(work / label / "policy.json")}
+        print(f"σ={sigma} {label}: best reward {summary['best_reward']:.4f} at "
+              f"{100 * summary['best_bops_fraction']:.2f}% BOPs, {summary['evaluations']} evaluations", flush=True)
+    full_summary, full_rows, _ = search("ddpg", "full", args, sigma, weights, work / "ARQ-full-reward",
+                                        episodes=args.full_episodes)
+    arq_rows = [json.loads(x) for x in (work / "ARQ" / "search.jsonl").read_text().splitlines()]
+    k = min(len(full_rows), len(arq_rows))
+    per_reward = {
+        "episodes_compared": k,
+        "irs_seconds_per_reward": sum(r["reward_info"].get("seconds", 0) for r in arq_rows[:k]) / k,
+        "full_seconds_per_reward": sum(r["reward_info"].get("seconds", 0) for r in full_rows[:k]) / k,
+        "irs_samples_per_reward": sum(r["reward_info"].get("samples", 0) for r in arq_rows[:k]) / k,
+        "full_samples_per_reward": sum(r["reward_info"].get("samples", 0) for r in full_rows[:k]) / k,
+    }
+    per_reward["time_ratio_full_over_irs"] = per_reward["full_seconds_per_reward"] / per_reward["irs_seconds_per_reward"]
+    float_prep = json.loads((work / "ARQ" / "float.json").read_text())
+    arq_search_s = searches["ARQ"]["summary"]["episode_seconds"]
+    per_reward["arq_search_seconds"] = arq_search_s
+    per_reward["arq_search_seconds_with_full_reward_estimate"] = (
+        arq_search_s - searches["ARQ"]["summary"]["reward_seconds"]
+        + per_reward["full_seconds_per_reward"] * searches["ARQ"]["evaluations"])
+    per_reward["float_cache_seconds"] = float_prep["seconds"]
+
+    b_uni = best_uniform(env)
+    policies = {"FP32": None, "W8A8": QuantPolicy.uniform(8), "W4A4": QuantPolicy.uniform(4),
+                f"best uniform (W{b_uni}A{b_uni})": QuantPolicy.uniform(b_uni)}
+    for label in ("HAQ", "random", "greedy", "ARQ"):
+        policies[label] = searches[label]["policy"]
+    table = {}
+    for label, pol in policies.items():
+        key = label.split(" ")[0] if not label.startswith("best") else "best_uniform"
+        table[label] = certify_policy(key.replace("/", "_"), pol, lm, train, test, sigma, args, work / "certify")
+        if label in searches:
+            s = searches[label]
+            table[label] |= {"search_seconds": s["summary"].get("episode_seconds", s["reward_seconds"]),
+                             "evaluations": s["evaluations"], "search_reward": s["summary"]["best_reward"]}
+        print(f"σ={sigma} {label}: {json.dumps(table[label])}", flush=True)
+    return {"table": table, "irs_vs_full": per_reward, "float_cache": float_prep}
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for sigma, res in results["sigmas"].items():
+        lines += [f"\nσ = {sigma}\n", "| method | BOPs % | clean | r=0.25 | r=0.5 | r=0.75 | ACR | search s | evals |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for label, r in res["table"].items():
+            lines.append(f"| {label} | {r['bops_percent']:.2f} | {r['clean']:.3f} | {r['cert_0.25']:.3f} | "
+                         f"{r['cert_0.5']:.3f} | {r['cert_0.75']:.3f} | {r['acr']:.3f} | "
+                         f"{r.get('search_seconds', float('nan')):.0f} | {r.get('evaluations', '')} |")
+        c = res["irs_vs_full"]
+        lines.append(f"\nper reward: IRS {c['irs_seconds_per_reward']:.1f} s ({c['irs_samples_per_reward']:.0f} "
+                     f"network evaluations) vs full certification {c['full_seconds_per_reward']:.1f} s "
+                     f"({c['full_samples_per_reward']:.0f}): {c['time_ratio_full_over_irs']:.2f}× ; ARQ search "
+                     f"{c['arq_search_seconds']:.0f} s vs about {c['arq_search_seconds_with_full_reward_estimate']:.0f} "
+                     f"s with full certification per reward")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = args_parser().parse_args(argv)
+    from arq_deploy.data import load_dataset
+    from arq_deploy.fileio import write_json
+
+    args.cifar = str(Path(args.shared) / "cifar10" / "cifar-10-batches-py")
+    train, test = load_dataset(args.cifar, "train"), load_dataset(args.cifar, "test")
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "work", "shared", "quick")}
+    results = {"settings": settings, "machine": "2-core x86 CPU, onnxruntime CPU EP (certification), torch CPU "
+               "(search rewards)", "sigmas": {}}
+    t0 = time.perf_counter()
+    for sigma in (float(s) for s in args.sigmas.split(",")):
+        results["sigmas"][str(sigma)] = run_sigma(sigma, args, train, test)
+        results["wall_seconds"] = time.perf_counter() - t0
+        write_json(args.out, results)
+    print(markdown(results))
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

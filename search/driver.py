@@ -1,0 +1,76 @@
+"""`arq-deploy search` without click: validate every input before work, then run DDPG / random / greedy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from arq_deploy.errors import ArqError, PolicyError
+
+
+def run_search_command(*, model_name, weights, input_shape, data, sigma, budget, latency_budget_ms, target,
+                       latency_table, episodes, method, reward_kind, val_images, calib_images, n0, n, n_p, alpha,
+                       alpha_zeta, warmup, min_bits, max_bits, warm_start, seed, out, progress: bool = True,
+                       greedy_grid=None) -> dict:
+    from arq_deploy.data import load_dataset
+    from arq_deploy.fileio import sha256_file
+    from arq_deploy.pipeline import check_data_fits, load
+    from arq_deploy.search.agent import DDPGConfig
+    from arq_deploy.search.reward import RewardConfig
+    from arq_deploy.search.runner import SearchConfig, make_search
+
+    if latency_budget_ms is not None and not target:
+        raise PolicyError("--latency-budget-ms needs --target (the device whose latency table bounds the search)")
+    if latency_budget_ms is not None and latency_table is None:
+        raise PolicyError(f"a latency budget needs a latency table for target {target!r}: measure one with "
+                          f"`arq-deploy latency-table --target {target}` and pass --latency-table")
+    lm = load(model_name or ("digits_cnn" if data == "digits" and not weights else None), weights,
+              input_shape=input_shape)
+    if lm.meta.get("policy") is not None:
+        raise ArqError("the checkpoint is already quantized (a `train --policy` model): search starts from a float "
+                       "model")
+    if sigma is None:
+        sigma = float(lm.meta.get("sigma") or 0.0)
+        if sigma <= 0:
+            raise ArqError("give --sigma (the checkpoint does not record the noise it was trained with)")
+    rcfg = RewardConfig(kind=reward_kind, sigma=sigma, images=val_images, calib_images=calib_images, n0=n0, n=n,
+                        alpha=alpha, n_p=n_p, alpha_zeta=alpha_zeta, seed=seed)
+    scfg = SearchConfig(episodes=episodes, budget=budget, latency_budget_ms=latency_budget_ms, target=target,
+                        min_bits=min_bits, max_bits=max_bits, method=method,
+                        seed=seed)
+    try:
+        acfg = DDPGConfig(warmup=warmup) if method == "ddpg" else None
+    except (TypeError, ValueError) as e:
+        raise PolicyError(f"agent settings: {e}") from None
+    train_ds = load_dataset(data, "train")
+    check_data_fits(train_ds, lm)
+    sha = sha256_file(weights) if weights and Path(weights).is_file() else None
+    s = make_search(lm, train_ds, out, scfg, rcfg, acfg, warm_start=warm_start, latency_table=latency_table,
+                    model_sha256=sha, progress=progress)
+    s.prepare()
+    if method == "greedy":
+        return run_greedy(s, progress, greedy_grid)
+    return s.run()
+
+
+def run_greedy(s, progress: bool = True, grid=None) -> dict:
+    """The greedy sensitivity baseline in a search run directory: greedy.json and policy.json."""
+    from arq_deploy.fileio import write_json
+    from arq_deploy.progress import progress_bar
+    from arq_deploy.search.baselines import greedy_sensitivity
+
+    env = s.env
+    grid = sorted(set(grid or range(env.min_bits, env.max_bits + 1)) | {env.max_bits})
+    total = env.n_layers * (len(grid) - 1) + 2
+    with progress_bar("greedy", total, progress) as (bar, task):
+        policy, details = greedy_sensitivity(env, s.reward, grid, progress=lambda d, t: bar.update(task, completed=d))
+    bits = [(policy.bits(n).w_bits, policy.bits(n).a_bits) for n in env.names]
+    from arq_deploy.search.env import BopsCost
+
+    bops = BopsCost(env.specs)
+    summary = {"method": "greedy", "episodes": details["evaluations"], "evaluations": details["evaluations"],
+               "best_reward": details["reward"], "best_policy": {n: list(b) for n, b in zip(env.names, bits)},
+               "best_bops_fraction": bops.total(bits) / bops.total_w32a32, "cost": env.cost.total(bits),
+               "reward_seconds": s.reward.seconds, "grid": grid} | {"details": details}
+    policy.save(s.out / "policy.json")
+    write_json(s.out / "summary.json", summary)
+    return summary

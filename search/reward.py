@@ -1,0 +1,240 @@
+"""The search's reward: robustness of the smoothed quantized model on a fixed validation subset of training images.
+
+kinds
+  "irs"       (ARQ) the ACR of the smoothed f_q from incremental randomized smoothing (see
+              `arq_deploy.certify.incremental`) against the float model f's certificates, computed once per search:
+                  R_i = σ·Φ⁻¹(p̲_A,i − ζ̄_i)  if f certified x_i correctly and p̲_A,i − ζ̄_i > 1/2, else 0,
+                  ζ̄_i = cp_upper(k_i, n_p, α_ζ),  k_i = #{j < n_p: f(x_i + σε_ij) ≠ f_q(x_i + σε_ij)},
+                  reward = ACR = (1/m)·Σ_i R_i.
+              The float labels f(x_i + σε_ij) do not depend on the policy: they are computed once and cached, so an
+              episode runs only f_q, and only on the inputs f certified correctly. No fallback to full certification
+              inside the search (an input IRS cannot certify counts 0: a lower bound of its full-certification radius
+              in expectation of the same quantity, and the cheap signal HAQ/ARQ want).
+  "full"      the ACR of CERTIFY(f_q) from scratch with (n0, n, α) on the same inputs and seeds (the comparison that
+              shows what IRS saves).
+  "accuracy"  HAQ's reward: the clean top-1 accuracy of the quantized base classifier f_q on the same inputs.
+
+Every kind first quantizes the float model with the policy and calibrates its activation ranges on `calib` training
+images plus σ-noise (no fine-tuning inside the loop, as HAQ/ARQ). Rewards are cached by policy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from arq_deploy.errors import PolicyError
+
+KINDS = ("irs", "full", "accuracy")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Settings of the reward (stored in the search manifest; a resumed search must match them)."""
+
+    kind: str = "irs"
+    sigma: float = 0.25
+    images: int = 50  # validation subset of the training split
+    calib_images: int = 256
+    n0: int = 100
+    n: int = 2000  # float model's CERTIFY (and "full" per episode)
+    alpha: float = 0.001
+    n_p: int = 200  # IRS disagreement samples per input
+    alpha_zeta: float = 0.001
+    seed: int = 0
+    batch_size: int = 500
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise PolicyError(f"unknown reward {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if not self.sigma > 0:
+            raise PolicyError(f"sigma must be > 0, got {self.sigma}")
+        for name in ("images", "calib_images", "n0", "n", "n_p", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise PolicyError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("alpha", "alpha_zeta"):
+            if not 0 < getattr(self, name) < 1:
+                raise PolicyError(f"{name} must lie strictly between 0 and 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RewardConfig":
+        return cls(**d)
+
+
+def policy_key(policy, names) -> str:
+    """Canonical text of a policy's bits in layer order (the reward cache key)."""
+    return ",".join(f"{policy.bits(n).w_bits}/{policy.bits(n).a_bits}" for n in names)
+
+
+def split_indices(n_train: int, images: int, calib_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint seeded (validation, calibration) index sets of the training split, each sorted."""
+    if images + calib_images > n_train:
+        raise PolicyError(f"the training split has {n_train} images; the search needs {images} validation + "
+                          f"{calib_images} calibration images")
+    perm = np.random.default_rng(seed).permutation(n_train)
+    return np.sort(perm[:images]), np.sort(perm[images:images + calib_images])
+
+
+class RewardEvaluator:
+    """reward(policy) -> (reward, info), cached by policy. `prepare(cache_dir)` certifies the float model once
+    (resumable CertifyLog `float-cert.tsv`) and caches its labels on the IRS noise (`float-irs-labels.npy`)."""
+
+    def __init__(self, lm, train_ds, config: RewardConfig, progress: bool = False):
+        from arq_deploy.search.layers import extract_layer_specs
+
+        self.lm, self.cfg, self.progress = lm, config, progress
+        self.specs = extract_layer_specs(lm.model, lm.input_shape)
+        self.names = [s.name for s in self.specs]
+        self.val_idx, self.calib_idx = split_indices(len(train_ds), config.images, config.calib_images, config.seed)
+        self.x_val = train_ds.x(self.val_idx)
+        self.y_val = train_ds.labels[self.val_idx].astype(np.int64)
+        self.x_calib = train_ds.x(self.calib_idx)
+        self.cache: dict[str, tuple[float, dict]] = {}
+        self.float_certs = None
+        self.float_labels = None
+        self.evaluations = 0  # rewards actually computed (not from the cache)
+        self.seconds = 0.0
+
+    # ------------------------------------------------------------ setup
+
+    def float_runner(self):
+        from arq_deploy.runners import TorchRunner
+
+        return TorchRunner(self.lm.model, self.lm.input_shape, self.lm.num_classes, batch_size=self.cfg.batch_size)
+
+    def prepare(self, cache_dir: str | Path) -> dict:
+        """Certify f on the validation inputs and cache its IRS-noise labels; returns a summary of f's certificates."""
+        from arq_deploy.certify.results import CertifyLog, certify_dataset
+        from arq_deploy.certify.stats import summarize
+        from arq_deploy.certify.smooth import Smooth
+        from arq_deploy.fileio import atomic_path
+
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        c = self.cfg
+        t0 = time.perf_counter()
+        runner = self.float_runner()
+        meta = {"model": self.lm.name, "sigma": c.sigma, "n0": c.n0, "n": c.n, "alpha": c.alpha, "seed": c.seed,
+                "data": "search-validation", "indices": [int(i) for i in self.val_idx]}
+        if c.kind != "accuracy":
+            smooth = Smooth(runner, self.lm.num_classes, c.sigma, batch_size=c.batch_size)
+            with CertifyLog(cache_dir / "float-cert.tsv", meta) as log:
+                certs = certify_dataset(smooth, self.x_val, self.y_val, range(len(self.val_idx)), c.n0, c.n, c.alpha,
+                                        c.seed, log, progress=self.progress)
+            self.float_certs = certs
+        if c.kind == "irs":
+            path = cache_dir / "float-irs-labels.npy"
+            if path.exists():
+                labels = np.load(path, allow_pickle=False)
+                if labels.shape != (len(self.val_idx), c.n_p):
+                    raise PolicyError(f"{path} does not match this search's settings (shape {labels.shape})")
+            else:
+                labels = np.stack([self._labels_on_irs_noise(runner, i) for i in range(len(self.val_idx))])
+                with atomic_path(path) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, labels, allow_pickle=False)
+            self.float_labels = labels
+        out = {"seconds": time.perf_counter() - t0}
+        if self.float_certs is not None:
+            s = summarize(self.float_certs)
+            out |= {"acr": s.acr, "certified_accuracy": s.to_dict()["certified_accuracy"],
+                    "clean_accuracy": s.clean_accuracy}
+        return out
+
+    def _labels_on_irs_noise(self, runner, i: int) -> np.ndarray:
+        """argmax of runner on x_i + σε_ij, j < n_p, with IRS's noise stream of input i (int16 n_p)."""
+        from arq_deploy.certify.incremental import NOISE_PURPOSE
+        from arq_deploy.certify.smooth import input_seed, noise_batches
+
+        x, sig, out = self.x_val[i], np.float32(self.cfg.sigma), []
+        for eps in noise_batches(x.shape, self.cfg.n_p, input_seed(self.cfg.seed, i), NOISE_PURPOSE,
+                                 self.cfg.batch_size):
+            out.append(np.asarray(runner(x[None] + sig * eps)).argmax(axis=1))
+        return np.concatenate(out).astype(np.int16)
+
+    # ------------------------------------------------------------ evaluation
+
+    def quantized_runner(self, policy):
+        from arq_deploy.pipeline import quantize_calibrated
+        from arq_deploy.runners import TorchRunner
+
+        qmodel, _ = quantize_calibrated(self.lm, policy, self.x_calib, self.cfg.sigma, self.cfg.seed)
+        return TorchRunner(qmodel, self.lm.input_shape, self.lm.num_classes, batch_size=self.cfg.batch_size)
+
+    def __call__(self, policy) -> tuple[float, dict]:
+        key = policy_key(policy, self.names)
+        if key in self.cache:
+            reward, info = self.cache[key]
+            return reward, info | {"cached": True}
+        if self.cfg.kind != "accuracy" and self.float_certs is None:
+            raise RuntimeError("call prepare() before evaluating rewards")
+        t0 = time.perf_counter()
+        runner = self.quantized_runner(policy)
+        reward, info = {"irs": self._irs, "full": self._full, "accuracy": self._accuracy}[self.cfg.kind](runner)
+        info["seconds"] = time.perf_counter() - t0
+        self.evaluations += 1
+        self.seconds += info["seconds"]
+        self.cache[key] = (reward, info)
+        return reward, info | {"cached": False}
+
+    def remember(self, policy, reward: float, info: dict) -> None:
+        """Put a reward computed earlier (a resumed search's log) into the cache."""
+        self.cache[policy_key(policy, self.names)] = (float(reward), dict(info))
+
+    def _irs(self, runner) -> tuple[float, dict]:
+        from arq_deploy.certify.smooth import ABSTAIN
+        from arq_deploy.certify.stats import cp_upper, radius
+
+        c, radii, ks, samples = self.cfg, [], [], 0
+        for i, cert in enumerate(self.float_certs):
+            if cert.prediction == ABSTAIN or cert.prediction != self.y_val[i]:
+                radii.append(0.0)
+                continue
+            k = int(np.count_nonzero(self._labels_on_irs_noise(runner, i) != self.float_labels[i]))
+            samples += c.n_p
+            ks.append(k)
+            pa = cert.pa_lower - cp_upper(k, c.n_p, c.alpha_zeta)
+            radii.append(radius(c.sigma, pa) if pa > 0.5 else 0.0)
+        acr, info = _acr_info(radii, samples)
+        return acr, info | {"mean_disagreement": float(np.mean(ks)) / c.n_p if ks else 0.0}
+
+    def _full(self, runner) -> tuple[float, dict]:
+        from arq_deploy.certify.smooth import Smooth, input_seed
+
+        c = self.cfg
+        smooth = Smooth(runner, self.lm.num_classes, c.sigma, batch_size=c.batch_size)
+        radii = []
+        for i in range(len(self.val_idx)):
+            cert = smooth.certify(self.x_val[i], c.n0, c.n, c.alpha, seed=input_seed(c.seed, i),
+                                  label=int(self.y_val[i]), idx=i)
+            radii.append(cert.radius if cert.correct else 0.0)
+        return _acr_info(radii, len(radii) * (c.n0 + c.n))
+
+    def _accuracy(self, runner) -> tuple[float, dict]:
+        pred = np.asarray(runner(self.x_val)).argmax(axis=1)
+        acc = float(np.mean(pred == self.y_val))
+        return acc, {"accuracy": acc, "samples": len(self.x_val)}
+
+
+def _acr_info(radii: list[float], samples: int) -> tuple[float, dict]:
+    r = np.asarray(radii, dtype=np.float64)
+    acr = float(r.mean()) if len(r) else 0.0
+    return acr, {"acr": acr, "cert_acc_0": float(np.mean(r > 0)), "cert_acc_0.25": float(np.mean(r >= 0.25)),
+                 "cert_acc_0.5": float(np.mean(r >= 0.5)), "samples": int(samples)}
+
+
+def save_json_line(path: Path, row: dict) -> None:
+    """Append one JSON row and fsync it (the search log is append-only)."""
+    import os
+
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
