@@ -34,15 +34,15 @@ def args_parser():
     ap.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--sigmas", default="0.25")
     ap.add_argument("--budget", type=float, default=0.015)
-    ap.add_argument("--episodes", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--val-images", type=int, default=50)
-    ap.add_argument("--n", type=int, default=2000, help="float-cache CERTIFY samples (search reward)")
-    ap.add_argument("--n-p", type=int, default=200)
-    ap.add_argument("--greedy-grid", default="2,3,4,6,8")
-    ap.add_argument("--full-episodes", type=int, default=4, help="episodes of the full-certification-reward search")
-    ap.add_argument("--test-images", type=int, default=100)
-    ap.add_argument("--test-n", type=int, default=2000)
+    ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--val-images", type=int, default=20)
+    ap.add_argument("--n", type=int, default=1000, help="float-cache CERTIFY samples (search reward)")
+    ap.add_argument("--n-p", type=int, default=100)
+    ap.add_argument("--greedy-grid", default="2,4,8")
+    ap.add_argument("--full-episodes", type=int, default=2, help="episodes of the full-certification-reward search")
+    ap.add_argument("--test-images", type=int, default=30)
+    ap.add_argument("--test-n", type=int, default=1000)
     ap.add_argument("--finetune-epochs", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="the CPU settings (the defaults above)")
@@ -60,7 +60,8 @@ def search(method, reward, args, sigma, weights, out, episodes=None):
         latency_budget_ms=None, target=None, latency_table=None, episodes=episodes or args.episodes, method=method,
         reward_kind=reward, val_images=args.val_images, calib_images=256, n0=100, n=args.n, n_p=args.n_p,
         alpha=0.001, alpha_zeta=0.001, warmup=args.warmup, min_bits=2, max_bits=8, warm_start=None, seed=args.seed,
-        out=out, progress=True, greedy_grid=[int(b) for b in args.greedy_grid.split(",")])
+        out=out, progress=True, greedy_grid=[int(b) for b in args.greedy_grid.split(",")],
+        cache_dir=Path(out).parent / "float-cache")
     rows = [json.loads(x) for x in (Path(out) / "search.jsonl").read_text().splitlines()] \
         if (Path(out) / "search.jsonl").exists() else []
     return summary, rows, time.perf_counter() - t0

@@ -1,20 +1,16 @@
 """A small DDPG agent for HAQ/ARQ-style mixed-precision search (one continuous action per layer).
 
-Why our own instead of stable-baselines3: HAQ gives *every* transition of an episode the episode's final reward minus a
-moving-average baseline, uses uniform random actions for warm-up episodes and truncated-normal exploration noise whose std
-decays per episode; SB3's DDPG cannot express the episode-level reward assignment or the per-episode noise schedule.
-
-The math (state s ∈ R^d, action a ∈ [lo, hi], episode index e, warm-up W):
-  act:       e < W: a ~ U[lo, hi];  else a ~ TN(μ(s), σ_e; lo, hi), σ_e = σ_0 · decay^(e − W)   (TN = truncated normal)
-  reward:    each transition of an episode stores its final reward R; then b ← β·b + (1 − β)·R (b₀ = first R).
-             Updates use R − b with the *current* b for the whole batch, as HAQ's code does: a b frozen at store time
-             favours actions explored early (when b was low) and made the critic prefer wrong actions on a 1-step toy.
-  critic:    min_Q  mean_batch (Q(s, a) − y)²,   y = (R − b) + γ·(1 − done)·Q'(s', μ'(s'))
-  actor:     max_μ  mean_batch Q(s, μ(s))
-  targets:   θ' ← (1 − τ)·θ' + τ·θ                    (after each gradient step; updates only once W episodes are stored)
-Everything random (init, warm-up, noise, replay sampling) comes from the agent's own numpy Generator and torch Generator,
-so the same seed and rewards give the same actions, and `state_dict()` captures all of it for bit-for-bit resume.
-This module imports torch at import time: import it lazily (inside the command), never from `arq_deploy.cli`'s top.
+Our own, not stable-baselines3: HAQ gives *every* transition of an episode the episode's final reward minus a moving
+baseline, plays uniform random warm-up episodes and explores with truncated-normal noise whose std decays per
+episode; SB3's DDPG expresses neither the episode-level reward nor the per-episode noise schedule.
+  act:     e < W: a ~ U[lo, hi];  else a ~ TN(μ(s), σ_e; lo, hi), σ_e = σ₀·decay^(e − W)   (e: episode, W: warm-up)
+  reward:  each transition of an episode stores the final reward R; then b ← β·b + (1 − β)·R (b₀ = first R). Updates
+           use R − b with the *current* b, as HAQ's code does (a b frozen at store time learned worse on a toy).
+  critic:  min mean_batch (Q(s, a) − y)²,  y = (R − b) + γ·(1 − done)·Q'(s', μ'(s'));   actor: max mean_batch Q(s, μ(s))
+  targets: θ' ← (1 − τ)·θ' + τ·θ after each step; updates_per_step steps per transition once W episodes are observed.
+All randomness comes from the agent's own numpy and torch Generators: the same seed and rewards give the same actions,
+and `state_dict()` holds everything for a bit-for-bit resume. Keep the replay to ~40 episodes (HAQ: 2000 transitions,
+~50 layers): a longer one confounds each action with the other actions of its older episode (stuck actions on a toy).
 """
 
 from __future__ import annotations
@@ -35,8 +31,7 @@ from torch import nn
 from arq_deploy.errors import ArqError
 from arq_deploy.fileio import atomic_path
 
-AGENT_FORMAT = "arq-deploy/ddpg-agent"
-AGENT_VERSION = 1
+AGENT_FORMAT, AGENT_VERSION = "arq-deploy/ddpg-agent", 1
 _STD_NORMAL = NormalDist()
 
 
@@ -46,18 +41,6 @@ class AgentConfigError(ArqError, ValueError):
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-_RULES = {  # field -> (type, check(value, config), what the check wants)
-    "lr_actor": (float, lambda v, c: v > 0, "> 0"), "lr_critic": (float, lambda v, c: v > 0, "> 0"),
-    "gamma": (float, lambda v, c: 0 <= v <= 1, "in [0, 1]"), "tau": (float, lambda v, c: 0 < v <= 1, "in (0, 1]"),
-    "replay_size": (int, lambda v, c: v >= 1, ">= 1"), "batch_size": (int, lambda v, c: v >= 1, ">= 1"),
-    "warmup": (int, lambda v, c: v >= 0, ">= 0"), "init_noise": (float, lambda v, c: v >= 0, ">= 0"),
-    "noise_decay": (float, lambda v, c: 0 < v <= 1, "in (0, 1]"),
-    "baseline_decay": (float, lambda v, c: 0 <= v < 1, "in [0, 1)"), "action_low": (float, lambda v, c: True, ""),
-    "action_high": (float, lambda v, c: isinstance(c.action_low, (int, float)) and v > c.action_low, "> action_low"),
-    "updates_per_step": (int, lambda v, c: v >= 0, ">= 0"),
-}
 
 
 @dataclass(frozen=True)
@@ -88,11 +71,22 @@ class DDPGConfig:
                 object.__setattr__(self, name, tuple(h))
             else:
                 bad.append(f"{name}={h!r} (must be a list of one or more positive integers)")
-        for name, (kind, ok, want) in _RULES.items():
-            v = getattr(self, name)
-            typed = _is_int(v) if kind is int else _is_int(v) or (isinstance(v, float) and math.isfinite(v))
-            if not typed or not ok(v, self):
-                bad.append(f"{name}={v!r} (must be {'an integer' if kind is int else 'a number'} {want})")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", "float") and not (_is_int(v) or f.type == "float" and isinstance(v, float)
+                                                    and math.isfinite(v)):
+                bad.append(f"{f.name}={v!r} (must be {'an integer' if f.type == 'int' else 'a finite number'})")
+        if not bad:  # the types are right, so the ranges can be compared
+            c = self
+            bad = [f"{name}={getattr(c, name)!r} (must be {want})" for name, ok, want in (
+                ("lr_actor", c.lr_actor > 0, "> 0"), ("lr_critic", c.lr_critic > 0, "> 0"),
+                ("gamma", 0 <= c.gamma <= 1, "in [0, 1]"), ("tau", 0 < c.tau <= 1, "in (0, 1]"),
+                ("replay_size", c.replay_size >= 1, ">= 1"), ("batch_size", c.batch_size >= 1, ">= 1"),
+                ("warmup", c.warmup >= 0, ">= 0"), ("init_noise", c.init_noise >= 0, ">= 0"),
+                ("noise_decay", 0 < c.noise_decay <= 1, "in (0, 1]"),
+                ("baseline_decay", 0 <= c.baseline_decay < 1, "in [0, 1)"),
+                ("action_high", c.action_high > c.action_low, "> action_low"),
+                ("updates_per_step", c.updates_per_step >= 0, ">= 0")) if not ok]
         if bad:
             raise AgentConfigError("bad DDPG config: " + "; ".join(bad))
 
@@ -103,7 +97,8 @@ class DDPGConfig:
     def from_dict(cls, d: dict) -> "DDPGConfig":
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(d) - known):
-            raise AgentConfigError(f"unknown DDPG config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise AgentConfigError(f"unknown DDPG config key(s) {', '.join(map(str, unknown))}; "
+                                   f"known: {', '.join(sorted(known))}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -123,8 +118,8 @@ class ReplayBuffer:
     KEYS = ("states", "actions", "rewards", "next_states", "dones")
 
     def __init__(self, capacity: int, state_dim: int):
-        self.capacity, self.pos, self.size = capacity, 0, 0
-        self.data = {k: np.zeros((capacity, w), np.float32) for k, w in zip(self.KEYS, (state_dim, 1, 1, state_dim, 1))}
+        self.capacity, self.pos, self.size, d = capacity, 0, 0, state_dim
+        self.data = {k: np.zeros((capacity, w), np.float32) for k, w in zip(self.KEYS, (d, 1, 1, d, 1))}
 
     def add(self, s, a: float, r: float, s2, done: bool) -> None:
         for k, v in zip(self.KEYS, (s, a, r, s2, float(done))):
@@ -150,8 +145,7 @@ def _mlp(sizes: Sequence[int], gen: torch.Generator) -> nn.Sequential:
     """Linear-ReLU stack; hidden layers init U(±1/√fan_in), the last U(±3e-3) (DDPG paper), all from `gen`."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        lin = nn.Linear(n_in, n_out)
-        bound = 3e-3 if i == len(sizes) - 2 else 1.0 / math.sqrt(n_in)
+        lin, bound = nn.Linear(n_in, n_out), 3e-3 if i == len(sizes) - 2 else 1.0 / math.sqrt(n_in)
         with torch.no_grad():
             lin.weight.uniform_(-bound, bound, generator=gen)
             lin.bias.uniform_(-bound, bound, generator=gen)
@@ -162,7 +156,7 @@ def _mlp(sizes: Sequence[int], gen: torch.Generator) -> nn.Sequential:
 class Actor(nn.Module):
     """μ(s) = lo + (hi − lo)·sigmoid(MLP(s)):  (B×d) -> (B×1) in [lo, hi]."""
 
-    def __init__(self, state_dim: int, hidden: Sequence[int], gen: torch.Generator, low: float = 0.0, high: float = 1.0):
+    def __init__(self, state_dim: int, hidden: Sequence[int], gen: torch.Generator, low=0.0, high=1.0):
         super().__init__()
         self.net, self.low, self.high = _mlp([state_dim, *hidden, 1], gen), low, high
 
@@ -184,18 +178,17 @@ class Critic(nn.Module):
 def truncated_normal(rng: np.random.Generator, mean: float, std: float, low: float, high: float) -> float:
     """One draw of N(mean, std²) conditioned on [low, high] by inverse CDF of one u ~ U(0, 1) from `rng`:
     x = mean + std·Φ⁻¹(Φ(α) + u·(Φ(β) − Φ(α))),  α = (low − mean)/std,  β = (high − mean)/std."""
-    u = rng.random()
-    if std <= 0:
-        return float(min(max(mean, low), high))
-    lo, hi = _STD_NORMAL.cdf((low - mean) / std), _STD_NORMAL.cdf((high - mean) / std)
-    p = min(max(lo + u * (hi - lo), 1e-16), 1 - 1e-16)
-    return float(min(max(mean + std * _STD_NORMAL.inv_cdf(p), low), high))
+    u = rng.random()  # drawn even when std = 0, so the RNG stream does not depend on the noise level
+    if std > 0:
+        lo, hi = _STD_NORMAL.cdf((low - mean) / std), _STD_NORMAL.cdf((high - mean) / std)
+        mean += std * _STD_NORMAL.inv_cdf(min(max(lo + u * (hi - lo), 1e-16), 1 - 1e-16))
+    return float(min(max(mean, low), high))
 
 
 @contextlib.contextmanager
 def _one_thread():
-    """Run torch on one thread: tiny MLPs gain nothing from more, suffer badly from oversubscription on a busy CPU,
-    and single-threaded CPU kernels make the results independent of the caller's torch.set_num_threads."""
+    """Torch on one thread: tiny MLPs gain nothing from more, suffer from oversubscription on a busy CPU, and the
+    results no longer depend on the caller's torch.set_num_threads."""
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -214,32 +207,29 @@ class DDPGAgent:
             raise AgentConfigError(f"state_dim={state_dim!r} must be a positive integer")
         self.state_dim, self.config, self.seed = state_dim, config or DDPGConfig(), int(seed)
         c = self.config
-        self.rng = np.random.default_rng(self.seed)
-        self.gen = torch.Generator().manual_seed(self.seed)
+        self.rng, self.gen = np.random.default_rng(self.seed), torch.Generator().manual_seed(self.seed)
         self.actor = Actor(state_dim, c.actor_hidden, self.gen, c.action_low, c.action_high)
         self.critic = Critic(state_dim, c.critic_hidden, self.gen)
         self.actor_target, self.critic_target = copy.deepcopy(self.actor), copy.deepcopy(self.critic)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.lr_actor, foreach=True)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr_critic, foreach=True)
         self.buffer = ReplayBuffer(c.replay_size, state_dim)
-        self.baseline: float | None = None
+        self.baseline: float | None = None  # b; None until the first episode
         self.episode = 0  # episodes observed so far
 
     def noise_std(self, episode: int) -> float:
         """σ_e = σ_0 · decay^(e − W) for e ≥ W (warm-up episodes are uniform, not noisy)."""
-        c = self.config
-        return c.init_noise * c.noise_decay ** max(episode - c.warmup, 0)
+        return self.config.init_noise * self.config.noise_decay ** max(episode - self.config.warmup, 0)
 
     def act(self, state, episode: int | None = None, explore: bool = True) -> float:
-        """The action for one layer. `episode` defaults to the episodes observed so far; explore=False is greedy μ(s)."""
+        """The action for one layer. `episode` defaults to the episodes observed so far; explore=False is greedy μ(s)
+        (no randomness used)."""
         c, e = self.config, self.episode if episode is None else int(episode)
         if explore and e < c.warmup:
             return float(self.rng.uniform(c.action_low, c.action_high))
         with torch.no_grad(), _one_thread():
             mu = float(self.actor(torch.as_tensor(np.asarray(state, np.float32).reshape(1, -1)))[0, 0])
-        if not explore:
-            return mu
-        return truncated_normal(self.rng, mu, self.noise_std(e), c.action_low, c.action_high)
+        return truncated_normal(self.rng, mu, self.noise_std(e), c.action_low, c.action_high) if explore else mu
 
     def observe_episode(self, transitions: Sequence[tuple], reward: float) -> None:
         """Store each (s, a, s', done) of one episode with its final reward R, update b, train once warm-up is over."""
@@ -266,7 +256,7 @@ class DDPGAgent:
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_opt.step()
-        actor_loss = -self.critic(s, self.actor(s)).mean()
+        actor_loss = -self.critic(s, self.actor(s)).mean()  # the critic's parameter grads are cleared before use
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
@@ -276,19 +266,17 @@ class DDPGAgent:
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-for-bit, as plain tensors, dicts, numbers and strings."""
-        nets = {k: copy.deepcopy(getattr(self, k).state_dict()) for k in self.PARTS}
         return {"format": AGENT_FORMAT, "version": AGENT_VERSION, "config": self.config.to_dict(),
                 "state_dim": self.state_dim, "seed": self.seed, "episode": self.episode, "baseline": self.baseline,
                 "replay": self.buffer.state_dict(), "np_rng": copy.deepcopy(self.rng.bit_generator.state),
-                "torch_rng": self.gen.get_state(), **nets}
+                "torch_rng": self.gen.get_state(), **{k: copy.deepcopy(getattr(self, k).state_dict())
+                                                      for k in self.PARTS}}
 
     def load_state_dict(self, d: dict) -> None:
-        if d.get("format") != AGENT_FORMAT or d.get("version") != AGENT_VERSION:
-            raise AgentConfigError(f"not a {AGENT_FORMAT} v{AGENT_VERSION} checkpoint "
-                                   f"(format={d.get('format')!r}, version={d.get('version')!r})")
-        if d["state_dim"] != self.state_dim or DDPGConfig.from_dict(d["config"]) != self.config:
-            raise AgentConfigError("agent checkpoint was made with a different state size or DDPG config; "
-                                   "use DDPGAgent.load(path) or start a fresh search")
+        if (d.get("format"), d.get("version"), d.get("state_dim")) != (AGENT_FORMAT, AGENT_VERSION, self.state_dim) \
+                or DDPGConfig.from_dict(d["config"]) != self.config:
+            raise AgentConfigError(f"agent checkpoint is not an {AGENT_FORMAT} v{AGENT_VERSION} one with this state "
+                                   "size and DDPG config; use DDPGAgent.load(path) or start a fresh search")
         for k in self.PARTS:
             getattr(self, k).load_state_dict(d[k])
         self.buffer.load_state_dict(d["replay"])
@@ -306,11 +294,10 @@ class DDPGAgent:
         """A new agent restored from `save(path)`, ready to continue exactly where the saved one stopped."""
         try:
             d = torch.load(Path(path), map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise AgentConfigError(f"agent checkpoint {path} does not exist") from None
-        except Exception as e:  # corrupt or foreign file
-            raise AgentConfigError(f"cannot read agent checkpoint {path}: {type(e).__name__}: {e}") from None
-        if not isinstance(d, dict) or "config" not in d or "state_dim" not in d:
+        except Exception as e:  # missing, corrupt or foreign file
+            msg = "no such file" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}".splitlines()[0]
+            raise AgentConfigError(f"cannot read agent checkpoint {path}: {msg}") from None
+        if not isinstance(d, dict) or d.get("format") != AGENT_FORMAT or "config" not in d:
             raise AgentConfigError(f"{path} is not an {AGENT_FORMAT} checkpoint")
         agent = cls(int(d["state_dim"]), DDPGConfig.from_dict(d["config"]), int(d["seed"]))
         agent.load_state_dict(d)

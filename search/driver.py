@@ -10,7 +10,9 @@ from arq_deploy.errors import ArqError, PolicyError
 def run_search_command(*, model_name, weights, input_shape, data, sigma, budget, latency_budget_ms, target,
                        latency_table, episodes, method, reward_kind, val_images, calib_images, n0, n, n_p, alpha,
                        alpha_zeta, warmup, min_bits, max_bits, warm_start, seed, out, progress: bool = True,
-                       greedy_grid=None) -> dict:
+                       greedy_grid=None, cache_dir=None) -> dict:
+    """cache_dir: where the float model's certificates are kept (default: the run directory); runs with the same
+    model and reward settings may share one (the certification log refuses a different run's settings)."""
     from arq_deploy.data import load_dataset
     from arq_deploy.fileio import sha256_file
     from arq_deploy.pipeline import check_data_fits, load
@@ -37,16 +39,19 @@ def run_search_command(*, model_name, weights, input_shape, data, sigma, budget,
     scfg = SearchConfig(episodes=episodes, budget=budget, latency_budget_ms=latency_budget_ms, target=target,
                         min_bits=min_bits, max_bits=max_bits, method=method,
                         seed=seed)
-    try:
-        acfg = DDPGConfig(warmup=warmup) if method == "ddpg" else None
-    except (TypeError, ValueError) as e:
-        raise PolicyError(f"agent settings: {e}") from None
+    if method == "ddpg":  # replay of ~40 episodes (HAQ: 2000 transitions for ~50 layers): older episodes' rewards
+        from arq_deploy.search.layers import extract_layer_specs  # reflect other actions of their episode
+
+        n_layers = max(1, len(extract_layer_specs(lm.model, lm.input_shape)))
+        acfg = DDPGConfig(warmup=warmup, replay_size=40 * n_layers)
+    else:
+        acfg = None
     train_ds = load_dataset(data, "train")
     check_data_fits(train_ds, lm)
     sha = sha256_file(weights) if weights and Path(weights).is_file() else None
     s = make_search(lm, train_ds, out, scfg, rcfg, acfg, warm_start=warm_start, latency_table=latency_table,
                     model_sha256=sha, progress=progress)
-    s.prepare()
+    s.prepare(cache_dir)
     if method == "greedy":
         return run_greedy(s, progress, greedy_grid)
     return s.run()

@@ -154,9 +154,9 @@ class Search:
                 "cost": info["cost"], "cost_unit": info["cost_unit"], "reward": reward, "reward_info": rinfo,
                 "cached": bool(info["reward_info"].get("cached", False)), "seconds": round(seconds, 3)}
 
-    def prepare(self) -> dict:
-        """The reward's one-off work (float certificates, cached in the run directory); returns its summary."""
-        info = self.reward.prepare(self.out)
+    def prepare(self, cache_dir: str | Path | None = None) -> dict:
+        """The reward's one-off work (float certificates, cached in `cache_dir`, default the run directory)."""
+        info = self.reward.prepare(cache_dir if cache_dir is not None else self.out)
         write_json(self.out / "float.json", info)
         return info
 
