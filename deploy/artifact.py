@@ -229,6 +229,11 @@ def _check_manifest(m: Any, mpath: Path) -> None:
         name = m.get(key, LIBRARY if key == "library" else None)
         if name is not None and name not in files:
             bad(f"the library {name} is not among the hashed files")
+    cuda = m.get("cuda") or {}  # GPU artifacts: the CUDA sources and fatbins they name must be hashed too
+    for group in ("sources", "fatbins"):
+        for name in (cuda.get(group) or {}).values():
+            if name not in files:
+                bad(f"the CUDA file {name} is not among the hashed files")
     inp = m.get("input")
     if not isinstance(inp, dict) or not isinstance(inp.get("shape"), list) or len(inp["shape"]) != 4:
         bad("'input' must give an N×C×H×W shape")

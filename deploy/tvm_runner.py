@@ -27,6 +27,18 @@ def available_cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
+def require_native(artifact: Artifact) -> None:
+    """ArqError when the artifact's library was compiled for another CPU architecture than this machine's."""
+    from arq_deploy.targets.registry import machine_arch
+
+    arch = str(artifact.manifest["target"].get("host_triple") or "").split("-")[0]
+    here = machine_arch()
+    if arch and arch != here:
+        raise ArqError(f"artifact {artifact.path} was cross-compiled for {arch} ({artifact.target_name!r}) and cannot "
+                       f"run on this {here} machine: run it on the device (--remote HOST:PORT), or here under "
+                       f"qemu-user with arq_deploy.targets.qemu.QemuRunner (set up with `make aarch64-env`)")
+
+
 class TvmRunner(SamplingMixin):
     """x: float32 N×C×H×W in [0, 1] -> float32 logits N×K, on a verified artifact's library with TVM's Relax VM.
 
@@ -46,6 +58,7 @@ class TvmRunner(SamplingMixin):
         if kind != "cpu" or tvm_kind != "llvm":
             raise ArqError(f"artifact {self.artifact.path} was built for {self.artifact.target_name!r} ({tvm_kind}); "
                            f"TvmRunner runs CPU (llvm) artifacts on this machine")
+        require_native(self.artifact)
         import tvm
 
         self.name = "tvm"
