@@ -104,8 +104,9 @@ def default_ort_providers() -> list[str]:
 class OrtRunner(SamplingMixin):
     """onnxruntime InferenceSession; CUDA EP first when it is present and usable, then the CPU EP."""
 
-    def __init__(self, model_path: str | Path, batch_size: int = 256, providers: list[str] | None = None,
+    def __init__(self, model_path: str | Path | bytes, batch_size: int = 256, providers: list[str] | None = None,
                  threads: int | None = None):
+        """model_path: an .onnx file, or the serialized model itself (bytes)."""
         import onnxruntime as ort
 
         self.name = "onnxruntime"
@@ -116,9 +117,11 @@ class OrtRunner(SamplingMixin):
         if providers is None:
             providers = default_ort_providers()
         try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+            src = bytes(model_path) if isinstance(model_path, (bytes, bytearray)) else str(model_path)
+            self.session = ort.InferenceSession(src, sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises several unrelated exception types
-            raise ModelFormatError(f"onnxruntime cannot load {model_path}: {str(e).splitlines()[0]}") from None
+            raise ModelFormatError(f"onnxruntime cannot load {'the model' if isinstance(model_path, (bytes, bytearray)) else model_path}: "
+                                   f"{str(e).splitlines()[0]}") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shape = inp.shape

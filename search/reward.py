@@ -47,8 +47,11 @@ class RewardConfig:
     alpha_zeta: float = 0.001
     seed: int = 0
     batch_size: int = 500
+    backend: str = "onnxruntime"  # runs f_q: its QDQ ONNX export in onnxruntime (what is deployed), or torch fake-quant
 
     def __post_init__(self):
+        if self.backend not in ("onnxruntime", "torch"):
+            raise PolicyError(f"reward backend must be onnxruntime or torch, got {self.backend!r}")
         if self.kind not in KINDS:
             raise PolicyError(f"unknown reward {self.kind!r}; choose one of {', '.join(KINDS)}")
         if not self.sigma > 0:
@@ -99,6 +102,7 @@ class RewardEvaluator:
         self.cache: dict[str, tuple[float, dict]] = {}
         self.float_certs = None
         self.float_labels = None
+        self._float_graph = None  # float ONNX of the BN-folded model: the same for every policy
         self.evaluations = 0  # rewards actually computed (not from the cache)
         self.seconds = 0.0
 
@@ -166,7 +170,17 @@ class RewardEvaluator:
         from arq_deploy.runners import TorchRunner
 
         qmodel, _ = quantize_calibrated(self.lm, policy, self.x_calib, self.cfg.sigma, self.cfg.seed)
-        return TorchRunner(qmodel, self.lm.input_shape, self.lm.num_classes, batch_size=self.cfg.batch_size)
+        if self.cfg.backend == "torch":
+            return TorchRunner(qmodel, self.lm.input_shape, self.lm.num_classes, batch_size=self.cfg.batch_size)
+        import copy
+
+        from arq_deploy.export.qdq import float_onnx, insert_qdq
+        from arq_deploy.runners import OrtRunner
+
+        if self._float_graph is None:
+            self._float_graph = float_onnx(qmodel, self.lm.input_shape)
+        graph = insert_qdq(copy.deepcopy(self._float_graph), qmodel)
+        return OrtRunner(graph.SerializeToString(), batch_size=self.cfg.batch_size)
 
     def __call__(self, policy) -> tuple[float, dict]:
         key = policy_key(policy, self.names)
