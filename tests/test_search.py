@@ -286,7 +286,8 @@ def test_search_runs_mobilenetv2_and_a_user_model_unchanged(digits_model, tmp_pa
     ds = Dataset("random", rng.integers(0, 256, (96, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 96),
                  tuple(str(i) for i in range(10)))
     s = make_search(lm, ds, tmp_path / "mnv2", SearchConfig(episodes=1, budget=0.05, method="random"),
-                    RewardConfig(kind="accuracy", sigma=0.25, images=32, calib_images=32), progress=False)
+                    RewardConfig(kind="accuracy", sigma=0.25, images=32, calib_images=32, backend="torch"),
+                    progress=False)
     assert any(sp.kind == "dwconv" for sp in s.env.specs)
     assert s.env.features[:, 2].max() == 1  # the depthwise feature is set
     s.prepare()
