@@ -23,6 +23,11 @@ tuning, in the spirit of dlight rules:
   * anything these rules do not recognise falls back to dlight's CPU reduction rule, else stays TVM's default.
 Every step is a TVM schedule primitive, which checks its own validity; results are compared with onnxruntime in the
 tests.
+
+Options of `build` / `compile_onnx`: `integer=True` first rewrites QDQ conv/dense layers into integer arithmetic
+(`arq_deploy.targets.int_lowering`; on x86 the convs run on vpmaddwd, `arq_deploy.targets.int_kernels`, scheduled
+here); `tune_trials`/`tuning_db` MetaSchedule-tune the fused functions (`arq_deploy.targets.tuning`) starting from the
+schedules above, and apply a database's records before them.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import warnings
 from pathlib import Path
 
 from arq_deploy.errors import ArqError, ModelFormatError, UnsupportedOpError
-from arq_deploy.targets.registry import Target, get_target, resolve_tvm_target
+from arq_deploy.targets.registry import Target, get_target, machine_arch, resolve_tvm_target
 
 DEFAULT_BATCH = 100
 LIBRARY, LIBRARY_B1 = "model.so", "model_b1.so"  # main at batch_size; main at batch 1
@@ -50,7 +55,8 @@ _SUB_BYTE_TYPES = ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1")
 
 def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out_dir: str | os.PathLike | None = None,
                  *, batch_size: int = DEFAULT_BATCH, opt_level: int = 3, schedule: str = "arq",
-                 single: bool = True) -> Path:
+                 single: bool = True, tune_trials: int = 0, tuning_db: str | os.PathLike | None = None,
+                 integer: bool = False) -> Path:
     """Compile an ONNX classifier (input N×C×H×W float32 pixels in [0, 1], output N×K logits) into an artifact.
 
     onnx_path: float or QDQ ONNX model with one 4-D input (the batch dimension symbolic, or fixed to batch_size).
@@ -61,20 +67,45 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
         for a whole padded batch (latency measurements); about doubles the compile time.
     opt_level: TVM PassContext opt_level.
     schedule: "arq" (the no-tuning CPU schedules above) or "none" (TVM's untuned default, single-threaded).
+    tune_trials: MetaSchedule trials (host CPU targets only; `arq_deploy.targets.tuning`), starting from the arq
+        schedules; 0: no tuning.
+    tuning_db: a tuning database directory: its records are applied, and functions it lacks are tuned into it
+        (with tune_trials > 0); reused by later builds. None with tune_trials > 0: a temporary database.
+    integer: lower QDQ conv/matmul layers to integer arithmetic (`arq_deploy.targets.int_lowering`).
 
-    Raises UnknownNameError (target), ModelFormatError (unreadable or malformed ONNX, wrong input spec),
-    UnsupportedOpError (an operator or tensor type TVM cannot import or build). Returns out_dir.
+    Cross-compiled targets (rpi4, rpi5, jetson-*: aarch64) link with the target's cross compiler; GPU targets
+    (cuda, jetson-nano, jetson-orin-nano) are built by `arq_deploy.targets.gpu_build.compile_gpu` (`schedule` does not
+    apply: dlight's GPU rules schedule them).
+
+    Raises UnknownNameError (target), ArqError (the target's cross compiler is not installed), ModelFormatError
+    (unreadable or malformed ONNX, wrong input spec), UnsupportedOpError (an operator or tensor type TVM cannot import
+    or build). Returns out_dir.
     """
     t = get_target(target) if isinstance(target, str) else target
-    if t.kind != "cpu":
-        raise ArqError(f"target {t.name!r}: only CPU (llvm) targets can be built so far")
+    if t.host_arch != machine_arch():  # fail before the build, not after it
+        require_cross_compiler(t)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if int(batch_size) < 1:
         raise ArqError(f"batch size must be >= 1, got {batch_size}")
     batch_size = int(batch_size)
+    from arq_deploy.targets.tuning import check_trials
+
+    tune_trials = check_trials(tune_trials)
+    tuning = bool(tune_trials) or tuning_db is not None
+    if tuning and (t.kind != "cpu" or not t.is_host):
+        raise ArqError(f"target {t.name!r}: tuning measures candidates on this machine, so it works for host CPU "
+                       f"targets only; drop --tune-trials/--tuning-db")
+    if tuning and schedule != "arq":
+        raise ArqError(f"tuning needs schedule 'arq', got {schedule!r}")
+    if integer and t.kind != "cpu":
+        raise ArqError(f"target {t.name!r}: integer lowering is implemented for CPU (llvm) targets only")
     onnx_path = Path(onnx_path)
     out_dir = Path(out_dir) if out_dir is not None else onnx_path.parent / "targets" / t.name
+    if t.kind == "gpu":  # CUDA: dlight GPU schedules, CUDA source + offline fatbin (arq_deploy.targets.gpu_build)
+        from arq_deploy.targets.gpu_build import compile_gpu
+
+        return compile_gpu(onnx_path, t, out_dir, batch_size=batch_size, opt_level=opt_level, single=single)
 
     from arq_deploy.export.qdq import load_onnx
 
@@ -84,13 +115,18 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
 
     t0 = time.perf_counter()
     check_supported(model)
-    mod = import_onnx(model, inp["name"], inp["shape"], onnx_path)
+    mod = import_onnx(model, inp["name"], inp["shape"], onnx_path, fold_weights=not integer)
     tvm_target = resolve_tvm_target(t)
-    ex, sched_info = build(mod, tvm_target, opt_level=opt_level, schedule=schedule)
-    libraries = {LIBRARY: ex}
-    if single and batch_size > 1:
-        one = import_onnx(model, inp["name"], [1, *inp["shape"][1:]], onnx_path)
-        libraries[LIBRARY_B1] = build(one, tvm_target, opt_level=opt_level, schedule=schedule)[0]
+    from arq_deploy.targets.tuning import database_dir
+
+    with database_dir(tuning_db) if tuning else contextlib.nullcontext() as db:  # None: a temporary database
+        ex, sched_info = build(mod, tvm_target, opt_level=opt_level, schedule=schedule, integer=integer,
+                               tune_trials=tune_trials, tuning_db=db)
+        libraries = {LIBRARY: ex}
+        if single and batch_size > 1:  # batch 1: the database's records where they fit, no new trials
+            one = import_onnx(model, inp["name"], [1, *inp["shape"][1:]], onnx_path, fold_weights=not integer)
+            libraries[LIBRARY_B1] = build(one, tvm_target, opt_level=opt_level, schedule=schedule, integer=integer,
+                                          tuning_db=db)[0]
     out_shape = _output_shape(mod["main"]) or out["shape"]
     compile_s = time.perf_counter() - t0
 
@@ -104,7 +140,9 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
         "library_b1": LIBRARY_B1 if LIBRARY_B1 in libraries else None,
         "output": {"name": out["name"], "shape": out_shape, "dtype": "float32"},
         "compile": {"pipeline": PIPELINE if schedule == "arq" else "tvm-default", "schedule": sched_info,
-                    "opt_level": opt_level, "seconds": round(compile_s, 2),
+                    "opt_level": opt_level, "seconds": round(compile_s, 2), "integer": bool(integer),
+                    "tuning": ({"trials": tune_trials, "database": str(tuning_db) if tuning_db is not None else None}
+                               if tuning else None),
                     "batch": "fixed: library at batch_size, library_b1 at 1; the runner pads partial batches"},
         "source": {"file": onnx_path.name, "opset": [{"domain": o.domain, "version": o.version}
                                                      for o in model.opset_import]},
@@ -115,6 +153,7 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
             for fname, lib in libraries.items():
                 lib.export_library(str(tmp / fname), **kwargs)
         except Exception as e:  # compiler missing or failing: TVM raises several types
+            require_cross_compiler(t)  # missing: say what to install
             raise ArqError(f"linking the library for target {t.name!r} failed: {_first_line(e)}") from None
         shutil.copyfile(onnx_path, tmp / "model.onnx")
         from arq_deploy.artifact import load_artifact, write_manifest
@@ -225,11 +264,15 @@ def fold_weight_dequantize(model):
     return out
 
 
-def import_onnx(model, input_name: str, shape: list[int], path: Path):
-    """tvm.relax.frontend.onnx.from_onnx with a static input shape; weights become constants of the module."""
+def import_onnx(model, input_name: str, shape: list[int], path: Path, fold_weights: bool = True):
+    """tvm.relax.frontend.onnx.from_onnx with a static input shape; weights become constants of the module.
+
+    fold_weights: replace DequantizeLinear of initializers by float initializers first (`fold_weight_dequantize`);
+    False keeps them as dequantize(constant), which integer lowering needs."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    model = fold_weight_dequantize(model)
+    if fold_weights:
+        model = fold_weight_dequantize(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -265,23 +308,61 @@ def _output_shape(func) -> list[int] | None:
 # --------------------------------------------------------------------------------------------------------------------
 # Relax pipeline and build
 
-def build(mod, tvm_target: dict, *, opt_level: int = 3, schedule: str = "arq"):
-    """tvm.compile with the CPU pipeline; returns (executable, schedule info for the manifest)."""
+def build(mod, tvm_target: dict, *, opt_level: int = 3, schedule: str = "arq", integer: bool = False,
+          tune_trials: int = 0, tuning_db: str | os.PathLike | None = None):
+    """tvm.compile with the CPU pipeline; returns (executable, schedule info for the manifest).
+
+    integer: first rewrite QDQ conv/matmul layers into integer operators (`arq_deploy.targets.int_lowering`; the
+        module must keep its weights as dequantize(constant), i.e. imported with `fold_weights=False`).
+    tune_trials, tuning_db: MetaSchedule-tune the fused functions the database lacks with this many trials
+        (`arq_deploy.targets.tuning`), then apply the database's best records; functions without a record get the
+        arq schedules. tuning_db alone (tune_trials=0) applies existing records only.
+    """
     import tvm
 
+    from arq_deploy.targets.tuning import check_trials
+
+    tune_trials = check_trials(tune_trials)
+    if (tune_trials or tuning_db is not None) and schedule != "arq":
+        raise ArqError(f"tuning needs schedule='arq', got {schedule!r}")
+    if tune_trials and tuning_db is None:
+        raise ArqError("tuning needs a database directory (tuning_db) to write its records to")
     tgt = tvm.target.Target(tvm_target)
     lanes = f32_lanes(tgt)
     stats: dict[str, int] = {}
-    pipeline = cpu_pipeline(tgt, lanes, stats) if schedule == "arq" else "default"
+    info: dict = {"name": schedule, "vector_lanes_f32": lanes}
+    if integer:
+        from arq_deploy.targets.int_lowering import lower_integer
+
+        from arq_deploy.targets.int_kernels import pmaddwd_lanes
+
+        mod, info["integer_lowering"] = lower_integer(mod, kernel_lanes=pmaddwd_lanes(tgt))
+    database = None
+    if tuning_db is not None:
+        from arq_deploy.targets import tuning
+
+        threads = int(tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
+        report = tuning.tune(prepare(mod, tgt, opt_level), tgt, tune_trials, tuning_db,
+                             baseline=lambda m: schedule_primfunc(m, lanes, threads, _int_lanes(tgt)))
+        info["tuning"] = report.to_json()
+        database = tuning.open_database(tuning_db, create=False)
+    pipeline = cpu_pipeline(tgt, lanes, stats, database) if schedule == "arq" else "default"
     try:
         with tvm.transform.PassContext(opt_level=opt_level):
             ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
     except Exception as e:
         raise UnsupportedOpError(f"TVM failed to build the model for {tgt.kind.name}: {_first_line(e)}") from None
-    info = {"name": schedule, "vector_lanes_f32": lanes}
     if schedule == "arq":
         info.update(tile=dict(TILE), **stats)  # funcs_arq / funcs_dlight / funcs_default: how each PrimFunc was done
     return ex, info
+
+
+def prepare(mod, tgt, opt_level: int = 3):
+    """The module as `cpu_pipeline` has it right before scheduling (legalized and fused): what tuning tunes."""
+    import tvm
+
+    with tgt, tvm.transform.PassContext(opt_level=opt_level):
+        return tvm.transform.Sequential(_prepare_passes(tgt))(mod)
 
 
 def f32_lanes(tgt) -> int:
@@ -299,8 +380,18 @@ def f32_lanes(tgt) -> int:
     return 4
 
 
-def cpu_pipeline(tgt, lanes: int, stats: dict | None = None):
-    """TVM's CPU pipeline (tvm.relax.backend.cpu_generic) with `schedule_pass` between fusion and lowering."""
+def _prepare_passes(tgt) -> list:
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return ([relax.transform.DecomposeOpsForInference(), relax.transform.FoldConstant()]
+            + cpu.library_dispatch_passes(tgt)
+            + cpu.legalize_passes(tgt))  # LegalizeOps, FoldConstant (folds weight DQ), FuseOps, FuseTIR
+
+
+def cpu_pipeline(tgt, lanes: int, stats: dict | None = None, database=None):
+    """TVM's CPU pipeline (tvm.relax.backend.cpu_generic) with `schedule_pass` between fusion and lowering; with a
+    MetaSchedule database, its records are applied first (counted in stats["funcs_tuned"])."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -308,17 +399,33 @@ def cpu_pipeline(tgt, lanes: int, stats: dict | None = None):
     @tvm.transform.module_pass(opt_level=0, name="ArqCpuPipeline")
     def _pipeline(mod, _ctx):
         with tgt:
+            mod = tvm.transform.Sequential(_prepare_passes(tgt))(mod)
+            if database is not None:
+                mod = _apply_database(mod, database, stats)
             seq = tvm.transform.Sequential(
-                [relax.transform.DecomposeOpsForInference(), relax.transform.FoldConstant()]
-                + cpu.library_dispatch_passes(tgt)
-                + cpu.legalize_passes(tgt)  # LegalizeOps, FoldConstant (folds weight DQ), FuseOps, FuseTIR
-                + [schedule_pass(tgt, lanes, stats)]
+                [schedule_pass(tgt, lanes, stats)]
                 + cpu.dataflow_lower_passes(tgt)
                 + cpu.finalize_passes(tgt)
             )
             return seq(mod)
 
     return _pipeline
+
+
+def _apply_database(mod, database, stats: dict | None):
+    """MetaScheduleApplyDatabase; counts the PrimFuncs it scheduled into stats["funcs_tuned"]."""
+    from tvm import relax, tirx
+
+    def scheduled(m):
+        return {gv.name_hint for gv, f in m.functions_items()
+                if isinstance(f, tirx.PrimFunc) and f.attrs.get("tirx.is_scheduled", False)}
+
+    before = scheduled(mod)
+    with database:
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    if stats is not None:
+        stats["funcs_tuned"] = len(scheduled(mod) - before)
+    return mod
 
 
 def schedule_pass(tgt, lanes: int, stats: dict | None = None):
@@ -330,6 +437,7 @@ def schedule_pass(tgt, lanes: int, stats: dict | None = None):
     fallback = dlight.cpu.Reduction()
     stats = stats if stats is not None else {}
     threads = int(tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
+    int_lanes = _int_lanes(tgt)
 
     @tvm.transform.module_pass(opt_level=0, name="ArqCpuSchedule")
     def _pass(mod, _ctx):
@@ -339,7 +447,7 @@ def schedule_pass(tgt, lanes: int, stats: dict | None = None):
                 continue
             sch, how = None, "default"
             try:
-                sch = schedule_primfunc(func, lanes, threads)
+                sch = schedule_primfunc(func, lanes, threads, int_lanes)
                 how = "arq"
             except Exception:  # a rule that does not fit this function: try the next one
                 sch = None
@@ -365,12 +473,26 @@ def schedule_pass(tgt, lanes: int, stats: dict | None = None):
 # --------------------------------------------------------------------------------------------------------------------
 # The schedule rules
 
-def schedule_primfunc(func, lanes: int, threads: int = 1):
-    """A schedule for one fused PrimFunc (see the module docstring), or None when no rule fits."""
+def _int_lanes(tgt) -> int:
+    from arq_deploy.targets.int_kernels import pmaddwd_lanes
+
+    return pmaddwd_lanes(tgt)
+
+
+def schedule_primfunc(func, lanes: int, threads: int = 1, int_lanes: int = 0):
+    """A schedule for one fused PrimFunc (see the module docstring), or None when no rule fits.
+
+    int_lanes: lanes of the vpmaddwd integer conv kernel (`arq_deploy.targets.int_kernels`), whose functions get
+    that module's schedule."""
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
     sch = s_tir.Schedule(func)
+    if int_lanes:
+        from arq_deploy.targets.int_kernels import schedule_qconv
+
+        if schedule_qconv(sch, int_lanes, threads):
+            return sch
     infos = normalize_prim_func(sch)
     if not infos:
         return None
@@ -518,6 +640,26 @@ def _divisor(n: int, at_most: int) -> int:
         if n % f == 0:
             return f
     return 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cross compilation
+
+def require_cross_compiler(t: Target) -> None:
+    """ArqError naming the Debian package to install when the target's (cross) compiler is not on PATH.
+
+    `compile_onnx` checks this before building for another CPU architecture, and again when linking fails.
+
+    A cross-compiled library (t.host_triple, e.g. aarch64-linux-gnu) is linked by `export_library(cc=...)` with the
+    target's C compiler; TVM itself generates the machine code (LLVM), so only the linker driver is needed here.
+    """
+    cc = t.cross_compiler
+    if cc is None or shutil.which(cc):
+        return
+    install = (f"apt-get install {t.cross_package}" if t.cross_package else
+               f"install a C compiler for {t.host_triple} and put {cc} on PATH")
+    raise ArqError(f"target {t.name!r} links its {t.host_triple} library with {cc}, which is not installed: "
+                   f"{install}" + (" (or run `make aarch64-env`)" if t.host_arch == "aarch64" else ""))
 
 
 # --------------------------------------------------------------------------------------------------------------------

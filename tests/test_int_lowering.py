@@ -1,0 +1,305 @@
+"""Integer lowering of QDQ layers (targets/int_lowering.py, targets/int_kernels.py) against onnxruntime and numpy.
+
+Single layers: random QDQ conv/dense graphs whose output is the quantized uint8 tensor; TVM's integer build must give
+the same bytes as onnxruntime (QLinearConv/QGemm) and as an exact numpy reference. Whole models: the digits CNN (W8A8
+and a mixed 4/6/8-bit policy) compiled with `integer=True` agrees with onnxruntime on every test image.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+S_X, S_Y = np.float32(0.02), np.float32(0.05)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single-layer QDQ graphs in the exporter's layout: x -> Q(u8) -> DQ -> Conv/Gemm(DQ(w), DQ(b)) [-> Relu] -> Q(u8)
+
+def _weights(rng, shape, w_u8: bool, w_max: int):
+    if w_u8:  # W8A8 layout: uint8 with zero point 128
+        return (rng.integers(-w_max, w_max + 1, shape) + 128).astype(np.uint8), np.uint8(128)
+    return rng.integers(-w_max, w_max + 1, shape).astype(np.int8), np.int8(0)
+
+
+def qdq_graph(kind="conv", *, cin=16, cout=16, k=3, stride=1, pad=1, w_u8=True, w_max=127, z_x=0, relu=True,
+              bias=True, out_q=True, seed=0):
+    """A one-layer QDQ model; input 'x' float (N×cin×H×W or N×cin), output 'y' (uint8 when out_q, else float)."""
+    rng = np.random.default_rng(seed)
+    s_w = (rng.random(cout).astype(np.float32) * 0.01 + 0.002).astype(np.float32)
+    wshape = (cout, cin, k, k) if kind == "conv" else (cout, cin)
+    w_q, z_w = _weights(rng, wshape, w_u8, w_max)
+    b_q = rng.integers(-4000, 4000, cout).astype(np.int32)
+    inits = [nh.from_array(S_X, "sx"), nh.from_array(np.uint8(z_x), "zx"), nh.from_array(s_w, "sw"),
+             nh.from_array(np.full(cout, z_w, w_q.dtype), "zw"), nh.from_array(w_q, "wq"),
+             nh.from_array(b_q, "bq"), nh.from_array((S_X * s_w).astype(np.float32), "sb"),
+             nh.from_array(np.zeros(cout, np.int32), "zb"), nh.from_array(S_Y, "sy"),
+             nh.from_array(np.uint8(0), "zy")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0)]
+    ins = ["xd", "wd"]
+    if bias:
+        nodes.append(helper.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["bd"], axis=0))
+        ins.append("bd")
+    if kind == "conv":
+        nodes.append(helper.make_node("Conv", ins, ["c"], pads=[pad] * 4, strides=[stride] * 2))
+    else:
+        nodes.append(helper.make_node("Gemm", ins, ["c"], transB=1))
+    last = "c"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["r"]))
+        last = "r"
+    if out_q:
+        nodes.append(helper.make_node("QuantizeLinear", [last, "sy", "zy"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", [last], ["y"]))
+    xdims = ["N", cin, "H", "W"] if kind == "conv" else ["N", cin]
+    ydims = ["N", cout, "OH", "OW"] if kind == "conv" else ["N", cout]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, xdims)],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT8 if out_q else TensorProto.FLOAT,
+                                                         ydims)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model, {"w_q": w_q.astype(np.int64) - int(z_w), "s_w": s_w, "b_q": b_q if bias else None}
+
+
+def reference(kind, x, params, *, z_x, stride=1, pad=1, relu=True, out_q=True):
+    """Exact integer conv/dense (float64 sums of integers), then onnxruntime's requantization arithmetic."""
+    import torch
+
+    x_q = np.clip(np.rint(x / S_X) + z_x, 0, 255).astype(np.int64) - z_x
+    w = params["w_q"]
+    if kind == "conv":
+        acc = torch.nn.functional.conv2d(torch.from_numpy(x_q.astype(np.float64)), torch.from_numpy(
+            w.astype(np.float64)), stride=stride, padding=pad).numpy().astype(np.int64)
+        chan = (1, -1, 1, 1)
+    else:
+        acc = (x_q @ w.T).astype(np.int64)
+        chan = (1, -1)
+    if params["b_q"] is not None:
+        acc = acc + params["b_q"].reshape(chan)
+    s_acc = (S_X * params["s_w"]).astype(np.float32)
+    if not out_q:
+        y = acc.astype(np.float32) * s_acc.reshape(chan)
+        return np.maximum(y, 0) if relu else y
+    m = (s_acc / S_Y).astype(np.float32)
+    y = np.rint(acc.astype(np.float32) * m.reshape(chan))
+    return np.clip(y, 0, 255).astype(np.uint8)  # z_y = 0: relu and the uint8 floor coincide
+
+
+def tvm_run(model, x, integer=True):
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from arq_deploy.targets.registry import get_target, resolve_tvm_target
+    from arq_deploy.targets.tvm_build import build
+
+    mod = from_onnx(model, shape_dict={"x": list(x.shape)}, keep_params_in_input=False)
+    ex, info = build(mod, resolve_tvm_target(get_target("x86")), integer=integer)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy(), info
+
+
+def ort_run(model, x):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+def _input(kind, shape, z_x, a_max=255, seed=1):
+    """Float inputs whose quantized values (x/S_X + z_x) cover [0, a_max]."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, a_max + 1, shape)
+    return ((q - z_x) * S_X + rng.uniform(-0.4, 0.4, shape) * S_X).astype(np.float32)
+
+
+CONV_CASES = {  # name: (graph kwargs, input H=W, kernel expected)
+    "w8a8-u8w-requant": (dict(), 16, True),
+    "w8a8-u8w-no-relu": (dict(relu=False), 16, True),
+    "stride2-no-bias": (dict(stride=2, bias=False), 16, True),
+    "act-zero-point": (dict(z_x=121), 16, False),  # x - z_x in int16, plain integer conv2d
+    "odd-channels-width6": (dict(cin=5, cout=6), 6, False),  # width not a multiple of 8: plain integer conv2d
+    "int8-w-7bit-act": (dict(w_u8=False), 16, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_single_conv_bit_exact_against_onnxruntime_and_numpy(case):
+    kw, hw, kernel = CONV_CASES[case]
+    model, params = qdq_graph("conv", **kw)
+    z_x = kw.get("z_x", 0)
+    a_max = 127 if case == "int8-w-7bit-act" else 255  # onnxruntime's u8×s8 kernels are exact below 8 bits
+    x = _input("conv", (4, kw.get("cin", 16), hw, hw), z_x, a_max)
+    got, info = tvm_run(model, x)
+    lowering = info["integer_lowering"]
+    assert lowering["conv2d"] == 1 and lowering["requantized"] == 1
+    assert lowering["conv2d_pmaddwd"] == int(kernel)
+    ref = reference("conv", x, params, z_x=z_x, stride=kw.get("stride", 1), relu=kw.get("relu", True))
+    ort = ort_run(model, x)
+    assert got.dtype == np.uint8 and got.shape == ort.shape
+    assert np.array_equal(got, ref)
+    assert np.array_equal(got, ort)
+    assert len(np.unique(got)) > 20  # the outputs span the range (not all clipped)
+
+
+def test_full_range_int8_weights_are_exact():
+    """u8 activations × s8 weights, both full range: TVM's integer build equals the exact reference. (onnxruntime's
+    AVX2 u8×s8 kernel saturates int16 pair sums here, 44 of 4,096 outputs off in one run on this machine, which is
+    why the exporter stores W8A8 weights as uint8; a VNNI machine would not, so onnxruntime is not compared.)"""
+    model, params = qdq_graph("conv", w_u8=False, relu=False, seed=3)
+    x = _input("conv", (4, 16, 16, 16), 0, 255)
+    got, info = tvm_run(model, x)
+    assert info["integer_lowering"]["conv2d_pmaddwd"] == 1
+    assert np.array_equal(got, reference("conv", x, params, z_x=0, relu=False))
+
+
+def test_float_output_conv_matches_within_float_rounding():
+    """A conv whose output feeds float ops is dequantized: float(acc)·s_x·s_w[o], exact up to float32 rounding."""
+    model, params = qdq_graph("conv", out_q=False, relu=True)
+    x = _input("conv", (2, 16, 8, 8), 0)
+    got, info = tvm_run(model, x)
+    assert info["integer_lowering"]["float_out"] == 1
+    ref = reference("conv", x, params, z_x=0, out_q=False)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, ort_run(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_bias_with_another_scale_is_added_in_float():
+    """A bias whose scale is not s_x·s_w cannot be added to the int32 accumulator: it is added after dequantizing,
+    and the quantize stays a float op (so the result equals the float path up to float rounding)."""
+    model, _ = qdq_graph("conv", relu=True, seed=7)
+    for init in model.graph.initializer:
+        if init.name == "sb":
+            init.CopyFrom(nh.from_array((nh.to_array(init) * 1.5).astype(np.float32), "sb"))
+    x = _input("conv", (2, 16, 8, 8), 0)
+    got, info = tvm_run(model, x)
+    assert info["integer_lowering"]["conv2d"] == 1 and info["integer_lowering"]["requantized"] == 0
+    want = ort_run(model, x)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert (got != want).mean() < 0.01
+
+
+@pytest.mark.parametrize("w_u8", [True, False])
+def test_single_dense_bit_exact(w_u8):
+    model, params = qdq_graph("dense", cin=64, cout=24, w_u8=w_u8, relu=True, seed=5)
+    x = _input("dense", (32, 64), 0, 255 if w_u8 else 127)
+    got, info = tvm_run(model, x)
+    assert info["integer_lowering"]["matmul"] == 1 and info["integer_lowering"]["requantized"] == 1
+    assert np.array_equal(got, reference("dense", x, params, z_x=0))
+    assert np.array_equal(got, ort_run(model, x))
+
+
+def test_no_qdq_no_change():
+    """A float graph has nothing to lower: the report counts zero layers and the result equals the float build."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 4, 3, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                          [nh.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
+    got, info = tvm_run(model, x)
+    assert info["integer_lowering"]["conv2d"] == 0
+    np.testing.assert_allclose(got, tvm_run(model, x, integer=False)[0], rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole models
+
+R20_MIXED = {"conv1": [8, 8], "layer1.0.conv1": [4, 4], "layer1.1.conv2": [2, 8], "layer2.0.conv1": [4, 6],
+             "layer2.2.conv2": [2, 6], "layer3.0.conv1": [4, 8], "layer3.1.conv1": [6, 4], "linear": [8, 8]}
+DIGITS_MIXED = {"conv1": [8, 8], "conv2": [4, 6], "conv3": [6, 4], "conv4": [4, 8], "linear": [8, 6]}
+
+
+@pytest.mark.parametrize("policy", ["W8A8", "mixed"])
+def test_digits_integer_build_agrees_with_onnxruntime(policy, digits, digits_model, tmp_path):
+    from arq_deploy.pipeline import export_and_validate, load
+    from arq_deploy.runners import OrtRunner
+    from arq_deploy.search.policy import QuantPolicy
+    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.tvm_runner import TvmRunner
+
+    train_ds, test_ds = digits
+    _, ckpt = digits_model
+    lm = load("digits_cnn", str(ckpt))
+    layers = {} if policy == "W8A8" else DIGITS_MIXED
+    pol = QuantPolicy.from_dict({"format": "arq-deploy/policy", "version": 1, "default": [8, 8], "layers": layers})
+    onnx_path = tmp_path / f"{policy}.onnx"
+    export_and_validate(lm, pol, train_ds, test_ds, onnx_path, sigma=0.25, validate_images=200, min_agreement=0.9)
+    art = compile_onnx(onnx_path, "x86", tmp_path / "art", batch_size=64, integer=True)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["compile"]["integer"] is True
+    lowering = manifest["compile"]["schedule"]["integer_lowering"]
+    assert lowering["conv2d"] == 4 and lowering["matmul"] == 1
+    x = test_ds.x()
+    a, b = TvmRunner(art)(x), OrtRunner(onnx_path)(x)
+    agree = (a.argmax(1) == b.argmax(1)).mean()
+    assert agree >= 0.998, agree
+    if policy == "W8A8":  # onnxruntime fuses every layer into QLinearConv here: the same integers, the same logits,
+        # except where the float input normalisation lands within an ulp of a rounding tie (TVM and onnxruntime
+        # evaluate (x - mean) / std in different orders): a few images out of 540
+        same = (np.abs(a - b).max(axis=1) < 1e-4).mean()
+        assert same >= 0.99, same
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+@pytest.mark.parametrize("policy", ["W8A8", "mixed"])
+def test_resnet20_integer_build_agrees_with_onnxruntime(policy, models_dir, cifar_dir, tmp_path):
+    """ResNet-20 W8A8 and the mixed 2/4/6/8-bit acceptance policy on the 1,000 lossless test images: the integer
+    build agrees with onnxruntime at least as well as TVM's float build does. (Measured: W8A8 100% / 100%; mixed
+    99.7% / 99.7%: onnxruntime runs the Clip-blocked mixed layers in float, and a float32 rounding that moves a
+    2-bit activation by one step flips 3 near-tie images, for the float build as for the integer one.)"""
+    from arq_deploy.data import load_dataset
+    from arq_deploy.pipeline import export_and_validate, load
+    from arq_deploy.runners import OrtRunner
+    from arq_deploy.search.policy import QuantPolicy
+    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.tvm_runner import TvmRunner
+
+    layers, default = ({}, [8, 8]) if policy == "W8A8" else (R20_MIXED, [6, 6])  # test_acceptance's policy
+    pol = QuantPolicy.from_dict({"format": "arq-deploy/policy", "version": 1, "default": default, "layers": layers})
+    lm = load("resnet20", str(models_dir / "resnet20-12fca82f.th"))
+    train, test = load_dataset(str(cifar_dir), "train"), load_dataset(str(cifar_dir), "test")
+    onnx_path = tmp_path / f"{policy}.onnx"
+    export_and_validate(lm, pol, train, test, onnx_path, validate_images=200)
+    arts = {k: compile_onnx(onnx_path, "x86", tmp_path / k, batch_size=100, integer=k == "int", single=False)
+            for k in ("int", "float")}
+    lowering = json.loads((arts["int"] / "manifest.json").read_text())["compile"]["schedule"]["integer_lowering"]
+    assert lowering["conv2d"] == 19 and lowering["conv2d_pmaddwd"] >= 17
+    x = test.x()
+    ref = OrtRunner(onnx_path)(x).argmax(1)
+    agree = {k: (TvmRunner(a)(x).argmax(1) == ref).mean() for k, a in arts.items()}
+    assert agree["int"] >= agree["float"] - 0.001, agree
+    assert agree["int"] >= (0.999 if policy == "W8A8" else 0.995), agree
+
+
+def test_cli_compile_integer(cli, tmp_path):
+    """`arq-deploy compile --integer` writes an artifact whose manifest records the lowering, and it runs exactly."""
+    from arq_deploy.tvm_runner import TvmRunner
+
+    model, params = qdq_graph("conv", out_q=False, relu=True)
+    g = model.graph
+    g.input[0].name = g.node[0].input[0] = "input"
+    for d in g.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_value = 16
+    g.node.extend([helper.make_node("GlobalAveragePool", ["y"], ["p"]),
+                   helper.make_node("Flatten", ["p"], ["logits"])])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 16]))
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    rc, out, err = cli("compile", tmp_path / "m.onnx", "--integer", "--batch-size", "4", "--out", tmp_path / "art")
+    assert rc == 0, err
+    compile_info = json.loads((tmp_path / "art" / "manifest.json").read_text())["compile"]
+    assert compile_info["integer"] is True and compile_info["tuning"] is None
+    assert compile_info["schedule"]["integer_lowering"]["conv2d_pmaddwd"] == 1
+    x = np.clip(_input("conv", (6, 16, 16, 16), 0), 0, 1).astype(np.float32)
+    ref = reference("conv", x, params, z_x=0, out_q=False).mean(axis=(2, 3))
+    np.testing.assert_allclose(TvmRunner(tmp_path / "art")(x), ref, rtol=1e-5, atol=1e-5)
