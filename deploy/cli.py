@@ -171,23 +171,43 @@ def export(model_name, weights, input_shape, bits, policy, data, sigma, calib_im
 @click.option("--target", default="x86", show_default=True)
 @click.option("--batch-size", type=int, default=100, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="artifact directory to write")
-def compile_cmd(onnx_path, target, batch_size, out):
+@click.option("--tune-trials", type=int, default=0, show_default=True,
+              help="MetaSchedule tuning trials (host CPU targets), starting from the built-in schedules")
+@click.option("--tuning-db", type=click.Path(file_okay=False), default=None,
+              help="tuning database directory: records are applied and new ones added; reuse it across builds")
+@click.option("--integer", is_flag=True, help="compute QDQ conv/dense layers in integer arithmetic (int32 accumulate)")
+def compile_cmd(onnx_path, target, batch_size, out, tune_trials, tuning_db, integer):
     """Compile an ONNX model with TVM into an artifact directory (model library + manifest.json with hashes)."""
     from arq_deploy.targets.registry import get_target
+    from arq_deploy.targets.tuning import check_trials
     from arq_deploy.targets.tvm_build import compile_onnx
 
-    get_target(target)  # fail fast on unknown names, before importing TVM
-    path = compile_onnx(onnx_path, target=target, out_dir=out, batch_size=batch_size)
+    get_target(target)  # fail fast on unknown names and bad numbers, before importing TVM
+    check_trials(tune_trials)
+    path = compile_onnx(onnx_path, target=target, out_dir=out, batch_size=batch_size, tune_trials=tune_trials,
+                        tuning_db=tuning_db, integer=integer)
     click.echo(f"wrote {path}")
 
 
 @main.command()
-def targets():
-    """List the registered compilation targets."""
-    from arq_deploy.targets.registry import list_targets
+@click.option("--json", "as_json", is_flag=True, help="print every field of every target as JSON")
+def targets(as_json):
+    """List the registered compilation targets (cuda-smNN also names the cuda target for architecture sm_NN)."""
+    import json
 
-    for t in list_targets():
-        click.echo(f"{t.name:18s} {t.description}")
+    from arq_deploy.targets.registry import list_targets, summary
+
+    if as_json:
+        click.echo(json.dumps([t.to_json() for t in list_targets()], indent=2))
+        return
+    rows = [summary(t) for t in list_targets()]
+    cols = ["name", "kind", "device", "host", "cross_compiler", "onnxruntime", "energy"]
+    width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols[:-1]}
+    click.echo("  ".join(c.ljust(width[c]) for c in cols[:-1]) + "  energy")
+    for r in rows:
+        click.echo("  ".join(r[c].ljust(width[c]) for c in cols[:-1]) + "  " + r["energy"])
+    click.echo("\ncuda-smNN (e.g. cuda-sm75, cuda-sm90) is the cuda target for another GPU architecture; "
+               "--json shows every field.")
 
 
 @main.command()
@@ -206,6 +226,9 @@ def targets():
 @click.option("--ray", "ray_address", default=None, help="shard inputs over Ray: auto, local or HOST:PORT")
 @click.option("--ray-workers", type=int, default=None, help="Ray workers (default: cluster CPUs / cpus per worker)")
 @click.option("--ray-cpus-per-worker", type=int, default=1, show_default=True)
+@click.option("--remote", default=None, metavar="HOST:PORT",
+              help="run a compiled TVM artifact on a remote device through TVM RPC (python -m tvm.exec.rpc_server "
+                   "on the device)")
 @click.option("--incremental-from", "float_log", default=None, type=click.Path(dir_okay=False),
               help="incremental smoothing (IRS) from this float model's certification log (σ, N0, N, α, seed, inputs "
                    "are taken from it)")
@@ -214,8 +237,8 @@ def targets():
 @click.option("--alpha-zeta", type=float, default=0.001, show_default=True, help="IRS disagreement bound's α")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV log (appended, resumable)")
 def certify(model_path, model_name, weights, input_shape, data, backend, sigma, n0, n, alpha, skip, max_images,
-            batch_size, seed, ray_address, ray_workers, ray_cpus_per_worker, float_log, float_model, n_p, alpha_zeta,
-            out):
+            batch_size, seed, ray_address, ray_workers, ray_cpus_per_worker, remote, float_log, float_model, n_p,
+            alpha_zeta, out):
     """Randomized-smoothing CERTIFY (Cohen et al.) on test images: TSV rows, summary JSON and a PNG curve.
 
     With --incremental-from FLOAT.tsv --float-model FLOAT.onnx, certify a quantized model incrementally (Ugare et
@@ -236,7 +259,8 @@ def certify(model_path, model_name, weights, input_shape, data, backend, sigma, 
         from arq_deploy.pipeline import load
 
         lm = load(model_name, weights, input_shape=_shape(input_shape))
-    runner = make_runner(model_path, backend, lm, batch_size=batch_size)
+    runner = _remote_runner(model_path, remote, ray_address) if remote else \
+        make_runner(model_path, backend, lm, batch_size=batch_size)
     ds = load_dataset(data, "test")
     if tuple(ds.input_shape) != tuple(runner.input_shape):
         raise ArqError(f"data images are {ds.input_shape}, the model expects {runner.input_shape}")
@@ -262,6 +286,19 @@ def certify(model_path, model_name, weights, input_shape, data, backend, sigma, 
                + ", ".join(f"r={r}: {v:.3f}" for r, v in d["certified_accuracy"].items())
                + f", abstain {d['abstain_rate']:.3f}, {d['seconds_per_input']:.2f} s/image"
                + (f"; IRS path for {100 * extra['cost']['irs_fraction']:.0f}% of inputs" if "cost" in extra else ""))
+
+
+def _remote_runner(model_path, remote, ray_address):
+    """certify --remote: a TVM artifact run on a device through RPC (address checked before the artifact loads)."""
+    from arq_deploy.rpc_runner import RpcTvmRunner, parse_address
+
+    parse_address(remote)
+    if ray_address:
+        raise ArqError("--remote and --ray cannot be combined")
+    if model_path is None or not Path(model_path).is_dir():
+        raise ArqError("--remote certifies a compiled TVM artifact directory: compile the model first "
+                       "(arq-deploy compile MODEL.onnx --target TARGET --out DIR)")
+    return RpcTvmRunner(model_path, remote)
 
 
 def _model_sha(model_path, weights) -> str:
@@ -323,6 +360,76 @@ def _certify_incremental(runner, ds, meta, float_log, float_model, n_p, alpha_ze
         certs = certify_incremental_dataset(float_runner, runner, cache, ds.x(), ds.labels, indices, n_p, alpha_zeta,
                                             log, num_classes=ds.num_classes, batch_size=batch_size)
     return certs, {"sigma": cache.meta["sigma"], "cost": cost_summary(certs), **run_meta}
+
+
+@main.command(name="bench")
+@click.argument("artifact", type=click.Path())
+@click.option("--target", default=None, help="registered target (default: the artifact's; x86 for an ONNX file)")
+@click.option("--remote", default=None, metavar="HOST:PORT", help="run a TVM artifact on a remote device over TVM RPC")
+@click.option("--batch", "batch_large", type=int, default=256, show_default=True, help="batch for the throughput")
+@click.option("--repeats", type=int, default=50, show_default=True, help="timed calls at batch 1")
+@click.option("--warmup", type=int, default=5, show_default=True, help="untimed calls first")
+@click.option("--probe", default=None, help="energy probe instead of the target's: rapl, nvml, ina3221, vcgencmd, none")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="bench-TARGET.json to write")
+def bench_cmd(artifact, target, remote, batch_large, repeats, warmup, probe, out):
+    """Latency p50/p90/p99 at batch 1, throughput at --batch, peak memory and joules per inference of an ONNX model
+    (onnxruntime) or a compiled artifact (TVM, locally or on a --remote device)."""
+    from arq_deploy.bench import bench_artifact
+    from arq_deploy.fileio import write_json
+
+    res = bench_artifact(artifact, target, remote, batch_large=batch_large, repeats=repeats, warmup=warmup,
+                         probe=probe)
+    write_json(out, res)
+    lat, thr, e = res["latency"], res["throughput"], res["energy_j_per_inference"]
+    click.echo(f"wrote {out}: {res['runner']} on {res['target']}: batch 1 p50 {lat['p50_ms']:.3f} ms "
+               f"(p99 {lat['p99_ms']:.3f}), {thr['images_per_s']:,.0f} img/s at batch {thr['batch']}, peak memory "
+               f"+{res['memory']['peak_increase_mb']} MB, energy "
+               + (f"{e * 1e3:.4f} mJ/inference" if isinstance(e, float) else e))
+
+
+@main.command()
+@model_opts
+@data_opt
+@click.option("--sigma", type=float, default=None, help="smoothing noise std (default: the checkpoint's training σ)")
+@click.option("--budget", type=float, default=0.015, show_default=True, help="fraction of W32A32 BOPs")
+@click.option("--latency-budget-ms", type=float, default=None, help="latency budget on --target instead of BOPs")
+@click.option("--target", default=None, help="target of the latency budget (its latency table)")
+@click.option("--latency-table", default=None, type=click.Path(dir_okay=False),
+              help="per-layer latency table of --target (from `arq-deploy latency-table`)")
+@click.option("--episodes", type=int, default=200, show_default=True)
+@click.option("--method", type=click.Choice(["ddpg", "random", "greedy"]), default="ddpg", show_default=True,
+              help="DDPG agent (ARQ/HAQ), random search, or the greedy sensitivity baseline")
+@click.option("--reward", "reward_kind", type=click.Choice(["irs", "full", "accuracy"]), default="irs",
+              show_default=True, help="ACR by incremental smoothing (ARQ), by full certification, or clean accuracy "
+              "(HAQ)")
+@click.option("--val-images", type=int, default=50, show_default=True, help="validation subset of training images")
+@click.option("--calib-images", type=int, default=256, show_default=True)
+@click.option("--n0", type=int, default=100, show_default=True)
+@click.option("--n", "n", type=int, default=2000, show_default=True, help="float certification samples per input")
+@click.option("--n-p", "n_p", type=int, default=200, show_default=True, help="IRS disagreement samples per input")
+@click.option("--alpha", type=float, default=0.001, show_default=True)
+@click.option("--alpha-zeta", type=float, default=0.001, show_default=True)
+@click.option("--warmup", type=int, default=20, show_default=True, help="DDPG episodes with random actions")
+@click.option("--min-bits", type=int, default=2, show_default=True)
+@click.option("--max-bits", type=int, default=8, show_default=True)
+@click.option("--warm-start", default=None, type=click.Path(dir_okay=False), help="policy.json tried first")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory (resumable)")
+def search(model_name, weights, input_shape, data, sigma, budget, latency_budget_ms, target, latency_table, episodes,
+           method, reward_kind, val_images, calib_images, n0, n, n_p, alpha, alpha_zeta, warmup, min_bits, max_bits,
+           warm_start, seed, out):
+    """Search per-layer bit-widths under a BOPs (or latency) budget; reward: certified robustness (ARQ)."""
+    from arq_deploy.search.driver import run_search_command
+
+    summary = run_search_command(
+        model_name=model_name, weights=weights, input_shape=_shape(input_shape), data=data, sigma=sigma,
+        budget=budget, latency_budget_ms=latency_budget_ms, target=target, latency_table=latency_table,
+        episodes=episodes, method=method, reward_kind=reward_kind, val_images=val_images, calib_images=calib_images,
+        n0=n0, n=n, n_p=n_p, alpha=alpha, alpha_zeta=alpha_zeta, warmup=warmup, min_bits=min_bits,
+        max_bits=max_bits, warm_start=warm_start, seed=seed, out=out)
+    click.echo(f"best reward {summary['best_reward']:.4f} at {100 * summary['best_bops_fraction']:.3f}% of W32A32 "
+               f"BOPs after {summary['episodes']} episodes ({summary['evaluations']} evaluated); wrote "
+               f"{Path(out) / 'policy.json'}")
 
 
 @main.command()
