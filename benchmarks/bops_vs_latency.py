@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BACKENDS = ("onnxruntime", "tvm", "tvm-int")
 UNIFORM = {"W8A8": 8, "W6A6": 6, "W4A4": 4, "W2A2": 2}
 QUICK_UNIFORM = ("W8A8", "W4A4", "W2A2")
 # ARQ-style mixed policies: sensitive first/last layers kept wide, cheap bits where the MACs are
@@ -83,7 +84,11 @@ def build_models(args, tmp: Path) -> list[dict]:
     for m in models:
         t = time.perf_counter()
         m["tvm"] = compile_onnx(m["onnx"], "x86", tmp / f"tvm-{m['name']}", batch_size=args.batch)
-        print(f"compiled {m['name']:22s} for TVM x86 ({time.perf_counter() - t:.0f} s)", flush=True)
+        # the integer build (QDQ -> int32-accumulating ops); for fp32 there is nothing to lower
+        m["tvm-int"] = m["tvm"] if m["policy"] is None else compile_onnx(
+            m["onnx"], "x86", tmp / f"tvm-int-{m['name']}", batch_size=args.batch, integer=True)
+        print(f"compiled {m['name']:22s} for TVM x86, float and integer ({time.perf_counter() - t:.0f} s)",
+              flush=True)
     return models
 
 
@@ -95,6 +100,7 @@ def runners(models: list[dict]) -> dict[tuple[str, str], object]:
     for m in models:
         out[(m["name"], "onnxruntime")] = OrtRunner(m["onnx"], providers=["CPUExecutionProvider"])
         out[(m["name"], "tvm")] = TvmRunner(m["tvm"])
+        out[(m["name"], "tvm-int")] = TvmRunner(m["tvm-int"])
     return out
 
 
@@ -140,7 +146,7 @@ def plot(models: list[dict], res: dict, path: Path, batch: int) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     panels = (("latency_p50_ms", "latency p50 at batch 1 (ms)"), ("ms_per_image_large_batch", "ms per image"))
     for ax, (metric, label) in zip(axes, panels):
-        for backend, marker in (("onnxruntime", "o"), ("tvm", "s")):
+        for backend, marker in (("onnxruntime", "o"), ("tvm", "s"), ("tvm-int", "^")):
             xs = [100 * m["bops_fraction"] for m in models]
             ys = [res[(m["name"], backend)][metric] for m in models]
             ax.scatter(xs, ys, marker=marker, label=backend, s=40)
@@ -166,7 +172,7 @@ def report(models, res, corr) -> None:
     print(f"\n{'model':22s} {'BOPs %':>8s} | {'backend':11s} {'p50 ms b=1':>10s} {'vs fp32':>8s} "
           f"{'img/s':>9s} {'vs fp32':>8s}")
     for m in models:
-        for backend in ("onnxruntime", "tvm"):
+        for backend in BACKENDS:
             r, base = res[(m["name"], backend)], res[("fp32", backend)]
             print(f"{m['name']:22s} {100 * m['bops_fraction']:8.3f} | {backend:11s} {r['latency_p50_ms']:10.3f} "
                   f"{base['latency_p50_ms'] / r['latency_p50_ms']:7.2f}x {r['images_per_s']:9,.0f} "
@@ -213,14 +219,14 @@ def main(argv=None):
                 "latency_with_fp32": spearman(models, res, b, "latency_p50_ms", True),
                 "per_image_quantized": spearman(models, res, b, "ms_per_image_large_batch", False),
                 "per_image_with_fp32": spearman(models, res, b, "ms_per_image_large_batch", True)}
-            for b in ("onnxruntime", "tvm")}
+            for b in BACKENDS}
     report(models, res, corr)
     png = out.with_suffix(".png")
     plot(models, res, png, args.batch)
     rows = []
     for m in models:
-        row = {k: v for k, v in m.items() if k not in ("onnx", "tvm")}
-        for backend in ("onnxruntime", "tvm"):
+        row = {k: v for k, v in m.items() if k not in ("onnx", "tvm", "tvm-int")}
+        for backend in BACKENDS:
             r, base = res[(m["name"], backend)], res[("fp32", backend)]
             row[backend] = {**r, "latency_speedup_vs_fp32": base["latency_p50_ms"] / r["latency_p50_ms"],
                             "throughput_ratio_vs_fp32": r["images_per_s"] / base["images_per_s"]}
