@@ -23,7 +23,7 @@ import numpy as np
 
 from arq_deploy.artifact import Artifact, load_artifact
 from arq_deploy.errors import ArqError, ArtifactIntegrityError
-from arq_deploy.runners import SamplingMixin, check_input
+from arq_deploy.runners import SamplingMixin, _batched, check_input
 
 DEFAULT_PORT = 9090
 # TVM's RPC handshake (tvm.rpc.base): a little-endian int32 magic, then a length-prefixed key; the server answers
@@ -170,11 +170,7 @@ class RpcTvmRunner(SamplingMixin):
             return self._main(tensor(xb, self._dev)).numpy()[:n]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.input_shape)
-        if len(x) == 0:
-            return np.zeros((0, self.num_classes), np.float32)
-        outs = [self._run(x[i: i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
-        return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+        return _batched(self._run, check_input(x, self.input_shape), self.batch_size, self.num_classes)
 
     def close(self) -> None:
         """Drop the remote VMs and the session (the server removes the uploaded files when the session ends)."""

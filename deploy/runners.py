@@ -52,9 +52,12 @@ class SamplingMixin:
         return counts_loop(self._run, x, n, sigma, seed, purpose, self.batch_size, self.num_classes)
 
 
-def _batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
+def _batched(fn, x: np.ndarray, batch_size: int, num_classes: int = 0) -> np.ndarray:
+    """fn over consecutive slices of at most batch_size rows, concatenated as float32 (0 × num_classes if x is empty)."""
     outs = [fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), np.float32)
+    if not outs:
+        return np.zeros((0, max(int(num_classes), 0)), np.float32)
+    return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
 
 
 class TorchRunner(SamplingMixin):
@@ -77,7 +80,7 @@ class TorchRunner(SamplingMixin):
             return self.model(torch.from_numpy(xb).to(self.device)).float().cpu().numpy()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return _batched(self._run, check_input(x, self.input_shape), self.batch_size)
+        return _batched(self._run, check_input(x, self.input_shape), self.batch_size, self.num_classes)
 
 
 def cuda_driver_present() -> bool:
@@ -141,4 +144,4 @@ class OrtRunner(SamplingMixin):
         return self.session.run(None, {self.input_name: xb})[0][:n]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return _batched(self._run, check_input(x, self.input_shape), self.batch_size)
+        return _batched(self._run, check_input(x, self.input_shape), self.batch_size, self.num_classes)

@@ -13,7 +13,7 @@ import numpy as np
 
 from arq_deploy.artifact import Artifact, load_artifact
 from arq_deploy.errors import ArqError, ArtifactIntegrityError
-from arq_deploy.runners import SamplingMixin, check_input
+from arq_deploy.runners import SamplingMixin, _batched, check_input
 
 # runtime.config_threadpool affinity mode: worker threads may run on any of the given cores (no pinning).
 _SHARE_ALL_CORES = -3
@@ -123,10 +123,7 @@ class TvmRunner(SamplingMixin):
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = check_input(x, self.input_shape)
         self._configure_threads()
-        if len(x) == 0:
-            return np.zeros((0, self.num_classes), np.float32)
-        outs = [self._run(x[i: i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
-        return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+        return _batched(self._run, x, self.batch_size, self.num_classes)
 
     def _before_counts(self) -> None:
         self._configure_threads()

@@ -91,6 +91,7 @@ class Search:
         self.agent_path = self.out / "agent.pt"
         self.agent = self._make_agent(agent_config) if config.method == "ddpg" else None
         self.rng = np.random.default_rng(config.seed)  # random search's actions
+        self._w32a32 = sum(s.macs for s in env.specs) * 32 * 32  # BOPs of the float model
 
     # ------------------------------------------------------------ files
 
@@ -150,7 +151,7 @@ class Search:
         rinfo = {k: v for k, v in info["reward_info"].items() if k != "cached"}
         return {"episode": episode, "policy": {n: [b.w_bits, b.a_bits] for n, b in policy.layers.items()},
                 "raw_bits": [list(b) for b in info["raw_bits"]], "bops": info["bops"],
-                "bops_fraction": info["bops"] / (sum(s.macs for s in self.env.specs) * 1024),
+                "bops_fraction": info["bops"] / self._w32a32,
                 "cost": info["cost"], "cost_unit": info["cost_unit"], "reward": reward, "reward_info": rinfo,
                 "cached": bool(info["reward_info"].get("cached", False)), "seconds": round(seconds, 3)}
 

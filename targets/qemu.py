@@ -35,7 +35,7 @@ import numpy as np
 
 from arq_deploy.artifact import Artifact, load_artifact
 from arq_deploy.errors import ArqError, ArtifactIntegrityError
-from arq_deploy.runners import SamplingMixin, check_input
+from arq_deploy.runners import SamplingMixin, _batched, check_input
 
 ENV_VAR = "ARQ_AARCH64_ENV"
 READY = ".ready-v1"
@@ -236,8 +236,4 @@ class QemuRunner(SamplingMixin):
         return y[:n]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.input_shape)
-        if len(x) == 0:
-            return np.zeros((0, self.num_classes), np.float32)
-        outs = [self._run(x[i: i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
-        return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+        return _batched(self._run, check_input(x, self.input_shape), self.batch_size, self.num_classes)
