@@ -8,6 +8,10 @@ inserts, in front of its Conv/Gemm/MatMul node:
     weight:      int8 initializer holding b-bit values (or native INT4 when asked) -> DequantizeLinear(axis=out) -> node
     bias:        int32 initializer (scale s_a·s_w per channel) -> DequantizeLinear -> node
 
+A piecewise (PWLQ) weight has two int initializers, each with its DequantizeLinear (per channel), summed by an Add
+that feeds the node: ŵ = C·s_c + T·s_t (search/quantizers.py). onnxruntime and TVM run it in float (the Add keeps
+the weight out of their integer-conv fusion) and compute what the torch fake-quant model computes.
+
 Sub-8-bit activations live in uint8 containers; the float Clip keeps them in the b-bit range (QCDQ), so onnxruntime
 and TVM both run the graph and compute exactly what the torch fake-quant model computes.
 """
@@ -155,6 +159,9 @@ def _unsigned_container(mod) -> bool:
 
 def _quantize_weight(gr: _Graph, node, name: str, mod, w: np.ndarray, int4: bool):
     axis, transposed = _weight_axis(node, None, w.shape)
+    pieces = mod.weight_pieces()
+    if len(pieces) > 1:
+        return _quantize_weight_pieces(gr, node, name, mod, pieces, axis, transposed, int4)
     q = mod.weight_int().cpu().numpy()
     if transposed:
         q = q.T
@@ -178,6 +185,32 @@ def _quantize_weight(gr: _Graph, node, name: str, mod, w: np.ndarray, int4: bool
     gr.before.setdefault(_node_index(gr, node), []).append(dq)
 
 
+def _quantize_weight_pieces(gr: _Graph, node, name: str, mod, pieces, axis: int, transposed: bool, int4: bool):
+    """Σ_k DequantizeLinear(W_k, s_k, 0, axis) -> Add -> node weight (pieces k: '' (first), 'tail', ...)."""
+    outs, nodes = [], []
+    for k, (q, scale) in enumerate(pieces):
+        tag = "weight" if k == 0 else ("weight_tail" if len(pieces) == 2 else f"weight_p{k}")
+        q = q.cpu().numpy().T if transposed else q.cpu().numpy()
+        scale = scale.detach().cpu().numpy().astype(np.float32)
+        native4 = int4 and mod.w_bits <= 4
+        gr.add_init(_int4_tensor(f"{name}.{tag}_q", q) if native4 else _const(f"{name}.{tag}_q", q.astype(np.int8)))
+        zeros = np.zeros_like(scale, dtype=np.int8)
+        gr.add_init(_int4_tensor(f"{name}.{tag}_zp", zeros) if native4 else _const(f"{name}.{tag}_zp", zeros))
+        gr.add_init(_const(f"{name}.{tag}_scale", scale))
+        ins = [f"{name}.{tag}_q", f"{name}.{tag}_scale", f"{name}.{tag}_zp"]
+        nodes.append(helper.make_node("DequantizeLinear", ins, [f"{name}.{tag}_dq"], name=f"{name}/{tag}_dq",
+                                      axis=axis))
+        outs.append(f"{name}.{tag}_dq")
+    total = outs[0]
+    for k, o in enumerate(outs[1:], 1):
+        total_k = f"{name}.weight_sum" if k == len(outs) - 1 else f"{name}.weight_sum{k}"
+        nodes.append(helper.make_node("Add", [total, o], [total_k], name=f"{name}/weight_add{k}"))
+        total = total_k
+    _drop_if_unused(gr, node.input[1], node)
+    node.input[1] = total
+    gr.before.setdefault(_node_index(gr, node), []).extend(nodes)
+
+
 def _quantize_bias(gr: _Graph, node, name: str, mod):
     bq = mod.bias_int()
     scale = mod.bias_scale().detach().cpu().numpy().astype(np.float32)
@@ -193,7 +226,7 @@ def _quantize_bias(gr: _Graph, node, name: str, mod):
 
 def _activation_qdq(gr: _Graph, node, name: str, mod) -> list:
     x = node.input[0]
-    s, z = float(mod.a_scale), int(round(float(mod.a_zero_point)))
+    s, z = mod.act_qparams()
     gr.add_init(_const(f"{name}.input_scale", np.array(s, np.float32)))
     gr.add_init(_const(f"{name}.input_zp", np.array(z, np.uint8)))
     nodes, src = [], x

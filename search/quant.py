@@ -8,6 +8,10 @@ calibration inputs are non-negative (after ReLU), otherwise asymmetric over the 
 Bias: int32 with scale s_a·s_w,c (what the QDQ ONNX graph stores).
 Fake quantization computes  x̂ = (clamp(round(x/s) + z, q_min, q_max) - z) · s  with round = half-to-even, the
 same arithmetic as ONNX QuantizeLinear/DequantizeLinear, so the torch model and the exported graph agree.
+
+That is the default method, "percentile". Other methods (min-max, PWLQ, DoReFa, PACT, LSQ) are chosen by name in
+`quantize_model(..., method=...)`; search/quantizers.py holds them, and every layer keeps one export interface
+(weight_pieces / weight_int / weight_scale, act_qparams, bias_int / bias_scale) whatever the method.
 """
 
 from __future__ import annotations
@@ -30,9 +34,13 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant(x, scale, zero_point, qmin: int, qmax: int):
-    """(clamp(round(x/scale) + z, qmin, qmax) - z) · scale, with STE; gradient is zero where clamped."""
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
+    """(clamp(round(x/scale) + z, qmin, qmax) - z) · scale, with STE; gradient is zero where clamped.
+
+    Computed as round(clamp(x/scale, qmin - z, qmax - z)) · scale: the same values (the bounds are integers), but
+    the clamp comes before the rounding, so a value that merely rounds to the top or bottom level keeps its
+    straight-through gradient (torch.clamp passes none at its bounds); only x/scale outside [qmin - z, qmax - z]
+    is cut (LSQ's and PACT's gradients need this)."""
+    return round_ste(torch.clamp(x / scale, qmin - zero_point, qmax - zero_point)) * scale
 
 
 def weight_qmax(bits: int) -> int:
@@ -55,8 +63,11 @@ def mse_clip_ratios(w: torch.Tensor, bits: int, grid: int = 32, lowest: float = 
 class _QuantMixin:
     """Shared state of QuantConv2d and QuantLinear (buffers are saved in the state dict)."""
 
-    def _init_quant(self, bits: LayerBits):
+    def _init_quant(self, bits: LayerBits, method: str = "percentile"):
+        from arq_deploy.search.quantizers import get_quantizer
+
         self.w_bits, self.a_bits = bits.w_bits, bits.a_bits
+        self.method, self.quantizer = method, get_quantizer(method)
         out = self.weight.shape[0]
         self.register_buffer("w_clip_ratio", mse_clip_ratios(self.weight, self.w_bits))
         self.register_buffer("a_scale", torch.ones(()))
@@ -64,27 +75,29 @@ class _QuantMixin:
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self.quant_enabled = True
         self._calib: list[torch.Tensor] | None = None
-        self._calib_min = float("inf")
+        self._calib_min, self._calib_max = float("inf"), float("-inf")
         assert self.w_clip_ratio.shape == (out,)
+        self.quantizer.setup(self)
 
     # weights ---------------------------------------------------------------------------------------------
     def weight_scale(self) -> torch.Tensor:
-        amax = self.weight.detach().reshape(self.weight.shape[0], -1).abs().amax(dim=1).clamp_min(1e-12)
-        return amax * self.w_clip_ratio / weight_qmax(self.w_bits)
+        """Per-output-channel weight scale (C_out), of the first piece (see weight_pieces); no gradient."""
+        return self.quantizer.weight_scale(self)
 
     def weight_int(self) -> torch.Tensor:
-        """Integer weights (int8 container), same shape as weight."""
-        s = self.weight_scale().reshape(-1, *[1] * (self.weight.dim() - 1))
-        q = weight_qmax(self.w_bits)
-        return torch.clamp(torch.round(self.weight.detach() / s), -q, q).to(torch.int8)
+        """Integer weights (int8 container), same shape as weight; the first piece (see weight_pieces)."""
+        return self.quantizer.weight_int(self)
+
+    def weight_pieces(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(W_q int8, s_w C_out)]: the dequantized weight is Σ W_q·s_w (one piece, two for PWLQ)."""
+        return self.quantizer.weight_pieces(self)
 
     def qweight(self) -> torch.Tensor:
-        s = self.weight_scale().reshape(-1, *[1] * (self.weight.dim() - 1))
-        q = weight_qmax(self.w_bits)
-        return fake_quant(self.weight, s, 0.0, -q, q)
+        """Fake-quantized weight (straight-through gradients), equal to Σ_pieces W_q·s_w."""
+        return self.quantizer.qweight(self)
 
     def bias_scale(self) -> torch.Tensor:
-        return self.a_scale * self.weight_scale()
+        return (self.quantizer.act_scale(self) * self.weight_scale()).detach()
 
     def bias_int(self) -> torch.Tensor | None:
         if self.bias is None:
@@ -102,9 +115,13 @@ class _QuantMixin:
     def a_qmax(self) -> int:
         return 2**self.a_bits - 1
 
+    def act_qparams(self) -> tuple[float, int]:
+        """(scale, zero point) of the input quantizer as exported (a learned scale included)."""
+        return float(self.quantizer.act_scale(self).detach()), int(round(float(self.a_zero_point)))
+
     def a_range(self) -> tuple[float, float]:
         """Float range [lo, hi] representable by the activation quantizer (what the ONNX Clip uses)."""
-        s, z = float(self.a_scale), float(self.a_zero_point)
+        s, z = self.act_qparams()
         return (0.0 - z) * s, (self.a_qmax - z) * s
 
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,37 +130,32 @@ class _QuantMixin:
             return x
         if not self.quant_enabled:
             return x
-        return fake_quant(x, self.a_scale, self.a_zero_point, 0, self.a_qmax)
+        return self.quantizer.qinput(self, x)
 
     def _observe(self, x: torch.Tensor, per_batch: int = 20000):
         flat = x.detach().reshape(-1).float()
         self._calib_min = min(self._calib_min, float(flat.min()))
+        self._calib_max = max(self._calib_max, float(flat.max()))
         if flat.numel() > per_batch:
             idx = torch.randint(0, flat.numel(), (per_batch,), generator=torch.Generator().manual_seed(len(self._calib)))
             flat = flat[idx]
         self._calib.append(flat.cpu())
 
     def start_calibration(self):
-        self._calib, self._calib_min = [], float("inf")
+        self._calib, self._calib_min, self._calib_max = [], float("inf"), float("-inf")
 
     def finish_calibration(self, percentile: float):
         vals = torch.cat(self._calib) if self._calib else torch.zeros(1)
         self._calib = None
-        hi = float(torch.quantile(vals, percentile / 100.0)) if vals.numel() > 1 else float(vals.max())
-        if self._calib_min >= 0:
-            lo = 0.0
-        else:
-            lo = min(float(torch.quantile(vals, 1 - percentile / 100.0)), 0.0)
-        hi = max(hi, lo + 1e-8)
-        scale = (hi - lo) / self.a_qmax
-        zp = 0.0 if lo == 0.0 else min(max(round(-lo / scale), 0), self.a_qmax)
-        self.a_scale.fill_(scale)
-        self.a_zero_point.fill_(float(zp))
+        if self._calib_max < self._calib_min:  # nothing observed
+            self._calib_min = self._calib_max = 0.0
+        lo, hi = self.quantizer.calib_range(self, vals, self._calib_min, self._calib_max, percentile)
+        self.quantizer.set_act_range(self, lo, hi)
         self.calibrated.fill_(True)
 
-    def _adopt(self, float_module: nn.Module, bits: LayerBits):
+    def _adopt(self, float_module: nn.Module, bits: LayerBits, method: str = "percentile"):
         self.load_state_dict(float_module.state_dict())
-        self._init_quant(bits)
+        self._init_quant(bits, method)
         return self
 
     def forward(self, x):
@@ -154,15 +166,15 @@ class _QuantMixin:
         return self._op(self.qinput(x), self.qweight(), self.qbias())
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"
+        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}, method={self.method}"
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, bits: LayerBits) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Conv2d, bits: LayerBits, method: str = "percentile") -> "QuantConv2d":
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device)
-        return q._adopt(conv, bits)
+        return q._adopt(conv, bits, method)
 
     def _op(self, x, w, b):
         return self._conv_forward(x, w, b)
@@ -170,9 +182,9 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
 
 class QuantLinear(_QuantMixin, nn.Linear):
     @classmethod
-    def from_float(cls, lin: nn.Linear, bits: LayerBits) -> "QuantLinear":
+    def from_float(cls, lin: nn.Linear, bits: LayerBits, method: str = "percentile") -> "QuantLinear":
         q = cls(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device)
-        return q._adopt(lin, bits)
+        return q._adopt(lin, bits, method)
 
     def _op(self, x, w, b):
         return F.linear(x, w, b)
@@ -204,9 +216,14 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def quantize_model(model: nn.Module, policy: QuantPolicy, specs, fold_bn: bool = True) -> nn.Module:
-    """A fake-quant copy of `model`: each Conv2d/Linear the policy gives bits becomes QuantConv2d/QuantLinear.
-    Call `calibrate` before use."""
+def quantize_model(model: nn.Module, policy: QuantPolicy, specs, fold_bn: bool = True,
+                   method: str = "percentile") -> nn.Module:
+    """A fake-quant copy of `model`: each Conv2d/Linear the policy gives bits becomes QuantConv2d/QuantLinear,
+    quantized by `method` (search/quantizers.py: percentile, minmax, pwlq, dorefa, pact, lsq; an unknown name raises
+    UnknownNameError). Call `calibrate` before use."""
+    from arq_deploy.search.quantizers import get_quantizer
+
+    get_quantizer(method)
     policy.validate(specs)
     qmodel = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
     for spec in specs:
@@ -215,12 +232,18 @@ def quantize_model(model: nn.Module, policy: QuantPolicy, specs, fold_bn: bool =
             continue
         mod = qmodel.get_submodule(spec.name)
         cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
-        _set_submodule(qmodel, spec.name, cls.from_float(mod, bits))
+        _set_submodule(qmodel, spec.name, cls.from_float(mod, bits, method))
     return qmodel
 
 
 def quant_layers(model: nn.Module) -> dict[str, _QuantMixin]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
+
+
+def model_quantizer(model: nn.Module) -> str | None:
+    """The quantization method of a fake-quant model's layers ("a+b" if they differ), None without any."""
+    names = sorted({m.method for m in quant_layers(model).values()})
+    return "+".join(names) if names else None
 
 
 @torch.no_grad()
