@@ -10,9 +10,11 @@ from arq_deploy.errors import ArqError, PolicyError
 def run_search_command(*, model_name, weights, input_shape, data, sigma, budget, latency_budget_ms, target,
                        latency_table, episodes, method, reward_kind, val_images, calib_images, n0, n, n_p, alpha,
                        alpha_zeta, warmup, min_bits, max_bits, warm_start, seed, out, progress: bool = True,
-                       greedy_grid=None, cache_dir=None) -> dict:
+                       greedy_grid=None, cache_dir=None, ray_address=None, ray_workers=None) -> dict:
     """cache_dir: where the float model's certificates are kept (default: the run directory); runs with the same
-    model and reward settings may share one (the certification log refuses a different run's settings)."""
+    model and reward settings may share one (the certification log refuses a different run's settings).
+    ray_address ("auto" | "local" | HOST:PORT): evaluate each reward's images in Ray actors
+    (`arq_deploy.search.reward_ray`; same results as without)."""
     from arq_deploy.data import load_dataset
     from arq_deploy.fileio import sha256_file
     from arq_deploy.pipeline import check_data_fits, load
@@ -20,6 +22,11 @@ def run_search_command(*, model_name, weights, input_shape, data, sigma, budget,
     from arq_deploy.search.reward import RewardConfig
     from arq_deploy.search.runner import SearchConfig, make_search
 
+    pool = None
+    if ray_address:  # address and worker count checked before any work (the connection is made later)
+        from arq_deploy.search.reward_ray import RewardPool
+
+        pool = RewardPool(ray_address, ray_workers).check()
     if latency_budget_ms is not None and not target:
         raise PolicyError("--latency-budget-ms needs --target (the device whose latency table bounds the search)")
     if latency_budget_ms is not None and latency_table is None:
@@ -51,10 +58,18 @@ def run_search_command(*, model_name, weights, input_shape, data, sigma, budget,
     sha = sha256_file(weights) if weights and Path(weights).is_file() else None
     s = make_search(lm, train_ds, out, scfg, rcfg, acfg, warm_start=warm_start, latency_table=latency_table,
                     model_sha256=sha, progress=progress)
-    s.prepare(cache_dir)
-    if method == "greedy":
-        return run_greedy(s, progress, greedy_grid)
-    return s.run()
+    if pool is not None:
+        pool.connect()  # before the float certification
+    try:
+        s.prepare(cache_dir)
+        if pool is not None:
+            pool.start(s.reward)
+        if method == "greedy":
+            return run_greedy(s, progress, greedy_grid)
+        return s.run()
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def run_greedy(s, progress: bool = True, grid=None) -> dict:

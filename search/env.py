@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
@@ -89,11 +89,15 @@ class LatencyTable:
     """Per-layer latency (ms) on one target for each bit-width pair, measured by `arq-deploy latency-table`.
 
     entries[layer name]["w{w}a{a}"] = ms. JSON: {"format": "arq-deploy/latency-table", "version": 1, "target": ...,
-    "model": ..., "layers": {...}}."""
+    "model": ..., "layers": {...}}, and optionally (tables from `arq-deploy latency-table`, see
+    `arq_deploy.search.latency`) "source": {layer: {"w{w}a{a}": the measured variant the entry was copied from}}
+    and "details": {variants, float layers, end-to-end check, measurement settings}. Tables without them load."""
 
     target: str
     model: str
     entries: dict
+    source: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
 
     FORMAT = "arq-deploy/latency-table"
 
@@ -107,11 +111,14 @@ class LatencyTable:
             raise PolicyError(f"latency table {path} is not readable JSON: {e}") from None
         if not isinstance(d, dict) or d.get("format") != cls.FORMAT or not isinstance(d.get("layers"), dict):
             raise PolicyError(f"{path} is not an arq-deploy latency table (format {cls.FORMAT!r})")
-        return cls(str(d.get("target")), str(d.get("model")), d["layers"])
+        return cls(str(d.get("target")), str(d.get("model")), d["layers"], dict(d.get("source") or {}),
+                   dict(d.get("details") or {}))
 
     def to_dict(self) -> dict:
-        return {"format": self.FORMAT, "version": 1, "target": self.target, "model": self.model,
-                "layers": self.entries}
+        out = {"format": self.FORMAT, "version": 1, "target": self.target, "model": self.model,
+               "layers": self.entries}
+        return out | ({"source": self.source} if self.source else {}) | ({"details": self.details} if self.details
+                                                                         else {})
 
 
 class LatencyCost:

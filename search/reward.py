@@ -105,6 +105,8 @@ class RewardEvaluator:
         self._float_graph = None  # float ONNX of the BN-folded model: the same for every policy
         self.evaluations = 0  # rewards actually computed (not from the cache)
         self.seconds = 0.0
+        self.cache_dir: Path | None = None  # set by prepare()
+        self.pool = None  # a `reward_ray.RewardPool` evaluating the images in Ray actors (search --ray)
 
     # ------------------------------------------------------------ setup
 
@@ -120,8 +122,9 @@ class RewardEvaluator:
         from arq_deploy.certify.smooth import Smooth
         from arq_deploy.fileio import atomic_path
 
-        cache_dir = Path(cache_dir)
+        cache_dir = Path(cache_dir).resolve()
         cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = cache_dir
         c = self.cfg
         t0 = time.perf_counter()
         runner = self.float_runner()
@@ -153,34 +156,38 @@ class RewardEvaluator:
         return out
 
     def _labels_on_irs_noise(self, runner, i: int) -> np.ndarray:
-        """argmax of runner on x_i + σε_ij, j < n_p, with IRS's noise stream of input i (int16 n_p)."""
-        from arq_deploy.certify.incremental import NOISE_PURPOSE
-        from arq_deploy.certify.smooth import input_seed, noise_batches
+        return irs_noise_labels(runner, self.x_val[i], self.cfg.n_p, self.cfg.sigma, self.cfg.seed, i,
+                                self.cfg.batch_size)
 
-        x, sig, out = self.x_val[i], np.float32(self.cfg.sigma), []
-        for eps in noise_batches(x.shape, self.cfg.n_p, input_seed(self.cfg.seed, i), NOISE_PURPOSE,
-                                 self.cfg.batch_size):
-            out.append(np.asarray(runner(x[None] + sig * eps)).argmax(axis=1))
-        return np.concatenate(out).astype(np.int16)
+    def irs_needed(self, i: int) -> bool:
+        """Whether the IRS reward runs f_q on input i (f certified it correctly)."""
+        from arq_deploy.certify.smooth import ABSTAIN
+
+        cert = self.float_certs[i]
+        return cert.prediction != ABSTAIN and cert.prediction == self.y_val[i]
 
     # ------------------------------------------------------------ evaluation
 
     def quantized_runner(self, policy):
         from arq_deploy.pipeline import quantize_calibrated
-        from arq_deploy.runners import TorchRunner
+        from arq_deploy.runners import OrtRunner, TorchRunner
 
-        qmodel, _ = quantize_calibrated(self.lm, policy, self.x_calib, self.cfg.sigma, self.cfg.seed)
         if self.cfg.backend == "torch":
+            qmodel, _ = quantize_calibrated(self.lm, policy, self.x_calib, self.cfg.sigma, self.cfg.seed)
             return TorchRunner(qmodel, self.lm.input_shape, self.lm.num_classes, batch_size=self.cfg.batch_size)
+        return OrtRunner(self.quantized_onnx(policy), batch_size=self.cfg.batch_size)
+
+    def quantized_onnx(self, policy) -> bytes:
+        """The serialized QDQ ONNX graph of the policy's calibrated model (what onnxruntime runs)."""
         import copy
 
         from arq_deploy.export.qdq import float_onnx, insert_qdq
-        from arq_deploy.runners import OrtRunner
+        from arq_deploy.pipeline import quantize_calibrated
 
+        qmodel, _ = quantize_calibrated(self.lm, policy, self.x_calib, self.cfg.sigma, self.cfg.seed)
         if self._float_graph is None:
             self._float_graph = float_onnx(qmodel, self.lm.input_shape)
-        graph = insert_qdq(copy.deepcopy(self._float_graph), qmodel)
-        return OrtRunner(graph.SerializeToString(), batch_size=self.cfg.batch_size)
+        return insert_qdq(copy.deepcopy(self._float_graph), qmodel).SerializeToString()
 
     def __call__(self, policy) -> tuple[float, dict]:
         key = policy_key(policy, self.names)
@@ -190,8 +197,12 @@ class RewardEvaluator:
         if self.cfg.kind != "accuracy" and self.float_certs is None:
             raise RuntimeError("call prepare() before evaluating rewards")
         t0 = time.perf_counter()
-        runner = self.quantized_runner(policy)
-        reward, info = {"irs": self._irs, "full": self._full, "accuracy": self._accuracy}[self.cfg.kind](runner)
+        if self.pool is not None:  # per-image values from Ray actors (reward_ray), combined below as sequentially
+            runner, per_image = None, self.pool.evaluate(self.quantized_onnx(policy))
+        else:
+            runner, per_image = self.quantized_runner(policy), None
+        reward, info = {"irs": self._irs, "full": self._full, "accuracy": self._accuracy}[self.cfg.kind](
+            runner, per_image)
         info["seconds"] = time.perf_counter() - t0
         self.evaluations += 1
         self.seconds += info["seconds"]
@@ -202,16 +213,17 @@ class RewardEvaluator:
         """Put a reward computed earlier (a resumed search's log) into the cache."""
         self.cache[policy_key(policy, self.names)] = (float(reward), dict(info))
 
-    def _irs(self, runner) -> tuple[float, dict]:
-        from arq_deploy.certify.smooth import ABSTAIN
+    def _irs(self, runner, per_image: dict | None = None) -> tuple[float, dict]:
+        """per_image: {i: k_i} computed elsewhere (Ray actors); else k_i is computed here with runner."""
         from arq_deploy.certify.stats import cp_upper, radius
 
         c, radii, ks, samples = self.cfg, [], [], 0
         for i, cert in enumerate(self.float_certs):
-            if cert.prediction == ABSTAIN or cert.prediction != self.y_val[i]:
+            if not self.irs_needed(i):
                 radii.append(0.0)
                 continue
-            k = int(np.count_nonzero(self._labels_on_irs_noise(runner, i) != self.float_labels[i]))
+            k = per_image[i] if per_image is not None else \
+                int(np.count_nonzero(self._labels_on_irs_noise(runner, i) != self.float_labels[i]))
             samples += c.n_p
             ks.append(k)
             pa = cert.pa_lower - cp_upper(k, c.n_p, c.alpha_zeta)
@@ -219,10 +231,12 @@ class RewardEvaluator:
         acr, info = _acr_info(radii, samples)
         return acr, info | {"mean_disagreement": float(np.mean(ks)) / c.n_p if ks else 0.0}
 
-    def _full(self, runner) -> tuple[float, dict]:
+    def _full(self, runner, per_image: dict | None = None) -> tuple[float, dict]:
         from arq_deploy.certify.smooth import Smooth, input_seed
 
         c = self.cfg
+        if per_image is not None:
+            return _acr_info([per_image[i] for i in range(len(self.val_idx))], len(self.val_idx) * (c.n0 + c.n))
         smooth = Smooth(runner, self.lm.num_classes, c.sigma, batch_size=c.batch_size)
         radii = []
         for i in range(len(self.val_idx)):
@@ -231,10 +245,24 @@ class RewardEvaluator:
             radii.append(cert.radius if cert.correct else 0.0)
         return _acr_info(radii, len(radii) * (c.n0 + c.n))
 
-    def _accuracy(self, runner) -> tuple[float, dict]:
-        pred = np.asarray(runner(self.x_val)).argmax(axis=1)
+    def _accuracy(self, runner, per_image: dict | None = None) -> tuple[float, dict]:
+        if per_image is not None:
+            pred = np.array([per_image[i] for i in range(len(self.val_idx))])
+        else:
+            pred = np.asarray(runner(self.x_val)).argmax(axis=1)
         acc = float(np.mean(pred == self.y_val))
         return acc, {"accuracy": acc, "samples": len(self.x_val)}
+
+
+def irs_noise_labels(runner, x: np.ndarray, n_p: int, sigma: float, seed: int, i: int, batch_size: int) -> np.ndarray:
+    """argmax of runner on x + σε_j, j < n_p, with IRS's noise stream of input i (int16, n_p); x: C×H×W."""
+    from arq_deploy.certify.incremental import NOISE_PURPOSE
+    from arq_deploy.certify.smooth import input_seed, noise_batches
+
+    sig, out = np.float32(sigma), []
+    for eps in noise_batches(x.shape, n_p, input_seed(seed, i), NOISE_PURPOSE, batch_size):
+        out.append(np.asarray(runner(x[None] + sig * eps)).argmax(axis=1))
+    return np.concatenate(out).astype(np.int16)
 
 
 def _acr_info(radii: list[float], samples: int) -> tuple[float, dict]:
