@@ -102,28 +102,76 @@ def layers(model_name, weights, input_shape, bits, policy):
 @main.command()
 @model_opts
 @data_opt
-@click.option("--sigma", type=float, default=0.25, show_default=True, help="Gaussian noise std (pixel scale)")
+@click.option("--mode", default="gaussian", show_default=True,
+              help="vanilla, gaussian (noise σ), pgd (L∞ PGD adversarial training) or distill (robust distillation "
+              "from --teacher: the student on PGD examples matched to the teacher's clean soft labels)")
+@click.option("--sigma", type=float, default=None, help="Gaussian noise std, pixel scale (--mode gaussian) [0.25]")
+@click.option("--eps", default="8/255", show_default=True,
+              help="L∞ PGD radius, pixel scale: 8/255 or 0.03 (pgd, distill)")
+@click.option("--pgd-steps", type=int, default=7, show_default=True, help="PGD steps per training batch")
+@click.option("--pgd-step-size", default=None, help="PGD step, pixel scale, e.g. 2/255 [2.5·eps/steps]")
+@click.option("--teacher", default=None, type=click.Path(dir_okay=False), help="teacher checkpoint (--mode distill)")
+@click.option("--teacher-model", default=None, help="teacher architecture [the teacher checkpoint's arch]")
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="distillation temperature T")
+@click.option("--clean-weight", type=float, default=0.0, show_default=True,
+              help="distill: weight w of the clean cross-entropy (the T²·KL term gets 1 - w)")
+@click.option("--init", default=None, help="random or weights [weights when --weights is given, else random]")
+@click.option("--quantizer", default=None, help="QAT quantization method (with --bits/--policy)")
 @click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--lr", type=float, default=None,
+              help="peak learning rate [0.05; 0.01 for quantization-aware training, where 0.05 collapses]")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @bits_opt
 @policy_opt
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="checkpoint to write")
-def train(model_name, weights, input_shape, data, sigma, epochs, lr, batch_size, bits, policy, seed, out):
-    """Train or fine-tune with Gaussian-noise augmentation (a smoothing base model); with --bits/--policy, QAT."""
+def train(model_name, weights, input_shape, data, mode, sigma, eps, pgd_steps, pgd_step_size, teacher, teacher_model,
+          temperature, clean_weight, init, quantizer, epochs, lr, batch_size, bits, policy, seed, out):
+    """Train or fine-tune in a --mode (vanilla, gaussian noise, PGD adversarial training, robust distillation),
+    from random weights or a checkpoint; with --bits/--policy, quantization-aware (QAT) in the same mode."""
+    import torch
+
     from arq_deploy.data import load_dataset
     from arq_deploy.pipeline import load, save_checkpoint, train as run_train
+    from arq_deploy.search.finetune import training_options
 
-    if sigma < 0 or epochs < 1:
-        raise ArqError("--sigma must be >= 0 and --epochs >= 1")
+    if epochs < 1:
+        raise ArqError("--epochs must be >= 1")
+    cfg, init = training_options(mode, sigma, eps, pgd_steps, pgd_step_size, temperature, clean_weight, quantizer,
+                                 teacher, init, weights, quantized=bool(bits or policy))
+    pol = _policy(bits, policy)
+    torch.manual_seed(seed)  # a random init is seeded too
     lm = load(model_name or ("digits_cnn" if data == "digits" and not weights else None), weights,
               input_shape=_shape(input_shape))
-    pol = _policy(bits, policy)
+    tlm = load(teacher_model, teacher, input_shape=lm.input_shape) if teacher else None
     ds = load_dataset(data, "train")
-    model, history = run_train(lm, ds, sigma, epochs, lr=lr, batch_size=batch_size, seed=seed, policy=pol)
-    save_checkpoint(out, model, lm, sigma, epochs, policy=pol.resolve(_specs(lm)) if pol else None, history=history)
-    click.echo(f"wrote {out}: {history[-1]}")
+    if lr is None:
+        lr = 0.01 if pol is not None else 0.05
+    if not lr > 0:
+        raise ArqError("--lr must be > 0")
+    model, history = run_train(lm, ds, cfg.sigma, epochs, lr=lr, batch_size=batch_size, seed=seed, policy=pol,
+                               mode=cfg.mode, eps=cfg.eps, pgd_steps=cfg.pgd_steps, pgd_step_size=cfg.pgd_step_size,
+                               teacher=tlm, temperature=cfg.temperature, clean_weight=cfg.clean_weight,
+                               quantizer=cfg.quantizer)
+    record = {**cfg.to_dict(), "teacher": _source(teacher, tlm), "init": _source(weights, lm) if init == "weights"
+              else {"from": "random", "seed": seed}}
+    record.update(quantizer=history[-1]["quantizer"])  # the method used (the default one under QAT), else None
+    record.pop("sigma")
+    save_checkpoint(out, model, lm, cfg.sigma, epochs, policy=pol.resolve(_specs(lm)) if pol else None,
+                    history=history, training=record)
+    h = history[-1]
+    click.echo(f"wrote {out}: mode {cfg.mode}, epoch {h['epoch']} loss {h['loss']:.4f}, accuracy on the "
+               f"{cfg.mode} training inputs {h['train_acc']:.4f}")
+
+
+def _source(path, lm) -> dict | None:
+    """Where a checkpoint came from: path, sha256, arch and its own training mode (standard or robust)."""
+    from arq_deploy.fileio import sha256_file
+
+    if path is None:
+        return None
+    return {"from": "weights", "path": str(path), "sha256": sha256_file(path), "arch": lm.name,
+            "mode": lm.meta.get("mode")}
 
 
 def _specs(lm):
@@ -143,10 +191,13 @@ def _specs(lm):
 @click.option("--validate-images", type=int, default=1000, show_default=True)
 @click.option("--min-agreement", type=float, default=0.99, show_default=True)
 @click.option("--int4-weights", is_flag=True, help="store ≤4-bit weights as native ONNX INT4 (onnxruntime only)")
+@click.option("--quantizer", default=None,
+              help="quantization method: percentile, minmax, pwlq (PTQ) or dorefa, pact, lsq (their QAT quantizers at "
+              "calibration) [percentile, or a QAT checkpoint's own]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="model.qdq.onnx to write")
 def export(model_name, weights, input_shape, bits, policy, data, sigma, calib_images, validate_images, min_agreement,
-           int4_weights, seed, out):
+           int4_weights, quantizer, seed, out):
     """Quantize (policy + calibration), export a QDQ ONNX model, and validate it against torch (export.json)."""
     from arq_deploy.data import load_dataset
     from arq_deploy.pipeline import export_and_validate, load
@@ -159,9 +210,10 @@ def export(model_name, weights, input_shape, bits, policy, data, sigma, calib_im
         sigma = float(lm.meta.get("sigma") or 0.0)
     res = export_and_validate(lm, pol, load_dataset(data, "train"), load_dataset(data, "test"), out, sigma=sigma,
                               calib_images=calib_images, validate_images=validate_images, min_agreement=min_agreement,
-                              int4_weights=int4_weights, seed=seed)
+                              int4_weights=int4_weights, seed=seed, method=quantizer)
     v = res["validation"]
-    click.echo(f"wrote {out} ({res['policy_summary']}, BOPs {100 * res['bops_fraction']:.3f}% of W32A32); "
+    click.echo(f"wrote {out} ({res['policy_summary']} {res['quantizer']}, "
+               f"BOPs {100 * res['bops_fraction']:.3f}% of W32A32); "
                f"onnxruntime top-1 {v['accuracy_candidate']:.4f} vs torch {v['accuracy_reference']:.4f}, "
                f"agreement {v['top1_agreement']:.4f} on {v['images']} images")
 
@@ -415,9 +467,12 @@ def bench_cmd(artifact, target, remote, batch_large, repeats, warmup, probe, out
 @click.option("--warm-start", default=None, type=click.Path(dir_okay=False), help="policy.json tried first")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory (resumable)")
+@click.option("--ray", "ray_address", default=None,
+              help="evaluate each reward's validation images in parallel Ray actors: auto, local or HOST:PORT")
+@click.option("--ray-workers", type=int, default=None, help="Ray actors (default: the cluster's CPUs)")
 def search(model_name, weights, input_shape, data, sigma, budget, latency_budget_ms, target, latency_table, episodes,
            method, reward_kind, val_images, calib_images, n0, n, n_p, alpha, alpha_zeta, warmup, min_bits, max_bits,
-           warm_start, seed, out):
+           warm_start, seed, out, ray_address, ray_workers):
     """Search per-layer bit-widths under a BOPs (or latency) budget; reward: certified robustness (ARQ)."""
     from arq_deploy.search.driver import run_search_command
 
@@ -426,10 +481,60 @@ def search(model_name, weights, input_shape, data, sigma, budget, latency_budget
         budget=budget, latency_budget_ms=latency_budget_ms, target=target, latency_table=latency_table,
         episodes=episodes, method=method, reward_kind=reward_kind, val_images=val_images, calib_images=calib_images,
         n0=n0, n=n, n_p=n_p, alpha=alpha, alpha_zeta=alpha_zeta, warmup=warmup, min_bits=min_bits,
-        max_bits=max_bits, warm_start=warm_start, seed=seed, out=out)
+        max_bits=max_bits, warm_start=warm_start, seed=seed, out=out, ray_address=ray_address,
+        ray_workers=ray_workers)
     click.echo(f"best reward {summary['best_reward']:.4f} at {100 * summary['best_bops_fraction']:.3f}% of W32A32 "
                f"BOPs after {summary['episodes']} episodes ({summary['evaluations']} evaluated); wrote "
                f"{Path(out) / 'policy.json'}")
+
+
+@main.command(name="latency-table")
+@model_opts
+@click.option("--target", required=True, help="registered target whose per-layer latency is measured")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tvm"]), default="auto", show_default=True,
+              help="auto: onnxruntime here, TVM with --remote or for another architecture")
+@click.option("--remote", default=None, metavar="HOST:PORT", help="time TVM builds on the device over TVM RPC")
+@click.option("--repeats", type=int, default=50, show_default=True, help="timed calls per graph (median)")
+@click.option("--warmup", type=int, default=5, show_default=True, help="untimed calls first")
+@click.option("--sigma", type=float, default=None, help="calibration noise (default: the checkpoint's σ, else 0)")
+@click.option("--no-end-to-end", "no_e2e", is_flag=True, help="skip the whole-model additivity check")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="latency table JSON to write")
+def latency_table_cmd(model_name, weights, input_shape, target, backend, remote, repeats, warmup, sigma, no_e2e, seed,
+                      out):
+    """Per-layer latency of every (w, a) pair 2..8 on a target (for `search --latency-budget-ms`)."""
+    from arq_deploy.fileio import write_json
+    from arq_deploy.pipeline import load
+    from arq_deploy.search.latency import check_setup, measure_table
+
+    check_setup(target, backend, remote)  # before the model loads
+    lm = load(model_name or (None if weights else "digits_cnn"), weights, input_shape=_shape(input_shape))
+    sigma = float(lm.meta.get("sigma") or 0.0) if sigma is None else sigma
+    table = measure_table(lm, target, backend, remote, repeats=repeats, warmup=warmup, seed=seed, sigma=sigma,
+                          end_to_end=not no_e2e)
+    write_json(out, table.to_dict())
+    d = table.details
+    variants = {v for row in table.source.values() for v in row.values()}
+    click.echo(f"wrote {out}: {len(table.entries)} layers × 49 pairs on {table.target} ({d['backend']}), "
+               f"{d['measured']} graphs measured ({len(variants)} variant kinds), overhead {d['overhead_ms']:.4f} ms")
+    for k, v in (d["end_to_end"] or {}).items():
+        click.echo(f"  {k:>6}: end to end {v['measured_ms']:.4f} ms, sum of layers {v['sum_of_layers_ms']:.4f} ms "
+                   f"({v['sum_over_measured']:.2f}×)")
+
+
+from arq_deploy.checks import check as _check_group  # noqa: E402  (click only; the checks import torch lazily)
+
+main.add_command(_check_group)
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file [RUN/report.html]")
+def report(run, out):
+    """Gather a run directory's results (search, export, certification, checks, benchmarks) into one HTML page."""
+    from arq_deploy.report import build_report
+
+    click.echo(f"wrote {build_report(run, out)}")
 
 
 @main.command()

@@ -156,6 +156,9 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
             require_cross_compiler(t)  # missing: say what to install
             raise ArqError(f"linking the library for target {t.name!r} failed: {_first_line(e)}") from None
         shutil.copyfile(onnx_path, tmp / "model.onnx")
+        paired = onnx_path.with_suffix(".qmodel.pt")  # export's torch model, for white-box checks (arq_deploy.checks)
+        if paired.is_file():
+            shutil.copyfile(paired, tmp / "model.qmodel.pt")
         from arq_deploy.artifact import load_artifact, write_manifest
 
         write_manifest(tmp, info)
