@@ -47,6 +47,7 @@ def test_ray_search_equals_the_sequential_one(digits_model, tmp_path):
     assert max(r["reward"] for r in ra) > 0  # the trained model certifies something: the comparison means something
 
 
+@pytest.mark.slow  # ~80 s: the IRS sharding is covered by the default suite (test_ray_search_equals_the_sequential_one)
 def test_full_and_accuracy_rewards_shard_identically(digits, digits_model, tmp_path):
     from arq_deploy.search.reward import RewardConfig, RewardEvaluator
     from arq_deploy.search.reward_ray import RewardPool
