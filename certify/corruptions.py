@@ -247,7 +247,7 @@ def row_key(name: str, severity: int) -> str:
     return f"{name}/s{int(severity)}"
 
 
-def _accuracy_row(runner, x, labels, batch_size, transform, advance) -> dict:
+def accuracy_row(runner, x, labels, batch_size, transform, advance) -> dict:
     """Top-1 accuracy of runner on transform(x[a:b], a, b) over batches: {n, correct, accuracy}."""
     correct = 0
     for a in range(0, len(x), batch_size):
@@ -286,6 +286,6 @@ def run_corruptions(runner, x, labels, names: Sequence[str] | None = None, sever
             tf = (lambda xb, a, b: xb) if s == 0 else (
                 lambda xb, a, b, n=n, s=s: _corrupt_checked(xb, n, s, int(seed), ids[a:b]))
             row = {"key": key, "corruption": n, "severity": s,
-                   **_accuracy_row(runner, x, labels, batch_size, tf, lambda k: bar.update(task, advance=k))}
+                   **accuracy_row(runner, x, labels, batch_size, tf, lambda k: bar.update(task, advance=k))}
             results[key] = log.append(key, row) if log is not None else row
     return {"clean": results["clean"], "rows": [results[row_key(n, s)] for n in names for s in severities]}

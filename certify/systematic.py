@@ -239,7 +239,7 @@ def run_systematic(runner, x, labels, names: Sequence[str] | None = None, log=No
     row is appended (key = the variation name) and a rerun skips rows already there.
     Returns {"rows": [{key, variation, n, correct, accuracy, mean_abs_diff}], "accuracies": {variation: accuracy}};
     mean_abs_diff is mean |x_v − x| in [0, 1] units."""
-    from arq_deploy.certify.corruptions import _accuracy_row
+    from arq_deploy.certify.corruptions import accuracy_row
     from arq_deploy.progress import progress_bar
 
     names = list(VARIATIONS) if names is None else [check_variation(n) for n in names]
@@ -262,7 +262,7 @@ def run_systematic(runner, x, labels, names: Sequence[str] | None = None, log=No
                 return xv
 
             row = {"key": name, "variation": name,
-                   **_accuracy_row(runner, x, labels, batch_size, tf, lambda k: bar.update(task, advance=k))}
+                   **accuracy_row(runner, x, labels, batch_size, tf, lambda k: bar.update(task, advance=k))}
             row["mean_abs_diff"] = diff[0] / max(x.size, 1)
             results[name] = log.append(name, row) if log is not None else row
     rows = [results[n] for n in names]

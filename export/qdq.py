@@ -274,14 +274,10 @@ def set_metadata(model: onnx.ModelProto, meta: dict) -> None:
 
 
 def read_metadata(model: onnx.ModelProto) -> dict:
-    out = {}
-    for p in model.metadata_props:
-        if p.key.startswith("arq."):
-            try:
-                out[p.key[4:]] = json.loads(p.value)
-            except json.JSONDecodeError:
-                out[p.key[4:]] = p.value
-    return out
+    """The model's `arq.*` metadata, JSON values parsed (arq_deploy.artifact.onnx_arq_metadata)."""
+    from arq_deploy.artifact import onnx_arq_metadata
+
+    return onnx_arq_metadata(model)
 
 
 def check(model: onnx.ModelProto) -> None:

@@ -62,3 +62,21 @@ def cli():
         return p.returncode, p.stdout, p.stderr
 
     return run
+
+
+@pytest.fixture(scope="session")
+def digits_ort(digits, digits_model, tmp_path_factory):
+    """The digits model's W8A8 export on onnxruntime and every 6th test image: (runner, x, labels, indices)."""
+    import numpy as np
+
+    from arq_deploy.pipeline import export_and_validate
+    from arq_deploy.runners import OrtRunner
+    from arq_deploy.search.policy import QuantPolicy
+
+    train_ds, test_ds = digits
+    lm, _ = digits_model
+    path = tmp_path_factory.mktemp("corr") / "w8a8.onnx"
+    export_and_validate(lm, QuantPolicy.uniform(8), train_ds, test_ds, path, sigma=0.25, calib_images=128,
+                        validate_images=200)
+    idx = np.arange(0, len(test_ds), 6)
+    return OrtRunner(path, batch_size=32), test_ds.x(idx), test_ds.labels[idx], idx

@@ -218,21 +218,6 @@ def test_bad_inputs_are_clear_errors():
 # ------------------------------------------------------------------------------------- run on a real model
 
 
-@pytest.fixture(scope="module")
-def digits_ort(digits, digits_model, tmp_path_factory):
-    from arq_deploy.pipeline import export_and_validate
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.search.policy import QuantPolicy
-
-    train_ds, test_ds = digits
-    lm, _ = digits_model
-    path = tmp_path_factory.mktemp("corr") / "w8a8.onnx"
-    export_and_validate(lm, QuantPolicy.uniform(8), train_ds, test_ds, path, sigma=0.25, calib_images=128,
-                        validate_images=200)
-    idx = np.arange(0, len(test_ds), 6)
-    return OrtRunner(path, batch_size=32), test_ds.x(idx), test_ds.labels[idx], idx
-
-
 def test_run_corruptions_resumes_after_a_truncated_log(digits_ort, tmp_path):
     runner, x, y, idx = digits_ort
     names, sevs = ["gaussian_noise", "contrast", "pixelate"], [1, 5]

@@ -10,7 +10,7 @@ from arq_deploy.certify import systematic as S
 from arq_deploy.certify.robust_metrics import acc_s
 from arq_deploy.errors import ArqError, UnknownNameError
 
-from test_corruptions import _natural_image, digits_ort  # noqa: F401  (a fixture)
+from test_corruptions import _natural_image
 
 X = _natural_image(n=3, seed=5)
 
