@@ -108,7 +108,7 @@ def export_and_validate(lm: LoadedModel, policy, train_ds, test_ds, out: str | P
 
     check_data_fits(train_ds, lm)
     check_data_fits(test_ds, lm)
-    from arq_deploy.search.quant import model_quantizer
+    from arq_deploy.search.quant import model_quantizer, tie_nudges
     from arq_deploy.search.quantizers import get_quantizer
 
     if method is not None:
@@ -122,8 +122,15 @@ def export_and_validate(lm: LoadedModel, policy, train_ds, test_ds, out: str | P
         if method is not None and method != trained:
             raise ArqError(f"the checkpoint was trained with quantizer {trained!r}; drop --quantizer {method} or "
                            f"export the float model")
+        import torch
+
+        from arq_deploy.search.quant import break_ties, calibration_batches
+
         policy = QuantPolicy.from_dict(lm.meta["policy"])
         qmodel, specs = lm.model, extract_layer_specs(lm.model, lm.input_shape)
+        # training can drift a scale onto its input's integer lattice: nudge it off (search/quant.break_ties)
+        calib_x = torch.from_numpy(train_ds.x(pick(len(train_ds), calib_images, seed)))
+        break_ties(qmodel, calibration_batches(calib_x, sigma, seed=seed))
         calibration = {"in_training": True}
     else:
         calib_x = train_ds.x(pick(len(train_ds), calib_images, seed))
@@ -146,7 +153,7 @@ def export_and_validate(lm: LoadedModel, policy, train_ds, test_ds, out: str | P
         "std": list(lm.std),
         "sigma": sigma,
         "quantizer": model_quantizer(qmodel),
-        "calibration": calibration,
+        "calibration": {**calibration, "tie_nudges": tie_nudges(qmodel)},
     }
     model = export_qdq(qmodel, lm.input_shape, meta, int4_weights=int4_weights)
     t_export = time.perf_counter() - t0

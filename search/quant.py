@@ -253,7 +253,9 @@ def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor], percentile: fl
     For a smoothing base model pass noisy batches x + σ·ε: noise widens activation ranges (TOOLCHAIN.md)."""
     layers = quant_layers(qmodel)
     qmodel.eval()
-    for m in layers.values():
+    batches = list(batches)
+    for i, m in enumerate(layers.values()):
+        m.calib_index = i  # picks the layer's tie-free scale widening (search/quantizers.tie_free_widening)
         m.start_calibration()
     try:
         for xb in batches:
@@ -261,7 +263,89 @@ def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor], percentile: fl
     finally:
         for m in layers.values():
             m.finish_calibration(percentile)
+    break_ties(qmodel, batches)
     return qmodel
+
+
+# A value x/s exactly half-way between two integers is a rounding tie, and each runtime breaks it by its own float
+# rounding (torch, onnxruntime and TVM sum in different orders), so one activation moves by a whole step in one and
+# not in another. Random values sit that close to a tie about once per 10^6; a layer whose scale is commensurate with
+# the integer lattice its input lies on (the previous layers' s_in·s_w,c·Z) has a fixed share of ties in one channel
+# (1/136 and 1/232 seen). search/quantizers.tie_free_widening prevents most at calibration; QAT can drift back.
+TIE_ULPS = 4  # |x/s - (k + 1/2)| within this many float32 ulps of x/s is a tie
+TIE_RATE, TIE_MIN_HITS = 2e-3, 4  # a channel with at least this share and count of ties is commensurate
+TIE_NUDGE = 1.0 + 3 * 2.0**-13  # 0.04 %: moves a tie by about 2·10^-4·|x/s|, far beyond float rounding
+
+
+@torch.no_grad()
+def tie_report(qmodel: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, dict]:
+    """Per quantized layer, over the quantized model's forward passes on `batches`: the channel of its input with
+    the largest share of rounding ties: {"channel", "ties", "values", "rate"} (values inside the quantizer's range)."""
+    layers = quant_layers(qmodel)
+    hits = {n: None for n in layers}
+    totals = {n: None for n in layers}
+
+    def hook(name, layer):
+        def f(_mod, inp):
+            x = inp[0].detach().float()
+            s = float(layer.quantizer.act_scale(layer).detach())
+            z = float(layer.a_zero_point)
+            v = x / s
+            inside = (v >= -z - 0.5) & (v <= layer.a_qmax - z + 0.5)
+            tol = TIE_ULPS * torch.finfo(torch.float32).eps * v.abs().clamp_min(1.0)
+            tie = inside & ((v - torch.floor(v) - 0.5).abs() <= tol)
+            dims = [d for d in range(x.dim()) if d != 1]
+            h, t = tie.sum(dim=dims), inside.sum(dim=dims)
+            hits[name] = h if hits[name] is None else hits[name] + h
+            totals[name] = t if totals[name] is None else totals[name] + t
+        return f
+
+    handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers.items()]
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        for xb in batches:
+            qmodel(xb)
+    finally:
+        for h in handles:
+            h.remove()
+        qmodel.train(was_training)
+    out = {}
+    for n in layers:
+        if hits[n] is None:
+            continue
+        rate = hits[n].double() / totals[n].clamp_min(1).double()
+        c = int(torch.argmax(rate))
+        out[n] = {"channel": c, "ties": int(hits[n][c]), "values": int(totals[n][c]), "rate": float(rate[c])}
+    return out
+
+
+def _commensurate(row: dict) -> bool:
+    return row["ties"] >= TIE_MIN_HITS and row["rate"] >= TIE_RATE
+
+
+@torch.no_grad()
+def break_ties(qmodel: nn.Module, batches: Iterable[torch.Tensor], rounds: int = 8) -> dict[str, int]:
+    """Nudge (×TIE_NUDGE, zero point kept) the activation scale of every layer whose input has a channel full of
+    rounding ties, re-measuring after each round, so torch, onnxruntime and TVM compute the same integers.
+    Returns {layer: nudges} for the layers it changed; raises nothing (a layer still tied after `rounds` stays)."""
+    batches = list(batches)
+    layers = quant_layers(qmodel)
+    nudged: dict[str, int] = {}
+    for _ in range(rounds):
+        tied = [n for n, row in tie_report(qmodel, batches).items() if _commensurate(row)]
+        if not tied:
+            break
+        for n in tied:
+            layers[n].quantizer.rescale_act(layers[n], TIE_NUDGE)
+            nudged[n] = nudged.get(n, 0) + 1
+            layers[n].tie_nudges = getattr(layers[n], "tie_nudges", 0) + 1  # what the export report lists
+    return nudged
+
+
+def tie_nudges(qmodel: nn.Module) -> dict[str, int]:
+    """{layer: times break_ties nudged its scale} in this process (calibration and export)."""
+    return {n: m.tie_nudges for n, m in quant_layers(qmodel).items() if getattr(m, "tie_nudges", 0)}
 
 
 def set_quant_enabled(qmodel: nn.Module, enabled: bool) -> None:

@@ -8,6 +8,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ARQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CIFAR = SHARED / "cifar10" / "cifar-10-batches-py"
 MODELS = SHARED / "models"
+# the mixed 2/4/6/8-bit ResNet-20 acceptance policy (issue 2), shared by the acceptance, integer-lowering and ARM tests
+R20_MIXED_POLICY = {"format": "arq-deploy/policy", "version": 1, "default": [6, 6],
+                    "layers": {"conv1": [8, 8], "layer1.0.conv1": [4, 4], "layer1.1.conv2": [2, 8],
+                               "layer2.0.conv1": [4, 6], "layer2.2.conv2": [2, 6], "layer3.0.conv1": [4, 8],
+                               "layer3.1.conv1": [6, 4], "linear": [8, 8]}}
 
 
 def need_shared(path: Path):

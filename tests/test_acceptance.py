@@ -5,9 +5,7 @@ import json
 import pytest
 
 from arq_deploy.search.policy import QuantPolicy
-
-MIXED = {"conv1": [8, 8], "layer1.0.conv1": [4, 4], "layer1.1.conv2": [2, 8], "layer2.0.conv1": [4, 6],
-         "layer2.2.conv2": [2, 6], "layer3.0.conv1": [4, 8], "layer3.1.conv1": [6, 4], "linear": [8, 8]}
+from conftest import R20_MIXED_POLICY
 
 
 def test_demo_fast_end_to_end(cli, tmp_path):
@@ -38,7 +36,7 @@ def test_resnet20_mixed_policy_onnxruntime_and_tvm_agree_with_torch(models_dir, 
     from arq_deploy.targets.tvm_build import compile_onnx
     from arq_deploy.tvm_runner import TvmRunner
 
-    policy = QuantPolicy.from_dict({"format": "arq-deploy/policy", "version": 1, "default": [6, 6], "layers": MIXED})
+    policy = QuantPolicy.from_dict(R20_MIXED_POLICY)
     lm = load("resnet20", str(models_dir / "resnet20-12fca82f.th"))
     train, test = load_dataset(str(cifar_dir), "train"), load_dataset(str(cifar_dir), "test")
     res = export_and_validate(lm, policy, train, test, tmp_path / "mixed.onnx")

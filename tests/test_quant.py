@@ -104,3 +104,57 @@ def test_resnet20_ptq_accuracy_by_bits(models_dir, cifar_dir):
     assert accs[8] >= acc_float - 0.01
     assert accs[8] > accs[4] > accs[2]
     assert accs[4] > 0.7
+
+
+def _lattice_layer(scale: float, bits: int = 6):
+    """A QuantLinear fed inputs on the lattice 0.05·k, its activation scale set by hand (no calibration)."""
+    from arq_deploy.search.policy import LayerBits
+
+    layer = QuantLinear.from_float(torch.nn.Linear(8, 4), LayerBits(8, bits))
+    layer.a_scale.fill_(scale)
+    layer.a_zero_point.fill_(0.0)
+    model = torch.nn.Sequential(layer).eval()
+    k = torch.randint(0, 2 * (2**bits - 1), (512, 8), generator=torch.Generator().manual_seed(0))
+    return model, layer, [(0.05 * k.float())[i:i + 128] for i in range(0, 512, 128)]
+
+
+def test_tie_audit_finds_commensurate_scale_and_nudges_it_off():
+    """A scale of 0.1 on inputs 0.05·k puts every odd k on a rounding tie (k/2); x/s in float32 and the same
+    quotient in float64 (or as 3x/3s) round many of them differently. break_ties moves the scale off the lattice; after it no tie
+    is left and both evaluation orders give the same integers. A generic scale is left alone."""
+    from arq_deploy.search.quant import TIE_NUDGE, break_ties, tie_nudges, tie_report
+
+    model, layer, batches = _lattice_layer(0.1)
+    row = tie_report(model, batches)["0"]
+    assert row["rate"] > 0.3 and row["ties"] > 100, row
+    x = torch.cat(batches)
+
+    def orders(s):
+        return torch.round(x / s), torch.round(x.double() / s).float(), torch.round((3 * x) / (3 * s))
+
+    a, b, c = orders(float(layer.a_scale))
+    assert (a != b).float().mean() > 0.05 and (a != c).float().mean() > 0.05  # the ties split evaluation orders
+    assert break_ties(model, batches) == {"0": 1} and tie_nudges(model) == {"0": 1}
+    assert float(layer.a_scale) == pytest.approx(0.1 * TIE_NUDGE, rel=1e-7)
+    assert tie_report(model, batches)["0"]["ties"] == 0
+    a, b, c = orders(float(layer.a_scale))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+    model, layer, batches = _lattice_layer(0.0917)
+    assert break_ties(model, batches) == {} and float(layer.a_scale) == pytest.approx(0.0917) and not tie_nudges(model)
+
+
+def test_calibrated_scales_are_widened_per_layer(digits_setup):
+    """Layer i's calibrated scale is (hi - lo)/q_max times its own tie-free widening: distinct factors, so a relation
+    between two layers' scales does not survive calibration."""
+    from arq_deploy.search.quantizers import tie_free_widening
+
+    factors = [tie_free_widening(i) for i in range(60)]
+    assert all(1.0 < f <= 1.0 + 2.0**-9 for f in factors)
+    assert min(abs(a - b) for i, a in enumerate(factors) for b in factors[i + 1:]) > 1e-5
+    m, specs, x = digits_setup
+    q = calibrate(quantize_model(m, QuantPolicy.uniform(6), specs), calibration_batches(x, 0.25))
+    for i, layer in enumerate(quant_layers(q).values()):
+        assert layer.calib_index == i
+        layer.quantizer.set_act_range(layer, 0.0, 1.0)
+        assert float(layer.a_scale) == pytest.approx(tie_free_widening(i) / 63, rel=1e-6)
