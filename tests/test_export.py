@@ -71,11 +71,13 @@ def test_graph_structure_qcdq(digits_exports):
             assert q.dtype == np.int8 and np.all(zp == 0)
         assert np.abs(q).max() <= 2 ** (w - 1) - 1
         assert f"{s.name}.weight" not in inits  # no float copy of the weights left behind
-        if a < 8:
-            lo = float(numpy_helper.to_array(inits[f"{s.name}.input_lo"]))
-            hi = float(numpy_helper.to_array(inits[f"{s.name}.input_hi"]))
-            scale = float(numpy_helper.to_array(inits[f"{s.name}.input_scale"]))
-            assert (hi - lo) / scale == pytest.approx(2**a - 1, rel=1e-5)
+        if a < 8:  # QuantizeLinear -> Clip(0, 2^a - 1) on the uint8 levels -> DequantizeLinear
+            lo, hi = (numpy_helper.to_array(inits[f"{s.name}.input_{k}"]) for k in ("lo", "hi"))
+            assert lo.dtype == hi.dtype == np.uint8 and int(lo) == 0 and int(hi) == 2**a - 1
+            clip = next(n for n in model.graph.node if n.name == f"{s.name}/input_clip")
+            producer = next(n for n in model.graph.node if clip.input[0] in n.output)
+            consumer = next(n for n in model.graph.node if clip.output[0] in n.input)
+            assert (producer.op_type, consumer.op_type) == ("QuantizeLinear", "DequantizeLinear")
 
 
 def test_int4_weights_native(digits_exports):

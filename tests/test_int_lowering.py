@@ -274,6 +274,9 @@ def test_resnet20_integer_build_agrees_with_onnxruntime(policy, models_dir, cifa
             for k in ("int", "float")}
     lowering = json.loads((arts["int"] / "manifest.json").read_text())["compile"]["schedule"]["integer_lowering"]
     assert lowering["conv2d"] == 19 and lowering["conv2d_pmaddwd"] >= 17
+    # every conv whose output only feeds a quantizer ends in an integer requantize, sub-8-bit ones included (the
+    # export clamps b-bit levels after the QuantizeLinear, which keeps the conv -> quantize pattern whole)
+    assert lowering["requantized"] == 9, lowering
     x = test.x()
     ref = OrtRunner(onnx_path)(x).argmax(1)
     agree = {k: (TvmRunner(a)(x).argmax(1) == ref).mean() for k, a in arts.items()}
