@@ -166,17 +166,16 @@ class Quantizer:
             layer.a_scale.mul_(factor)
 
 
-# A calibrated range end is usually an observed value, and a layer's input is usually the previous layers' output,
-# which lies exactly on their integer lattices s_in·s_w,c·Z (the int32 bias is on them too). When a scale happens to
-# be commensurate with such a lattice, a fixed share of that channel's activations fall exactly on a rounding tie
-# (k + 1/2), and every runtime breaks an exact tie by its own float rounding: onnxruntime, TVM and torch disagree on
-# them. (ResNet-20, mixed policy: layer2.1's input scale was 1/232 of layer2.0.conv2's channel-26 lattice step, so 1
-# in 232 of that channel's values were ties, and 27 % of the test images had a different downstream activation in
-# onnxruntime than in TVM; top-1 agreement 99.7 %.) A common widening factor would not help (a relation between
-# two scales survives multiplying both), so layer i's calibrated scale is widened by 1 + 2^-9·(1/4 + 3/4·{i·φ}) (a
-# Weyl sequence: any two of 20 layers' factors differ by at least 5·10^-5, of 60 by 1.2·10^-5, far above float32
-# rounding; at most 0.2 % of the range, and the largest observed value still maps to q_max). The runtimes then
-# agree up to the rare near-ties of float rounding.
+# A layer's input lies on the previous layers' integer lattices s_in·s_w,c·Z (the int32 bias is on them too). When a
+# calibrated scale happens to be a small-denominator rational multiple of such a step, a fixed share of that channel's
+# values fall exactly on a rounding tie (k + 1/2), and every runtime breaks an exact tie by its own float rounding:
+# onnxruntime, TVM and torch disagree on them. (ResNet-20, mixed policy: layer2.1's input scale was 232 times
+# layer2.0.conv2's channel-26 step, so 1 in 232 of that channel's values were ties, and 27 % of the test images had a
+# different downstream activation in onnxruntime than in TVM; top-1 agreement 99.7 %.) One widening factor for all
+# layers did not help there (the relation survived multiplying both scales by it), so layer i's calibrated scale is
+# widened by 1 + 2^-9·(1/4 + 3/4·{i·φ}) (a Weyl sequence: any two of 20 layers' factors differ by at least 5·10^-5,
+# of 60 by 1.2·10^-5, far above float32 rounding; at most 0.2 % of the range, and the largest observed value still
+# maps to q_max). search/quant.break_ties then checks for ties that remain or that training brings back.
 def tie_free_widening(index: int) -> float:
     frac = (index * 0.6180339887498949) % 1.0
     return 1.0 + 2.0**-9 * (0.25 + 0.75 * frac)
