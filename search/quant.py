@@ -119,11 +119,6 @@ class _QuantMixin:
         """(scale, zero point) of the input quantizer as exported (a learned scale included)."""
         return float(self.quantizer.act_scale(self).detach()), int(round(float(self.a_zero_point)))
 
-    def a_range(self) -> tuple[float, float]:
-        """Float range [lo, hi] representable by the activation quantizer (what the ONNX Clip uses)."""
-        s, z = self.act_qparams()
-        return (0.0 - z) * s, (self.a_qmax - z) * s
-
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
         if self._calib is not None:
             self._observe(x)
