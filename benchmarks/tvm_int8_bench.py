@@ -48,6 +48,8 @@ def build_all(w8a8: Path, work: Path, batch: int, trials: int) -> dict[str, tupl
     from arq_deploy.targets.tvm_build import compile_onnx
 
     variants = {"tvm_float": {}, "tvm_int": {"integer": True}}
+    if host_kernel() == "vpdpbusd":  # the AVX2-era kernel beside it, on the same machine
+        variants["tvm_int_vpmaddwd"] = {"integer": True, "int_kernel": "vpmaddwd"}
     if trials:
         variants["tvm_float_tuned"] = {"tune_trials": trials, "tuning_db": work / "db_float"}
         variants["tvm_int_tuned"] = {"integer": True, "tune_trials": trials, "tuning_db": work / "db_int"}
@@ -57,6 +59,35 @@ def build_all(w8a8: Path, work: Path, batch: int, trials: int) -> dict[str, tupl
         out[name] = (compile_onnx(w8a8, "x86", work / name, batch_size=batch, single=False, **kw),
                      time.perf_counter() - t)
     return out
+
+
+def machine_info() -> dict:
+    """CPU model name, cores and the SIMD features that decide the kernels (from /proc/cpuinfo where it exists)."""
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() == "model name":
+            info["cpu"] = val.strip()
+        elif key.strip() == "flags":
+            flags = set(val.split())
+            info["simd"] = sorted(flags & {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni"})
+            break
+    return info
+
+
+def host_kernel() -> str | None:
+    """The integer conv kernel `compile --integer` picks on this machine (vpdpbusd with VNNI, else vpmaddwd)."""
+    import tvm
+
+    from arq_deploy.targets import int_kernels
+    from arq_deploy.targets.registry import get_target, resolve_tvm_target
+
+    k = int_kernels.select(tvm.target.Target(resolve_tvm_target(get_target("x86"))))
+    return k.name if k is not None else None
 
 
 def measure(runners: dict, batch: int, batches: int, rounds: int) -> dict[str, float]:
@@ -110,6 +141,9 @@ def main():
               "tvm_float / ort_w8a8": rate["tvm_float"] / rate["ort_w8a8"],
               "ort_w8a8 / ort_fp32": rate["ort_w8a8"] / rate["ort_fp32"],
               "tvm_int / ort_fp32": rate["tvm_int"] / rate["ort_fp32"]}
+    if "tvm_int_vpmaddwd" in rate:
+        ratios["tvm_int_vpmaddwd / tvm_float"] = rate["tvm_int_vpmaddwd"] / rate["tvm_float"]
+        ratios["tvm_int / tvm_int_vpmaddwd"] = rate["tvm_int"] / rate["tvm_int_vpmaddwd"]
     for k in ("tvm_float_tuned", "tvm_int_tuned"):
         if k in rate:
             ratios[f"{k} / ort_w8a8"] = rate[k] / rate["ort_w8a8"]
@@ -122,10 +156,12 @@ def main():
         "top1_agreement_with_ort_w8a8": {k: round(v, 4) for k, v in agreement.items()},
         "agreement_images": int(len(x)),
         "compile_s": {k: round(s, 1) for k, (_, s) in arts.items()},
-        "compile": {k: {"integer_lowering": m["schedule"].get("integer_lowering"), "tuning": m["schedule"].get(
+        "int_kernel": host_kernel(),
+        "compile": {k: {"integer_lowering": m["schedule"].get("integer_lowering"),
+                        "int_kernel": m["schedule"].get("int_kernel"), "tuning": m["schedule"].get(
             "tuning"), "funcs_tuned": m["schedule"].get("funcs_tuned")} for k, m in manifests.items()},
         "load_average": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in load_after]},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": machine_info(),
     }
     write_json(args.out, res)
     width = max(map(len, rate))

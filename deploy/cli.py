@@ -228,7 +228,9 @@ def export(model_name, weights, input_shape, bits, policy, data, sigma, calib_im
 @click.option("--tuning-db", type=click.Path(file_okay=False), default=None,
               help="tuning database directory: records are applied and new ones added; reuse it across builds")
 @click.option("--integer", is_flag=True, help="compute QDQ conv/dense layers in integer arithmetic (int32 accumulate)")
-def compile_cmd(onnx_path, target, batch_size, out, tune_trials, tuning_db, integer):
+@click.option("--int-kernel", type=click.Choice(["auto", "vpdpbusd", "vpmaddwd", "none"]), default="auto",
+              show_default=True, help="x86 SIMD conv kernel of --integer builds (auto: vpdpbusd with VNNI, else vpmaddwd)")
+def compile_cmd(onnx_path, target, batch_size, out, tune_trials, tuning_db, integer, int_kernel):
     """Compile an ONNX model with TVM into an artifact directory (model library + manifest.json with hashes)."""
     from arq_deploy.targets.registry import get_target
     from arq_deploy.targets.tuning import check_trials
@@ -237,7 +239,7 @@ def compile_cmd(onnx_path, target, batch_size, out, tune_trials, tuning_db, inte
     get_target(target)  # fail fast on unknown names and bad numbers, before importing TVM
     check_trials(tune_trials)
     path = compile_onnx(onnx_path, target=target, out_dir=out, batch_size=batch_size, tune_trials=tune_trials,
-                        tuning_db=tuning_db, integer=integer)
+                        tuning_db=tuning_db, integer=integer, int_kernel=int_kernel)
     click.echo(f"wrote {path}")
 
 

@@ -1,78 +1,158 @@
-"""An integer conv2d for x86 that runs on `vpmaddwd` (int16 × int16 pairs summed into int32), exact for 8-bit data.
+"""Integer conv2d kernels for x86: int8 data multiplied and summed into int32 by one SIMD instruction, exactly.
 
-Why this instruction. On x86 without AVX-512 VNNI (this machine: AMD Zen 3, AVX2), the u8 × s8 instruction
-`vpmaddubsw` saturates its int16 pair sums (255·127·2 > 32767: wrong results for 8-bit activations), and a plain int32
-multiply (`vpmulld`) is slower than float FMA. `vpmaddwd` multiplies 16 int16 pairs and adds each pair into int32
-exactly (|x|·|w|·2 <= 255·128·2), 16 multiply-adds per instruction against FMA's 8.
+Two instructions, the best the target has (`select`):
 
-Layout. Input channels are paired: a pack stage (per image, inside the same function) turns the uint8 NCHW input
-into int32 words holding two channels, `xs[n, c2, h, w] = x[n, 2c2, h, w] | x[n, 2c2+1, h, w] << 16` (zero padded;
-an odd last channel pairs with 0), and the weights are packed the same way ahead of time, `w32[o, c2, kh, kw]`.
-Then, for 8 consecutive output columns (one AVX2 vector),
+* `vpdpbusd` (AVX-512 VNNI, or AVX-VNNI on 256-bit vectors): per int32 lane, four u8 × s8 products summed into the
+  accumulator, `acc += Σ_{k<4} u8(a_k)·s8(b_k)`, with no intermediate saturation (the `vpdpbusds` form saturates;
+  this one does not): 64 multiply-adds per 512-bit instruction, exact for uint8 activations and int8 weights.
+* `vpmaddwd` (SSE2/AVX2/AVX-512BW): 2 int16 × int16 products per int32 lane, `acc += lo(a)·lo(b) + hi(a)·hi(b)`,
+  exact for 8-bit data (|x|·|w|·2 <= 255·128·2) and for weights up to 16 bits: the fallback without VNNI. (The
+  u8 × s8 `vpmaddubsw` route saturates its int16 pair sums on 8-bit activations, 255·127·2 > 32767, so it is not used.)
 
-    acc[n, o, oh, ow:ow+8] += vpmaddwd(xs[n, c2, oh·s+kh, ow+kw : ow+kw+8], broadcast(w32[o, c2, kh, kw]))
+Layout. G input channels (G = 4 for vpdpbusd, 2 for vpmaddwd) share one int32 word: a pack stage (per image, inside
+the same function) turns the uint8 NCHW input into `xs[n, cg, h, w] = Σ_k x[n, G·cg+k, h, w] << (32/G)·k` (zero
+padded: channels past C are 0), and the weights are packed the same way ahead of time, `wp[o, cg, kh, kw]` (bytes,
+or 16-bit halves, two's complement). Then, for L consecutive output columns (one vector),
 
-which is  Σ_{c2,kh,kw} lo(xs)·lo(w) + hi(xs)·hi(w)  = Σ_{c,kh,kw} x·w  (lo/hi: the sign-extended 16-bit halves).
-For stride > 1 the pack stage also expands the kernel columns, `xs[n, c2, h, kw, ow] = pair(x[.., h, ow·s + kw])`, so
-the 8 lanes stay contiguous. The TE compute states exactly this math (shifts on int32), and the schedule replaces the
-8-lane inner loop by the intrinsic (`tensorize`), so the arithmetic TVM checks is the arithmetic that runs.
+    acc[n, o, oh, ow:ow+L] += dot_G(xs[n, cg, oh·s+kh, ow+kw : ow+kw+L], broadcast(wp[o, cg, kh, kw]))
 
-Requirements (else the caller uses a plain integer conv2d): uint8 activations with zero point 0 (after ReLU), int8
-weights, groups = 1, dilation 1, output width a multiple of the vector lanes (8 with AVX2, 4 with SSE2).
+which sums Σ_{cg,kh,kw,k} x·w = the conv. For stride > 1 the pack stage also expands the kernel columns,
+`xs[n, cg, h, kw, ow] = pack(x[.., h, ow·s + kw])`, so the L lanes stay contiguous. The TE compute states exactly
+this math (shifts and masks on int32), and the schedule replaces the L-lane inner loop by the instruction
+(`tensorize`), so the arithmetic TVM checks is the arithmetic that runs.
 
-Schedule (`schedule_qconv`): batch loop parallel, pack computed per image, register tile F=2 output channels × U=2
-rows × 8 columns of int32 accumulators, reduction over (c2, kh, kw) inside, the fused epilogue (bias, requantize or
-dequantize) computed per tile and vectorized.
+Vector width per layer: the widest of the target's widths (16, 8 or 4 int32 lanes) that divides the layer's output
+width, so a ResNet's 8-column last stage runs on 256-bit vectors where its 32-column first stage runs on 512-bit ones.
+
+Requirements (else the caller uses a plain integer conv2d): uint8 activations with zero point 0 (after ReLU), weights
+within the kernel's range (int8 for vpdpbusd, int16 for vpmaddwd), groups = 1, dilation 1, output width a multiple of
+4.
+
+Schedule (`schedule_qconv`): batch loop parallel, pack computed per image, register tile F output channels × U rows ×
+L columns of int32 accumulators (F, U: `tile`), reduction over (cg, kh, kw) inside, the fused epilogue (bias,
+requantize or dequantize) computed per tile and vectorized.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 CONV_BLOCK, PACK_BLOCK = "arq_qconv", "arq_qconv_pack"
-TILE = {"F": 2, "U": 2}  # measured best of 1-8 × 1-4 on ResNet-20 (Zen 3): larger tiles spill registers
 UNROLL = ("oi", "ohi", "rw")
-_LLVM = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}
-_REGISTERED: dict[int, str] = {}
+KERNELS = ("vpdpbusd", "vpmaddwd")  # preference order of `select(.., "auto")`
 
 
-def pmaddwd_lanes(tgt) -> int:
-    """int32 lanes of the target's vpmaddwd (16 with AVX-512BW, 8 with AVX2, 4 with SSE2 on x86), 0 when none."""
-    if tgt.kind.name != "llvm":
+@dataclass(frozen=True)
+class Kernel:
+    """One SIMD integer dot-product instruction at the vector widths a target has.
+
+    name: "vpdpbusd" | "vpmaddwd"; group: input channels per int32 word (4 | 2); widths: ((int32 lanes, LLVM
+    intrinsic), ...) widest first; w_range: the weight values it multiplies exactly; tile: (F, U) register tile."""
+
+    name: str
+    group: int
+    widths: tuple[tuple[int, str], ...]
+    w_range: tuple[int, int]
+    tile: tuple[int, int]
+
+    def lanes_for(self, out_w: int) -> int:
+        """The widest vector (int32 lanes) whose lane count divides out_w; 0 when none does."""
+        for lanes, _ in self.widths:
+            if out_w % lanes == 0:
+                return lanes
         return 0
+
+    def llvm(self, lanes: int) -> str:
+        return dict(self.widths)[lanes]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "lanes": [lanes for lanes, _ in self.widths], "tile": list(self.tile)}
+
+
+_VNNI = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256", 4: "llvm.x86.avx512.vpdpbusd.128"}
+_PMADDWD = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}
+# measured on ResNet-20 (benchmarks/tvm_int8_bench.py): Zen 3 AVX2 (16 vector registers) F=2·U=2; with AVX-512's 32
+# registers a taller tile pays (see docs/targets.md)
+_TILE = {"avx512": (4, 2), "avx2": (2, 2)}
+
+
+def select(tgt, name: str = "auto") -> Kernel | None:
+    """The integer conv kernel for an LLVM x86 target: `name` ("auto": vpdpbusd where the target has VNNI, else
+    vpmaddwd; "none": no kernel) at the vector widths its features allow; None when the target cannot run it.
+
+    Raises ValueError for an unknown name."""
+    if name not in ("auto", "none", *KERNELS):
+        raise ValueError(f"integer kernel must be one of auto, none, {', '.join(KERNELS)}; got {name!r}")
+    if name == "none" or tgt.kind.name != "llvm":
+        return None
     triple = str(tgt.attrs.get("mtriple", ""))
     if not triple.startswith(("x86_64", "i686")):
-        return 0
+        return None
     from tvm.target import codegen
 
-    if codegen.llvm_cpu_has_features("avx512bw", tgt):
-        return 16
-    if codegen.llvm_cpu_has_features("avx2", tgt):
-        return 8
-    return 4 if codegen.llvm_cpu_has_features("sse2", tgt) else 0
+    def has(*features):
+        return all(codegen.llvm_cpu_has_features(f, tgt) for f in features)
+
+    wide = has("avx512bw", "avx512vl")
+    tile = _TILE["avx512" if has("avx512f") else "avx2"]
+    if name in ("auto", "vpdpbusd"):
+        if has("avx512vnni") and wide:
+            return Kernel("vpdpbusd", 4, tuple(_VNNI.items()), (-128, 127), tile)
+        if has("avxvnni"):  # the same intrinsics, VEX-encoded on 256-bit vectors
+            return Kernel("vpdpbusd", 4, ((8, _VNNI[8]), (4, _VNNI[4])), (-128, 127), tile)
+        if name == "vpdpbusd":
+            return None
+    lanes = [16] if has("avx512bw") else []
+    lanes += [8] if has("avx2") else []
+    lanes += [4] if has("sse2") else []
+    if not lanes:
+        return None
+    return Kernel("vpmaddwd", 2, tuple((n, _PMADDWD[n]) for n in lanes), (-32768, 32767), tile)
 
 
-def intrinsic(lanes: int) -> str:
-    """Register (once) and return the name of the `lanes`-wide vpmaddwd tensor intrinsic."""
-    if lanes in _REGISTERED:
-        return _REGISTERED[lanes]
+def block_names(kernel: Kernel) -> tuple[str, str]:
+    """(conv block, pack block) names of `qconv2d`'s stages for this kernel (the schedule finds them by name)."""
+    return f"{CONV_BLOCK}_{kernel.name}", f"{PACK_BLOCK}_{kernel.name}"
+
+
+_REGISTERED: dict[tuple[str, int], str] = {}
+
+
+def intrinsic(kernel: Kernel, lanes: int) -> str:
+    """Register (once) and return the name of the kernel's `lanes`-wide tensor intrinsic."""
+    key = (kernel.name, lanes)
+    if key in _REGISTERED:
+        return _REGISTERED[key]
     from tvm.s_tir import TensorIntrin
 
-    name = f"arq_pmaddwd_i16x{2 * lanes}"
-    desc, impl = _intrin_funcs(lanes)
+    name = f"arq_{kernel.name}_i32x{lanes}"
+    desc, impl = _intrin_funcs(kernel, lanes)
     try:
         TensorIntrin.register(name, desc, impl)
     except Exception:  # registered by an earlier import of this module (e.g. reloaded)
         TensorIntrin.get(name)
-    _REGISTERED[lanes] = name
+    _REGISTERED[key] = name
     return name
 
 
-def _intrin_funcs(lanes: int):
+def word_dot(a, b, group: int):
+    """Σ_k field_k(a)·field_k(b) of two int32 words of `group` fields (unsigned bytes of a times signed bytes of b
+    for 4; signed 16-bit halves for 2), as a TIR expression: the math of one lane of the instruction."""
+    if group == 2:
+        return ((a << 16) >> 16) * ((b << 16) >> 16) + (a >> 16) * (b >> 16)
+    t = [(a & 255) * ((b << 24) >> 24), ((a >> 8) & 255) * ((b << 16) >> 24),
+         ((a >> 16) & 255) * ((b << 8) >> 24), ((a >> 24) & 255) * (b >> 24)]
+    return t[0] + t[1] + t[2] + t[3]
+
+
+def _intrin_funcs(kernel: Kernel, lanes: int):
     from tvm.script import tirx as T
 
     vec16, vec32 = f"int16x{2 * lanes}", f"int32x{lanes}"
-    llvm = _LLVM[lanes]
+    llvm, group = kernel.llvm(lanes), kernel.group
+    vec8 = f"int8x{4 * lanes}" if _vnni_takes_bytes() else vec32
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((1,), "int32", offset_factor=1),
@@ -83,50 +163,71 @@ def _intrin_funcs(lanes: int):
             for i in T.serial(0, lanes):
                 with T.sblock("update"):
                     vi = T.axis.spatial(lanes, i)
-                    C[vi] = C[vi] + (T.shift_right(T.shift_left(A[vi], 16), 16)
-                                     * T.shift_right(T.shift_left(B[0], 16), 16)
-                                     + T.shift_right(A[vi], 16) * T.shift_right(B[0], 16))
+                    C[vi] = C[vi] + word_dot(A[vi], B[0], group)
 
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((1,), "int32", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:lanes], B[0:1])
-            T.writes(C[0:lanes])
-            a = T.reinterpret(A.vload([0], vec32), dtype=vec16)
-            b = T.reinterpret(T.broadcast(B[0], lanes), dtype=vec16)
-            C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm), a, b,
-                                                                        dtype=vec32)
+    if kernel.name == "vpdpbusd":
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((1,), "int32", offset_factor=1),
+                 C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:lanes], B[0:1])
+                T.writes(C[0:lanes])
+                a = T.reinterpret(A.vload([0], vec32), dtype=vec8)
+                b = T.reinterpret(T.broadcast(B[0], lanes), dtype=vec8)
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm), C[T.ramp(T.int32(0), 1, lanes)], a, b, dtype=vec32)
+    else:
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((1,), "int32", offset_factor=1),
+                 C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:lanes], B[0:1])
+                T.writes(C[0:lanes])
+                a = T.reinterpret(A.vload([0], vec32), dtype=vec16)
+                b = T.reinterpret(T.broadcast(B[0], lanes), dtype=vec16)
+                C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm), a, b,
+                                                                            dtype=vec32)
 
     return desc, impl
 
 
-def pack_weights(w_int: np.ndarray) -> np.ndarray:
-    """O×C×KH×KW int weights (each in [-32768, 32767]) -> O×ceil(C/2)×KH×KW int32 words of channel pairs
-    (channel 2c in the low 16 bits, 2c+1 in the high 16 bits, two's complement)."""
+def _vnni_takes_bytes() -> bool:
+    """LLVM 22 (TVM 0.27's) declares the vpdpbusd intrinsics on <N x i8> byte vectors; older LLVMs on <N x i32>."""
+    from tvm.target import codegen
+
+    return int(codegen.llvm_version_major()) >= 22
+
+
+def pack_weights(w_int: np.ndarray, group: int = 2) -> np.ndarray:
+    """O×C×KH×KW int weights -> O×ceil(C/group)×KH×KW int32 words: channel group·c + k in field k (bits
+    (32/group)·k upwards, two's complement), missing channels 0."""
     o, c, kh, kw = w_int.shape
-    w = np.zeros((o, c + c % 2, kh, kw), np.int64)
+    bits = 32 // group
+    w = np.zeros((o, -(-c // group) * group, kh, kw), np.int64)
     w[:, :c] = w_int
-    lo = w[:, 0::2] & 0xFFFF
-    hi = (w[:, 1::2] & 0xFFFF) << 16
-    return (lo | hi).astype(np.uint32).view(np.int32)
+    word = np.zeros((o, w.shape[1] // group, kh, kw), np.int64)
+    for k in range(group):
+        word |= (w[:, k::group] & ((1 << bits) - 1)) << (bits * k)
+    return word.astype(np.uint32).view(np.int32)
 
 
-def fits(x_dtype: str, z_x: int, w_int: np.ndarray, groups: int, dilation, out_w: int, lanes: int) -> bool:
-    """Whether `qconv2d` can compute this layer (see the module docstring)."""
-    return (lanes > 0 and x_dtype == "uint8" and z_x == 0 and int(groups) == 1
-            and all(int(d) == 1 for d in dilation) and out_w % lanes == 0
-            and w_int.min() >= -32768 and w_int.max() <= 32767)
+def fits(kernel: Kernel | None, x_dtype: str, z_x: int, w_int: np.ndarray, groups: int, dilation, out_w: int) -> bool:
+    """Whether `qconv2d` with this kernel can compute this layer (see the module docstring)."""
+    return (kernel is not None and kernel.lanes_for(out_w) > 0 and x_dtype == "uint8" and z_x == 0
+            and int(groups) == 1 and all(int(d) == 1 for d in dilation)
+            and w_int.min() >= kernel.w_range[0] and w_int.max() <= kernel.w_range[1])
 
 
-def qconv2d(x, w32, strides, padding):
-    """TE compute: uint8 NCHW x, int32 pair-packed weights O×C2×KH×KW -> int32 NCHW conv2d (no zero points).
+def qconv2d(x, wp, strides, padding, kernel: Kernel):
+    """TE compute: uint8 NCHW x, packed weights O×CG×KH×KW (`pack_weights`) -> int32 NCHW conv2d (no zero points).
 
     strides: (sh, sw); padding: (top, left, bottom, right)."""
     from tvm import te, tirx
 
+    g, bits = kernel.group, 32 // kernel.group
+    conv_name, pack_name = block_names(kernel)
     n_, c_, h_, w_ = (int(d) for d in x.shape)
-    o_, c2_, kh_, kw_ = (int(d) for d in w32.shape)
+    o_, cg_, kh_, kw_ = (int(d) for d in wp.shape)
     sh, sw = (int(s) for s in strides)
     pt, pl, pb, pr = (int(p) for p in padding)
     oh_, ow_ = (h_ + pt + pb - kh_) // sh + 1, (w_ + pl + pr - kw_) // sw + 1
@@ -136,52 +237,56 @@ def qconv2d(x, w32, strides, padding):
         v = x[n, tirx.min(c, c_ - 1), h - pt, w - pl].astype("int32")
         return tirx.if_then_else(ok, v, tirx.const(0, "int32"))
 
+    def word(n, cg, h, w):
+        v = pix(n, g * cg, h, w)
+        for k in range(1, g):
+            v = v | (pix(n, g * cg + k, h, w) << (bits * k))
+        return v
+
     if sw == 1:  # row width rounded up to 8 columns so that the pack stage vectorizes evenly
-        xs = te.compute((n_, c2_, h_ + pt + pb, -(-(w_ + pl + pr) // 8) * 8),
-                        lambda n, c2, h, w: pix(n, 2 * c2, h, w) | (pix(n, 2 * c2 + 1, h, w) << 16), name=PACK_BLOCK)
+        xs = te.compute((n_, cg_, h_ + pt + pb, -(-(w_ + pl + pr) // 8) * 8), word, name=pack_name)
 
-        def load(n, c2, oh, ow, kh, kw):
-            return xs[n, c2, oh * sh + kh, ow + kw]
+        def load(n, cg, oh, ow, kh, kw):
+            return xs[n, cg, oh * sh + kh, ow + kw]
     else:
-        xs = te.compute((n_, c2_, h_ + pt + pb, kw_, ow_),
-                        lambda n, c2, h, kw, ow: pix(n, 2 * c2, h, ow * sw + kw)
-                        | (pix(n, 2 * c2 + 1, h, ow * sw + kw) << 16), name=PACK_BLOCK)
+        xs = te.compute((n_, cg_, h_ + pt + pb, kw_, ow_),
+                        lambda n, cg, h, kw, ow: word(n, cg, h, ow * sw + kw), name=pack_name)
 
-        def load(n, c2, oh, ow, kh, kw):
-            return xs[n, c2, oh * sh + kh, kw, ow]
+        def load(n, cg, oh, ow, kh, kw):
+            return xs[n, cg, oh * sh + kh, kw, ow]
 
-    rc, rh, rw = te.reduce_axis((0, c2_), "rc"), te.reduce_axis((0, kh_), "rh"), te.reduce_axis((0, kw_), "rw")
-
-    def lo(v):
-        return (v << 16) >> 16
+    rc, rh, rw = te.reduce_axis((0, cg_), "rc"), te.reduce_axis((0, kh_), "rh"), te.reduce_axis((0, kw_), "rw")
 
     def acc(n, o, oh, ow):
-        a, b = load(n, rc, oh, ow, rh, rw), w32[o, rc, rh, rw]
-        return te.sum(lo(a) * lo(b) + (a >> 16) * (b >> 16), axis=[rc, rh, rw])
+        return te.sum(word_dot(load(n, rc, oh, ow, rh, rw), wp[o, rc, rh, rw], g), axis=[rc, rh, rw])
 
-    return te.compute((n_, o_, oh_, ow_), acc, name=CONV_BLOCK)
+    return te.compute((n_, o_, oh_, ow_), acc, name=conv_name)
 
 
-def schedule_qconv(sch, lanes: int, threads: int = 1) -> bool:
+def schedule_qconv(sch, kernel: Kernel, threads: int = 1) -> bool:
     """Schedule a (fused) PrimFunc holding `qconv2d`'s blocks in place; False when it holds none."""
+    conv_name, pack_name = block_names(kernel)
     try:
         names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
     except Exception:  # noqa: BLE001 - no root block: not a function of ours
         return False
-    if CONV_BLOCK not in names or PACK_BLOCK not in names:
+    if conv_name not in names or pack_name not in names:
         return False
-    rb, pack = sch.get_sblock(CONV_BLOCK), sch.get_sblock(PACK_BLOCK)
+    rb, pack = sch.get_sblock(conv_name), sch.get_sblock(pack_name)
     root = sch.get_sblock("root")
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
-    for name in names - {CONV_BLOCK, PACK_BLOCK} - outputs:  # epilogue chain: inline into the output block
+    for name in names - {conv_name, pack_name} - outputs:  # epilogue chain: inline into the output block
         sch.compute_inline(sch.get_sblock(name))
-    epilogue = [n for n in outputs if n != CONV_BLOCK]
+    epilogue = [n for n in outputs if n != conv_name]
     if not epilogue:
         epilogue = [sch.get(sch.cache_write(rb, 0, "global")).name_hint]
     n, o, oh, ow, rc, rh, rw = sch.get_loops(rb)
     ext = [int(sch.get(lp).extent) for lp in (n, o, oh, ow)]
-    f = _divisor(ext[1], TILE["F"])
-    u = _divisor(ext[2], TILE["U"])
+    lanes = kernel.lanes_for(ext[3])
+    if not lanes:
+        return False
+    f = _divisor(ext[1], kernel.tile[0])
+    u = _divisor(ext[2], kernel.tile[1])
     oo, oi = sch.split(o, [None, f])
     oho, ohi = sch.split(oh, [None, u])
     owo, owi = sch.split(ow, [None, lanes])
@@ -198,7 +303,7 @@ def schedule_qconv(sch, lanes: int, threads: int = 1) -> bool:
         _vectorize_inner(sch, eb, lanes)
     sch.set_scope(rb, 0, "local")
     init = sch.decompose_reduction(rb, rc)
-    sch.tensorize(owi, intrinsic(lanes))
+    sch.tensorize(owi, intrinsic(kernel, lanes))
     for name, lp in (("oi", oi), ("ohi", ohi), ("rw", rw)):
         if name in UNROLL:
             sch.unroll(lp)

@@ -28,12 +28,12 @@ activation scale missing, per-channel scales on a reduction axis, non-NCHW layou
 rewritten, results differ from the float graph only where the float graph rounds (its sums are float32, the
 integer sums are exact), which the tests bound against onnxruntime and an exact numpy reference.
 
-On x86 the conv layers that fit run on the vpmaddwd kernel of `arq_deploy.targets.int_kernels` (same arithmetic,
-int16 pairs); elsewhere on relax conv2d with int32 output.
+On x86 the conv layers that fit run on a SIMD dot-product kernel of `arq_deploy.targets.int_kernels` (vpdpbusd
+with VNNI, else vpmaddwd: the same integer arithmetic); elsewhere on relax conv2d with int32 output.
 
-    lower_integer(mod, kernel_lanes=0) -> (mod, report)
-        report: {"conv2d": n, "matmul": n, "requantized": n, "float_out": n, "conv2d_pmaddwd": n}
-    integer_lowering_pass(report, kernel_lanes)   the same as a tvm.transform module pass
+    lower_integer(mod, kernel=None) -> (mod, report)
+        report: {"conv2d": n, "matmul": n, "requantized": n, "float_out": n, "conv2d_kernel": n, "kernel": name}
+    integer_lowering_pass(report, kernel)   the same as a tvm.transform module pass
 """
 
 from __future__ import annotations
@@ -66,31 +66,32 @@ class _Layer:
     requant: dict | None = None  # {"s_y", "z_y", "dtype", "lo", "hi"}
 
 
-def lower_integer(mod, func_name: str = "main", kernel_lanes: int = 0):
+def lower_integer(mod, func_name: str = "main", kernel=None):
     """Rewrite the QDQ layers of `mod[func_name]` into integer operators; returns (new module, report dict).
 
-    kernel_lanes: vector lanes of the x86 vpmaddwd conv kernel (`arq_deploy.targets.int_kernels`; 8 with AVX2, 4
-        with SSE2), used for the conv layers it fits; 0: plain integer conv2d everywhere.
+    kernel: an `arq_deploy.targets.int_kernels.Kernel` (x86 vpdpbusd / vpmaddwd) used for the conv layers it fits
+        (report["conv2d_kernel"] counts them); None: plain integer conv2d everywhere.
     The input module is not modified."""
     from tvm import relax
 
     gv = mod.get_global_var(func_name)
     layers = _plan(mod[gv])
-    report = {"conv2d": 0, "matmul": 0, "requantized": 0, "float_out": 0, "conv2d_pmaddwd": 0}
+    report = {"conv2d": 0, "matmul": 0, "requantized": 0, "float_out": 0, "conv2d_kernel": 0,
+              "kernel": kernel.name if kernel is not None else None}
     for ly in layers:
         report[ly.kind] += 1
         report["requantized" if ly.requant else "float_out"] += 1
-    out = _Rewriter(layers, kernel_lanes, report).rewrite(mod, gv)
+    out = _Rewriter(layers, kernel, report).rewrite(mod, gv)
     return relax.transform.DeadCodeElimination()(out), report
 
 
-def integer_lowering_pass(report: dict | None = None, kernel_lanes: int = 0):
+def integer_lowering_pass(report: dict | None = None, kernel=None):
     """`lower_integer` as a tvm.transform module pass (opt_level 0); fills `report` when given."""
     import tvm
 
     @tvm.transform.module_pass(opt_level=0, name="ArqIntegerLowering")
     def _pass(mod, _ctx):
-        new, rep = lower_integer(mod, kernel_lanes=kernel_lanes)
+        new, rep = lower_integer(mod, kernel=kernel)
         if report is not None:
             report.update(rep)
         return new
@@ -302,8 +303,8 @@ def _bias(add_call, acc_var, value: dict, ly: _Layer, n: int) -> bool | None:
 class _Rewriter:
     """Re-emits the function's bindings; matched layers become integer ops, absorbed bindings disappear."""
 
-    def __init__(self, layers: list[_Layer], lanes: int = 0, report: dict | None = None):
-        self.lanes, self.report = lanes, report if report is not None else {}
+    def __init__(self, layers: list[_Layer], kernel=None, report: dict | None = None):
+        self.kernel, self.report = kernel, report if report is not None else {}
         self.by_anchor = {ly.anchor: ly for ly in layers}
         self.skip = set()
         for ly in layers:
@@ -320,7 +321,7 @@ class _Rewriter:
                 bb = self.builder_
                 ly = rw.by_anchor.get(binding.var)
                 if ly is not None:
-                    expr = emit_layer(bb, ly, self.visit_expr(ly.x_q), rw.lanes, rw.report)
+                    expr = emit_layer(bb, ly, self.visit_expr(ly.x_q), rw.kernel, rw.report)
                     dataflow = isinstance(ly.end, relax.DataflowVar)
                     new = bb.emit(expr) if dataflow else bb.emit_output(expr)
                     self.set_var_remap(ly.end, new)
@@ -336,7 +337,7 @@ class _Rewriter:
         return m.builder_.get()
 
 
-def emit_layer(bb, ly: _Layer, x_q, lanes: int = 0, report: dict | None = None):
+def emit_layer(bb, ly: _Layer, x_q, kernel=None, report: dict | None = None):
     """Emit the integer ops of one layer into `bb`; returns the last expression (not yet emitted)."""
     from tvm import relax
     from tvm.relax import op as R
@@ -346,16 +347,17 @@ def emit_layer(bb, ly: _Layer, x_q, lanes: int = 0, report: dict | None = None):
         x = bb.emit(R.subtract(R.astype(x_q, "int16"), relax.const(np.int16(ly.z_x))))
     w_dtype = "int8" if ly.w_int.min() >= -128 and ly.w_int.max() <= 127 else "int16"
     w = relax.const(ly.w_int.astype(w_dtype))
-    if ly.kind == "conv2d" and _use_kernel(ly, x_q, lanes):
+    if ly.kind == "conv2d" and _use_kernel(ly, x_q, kernel):
         from arq_deploy.targets import int_kernels
 
         a = ly.attrs
-        acc = bb.emit_te(int_kernels.qconv2d, x_q, relax.const(int_kernels.pack_weights(ly.w_int)),
-                         [int(v) for v in a.strides], [int(v) for v in a.padding],
-                         primfunc_name_hint=int_kernels.CONV_BLOCK)
+        strides, padding = [int(v) for v in a.strides], [int(v) for v in a.padding]
+        acc = bb.emit_te(lambda xq, wp: int_kernels.qconv2d(xq, wp, strides, padding, kernel), x_q,
+                         relax.const(int_kernels.pack_weights(ly.w_int, kernel.group)),
+                         primfunc_name_hint=int_kernels.block_names(kernel)[0])
         chan = (1, -1, 1, 1)
         if report is not None:
-            report["conv2d_pmaddwd"] = report.get("conv2d_pmaddwd", 0) + 1
+            report["conv2d_kernel"] = report.get("conv2d_kernel", 0) + 1
     elif ly.kind == "conv2d":
         a = ly.attrs
         acc = bb.emit(R.nn.conv2d(x, w, strides=a.strides, padding=a.padding, dilation=a.dilation,
@@ -382,8 +384,8 @@ def emit_layer(bb, ly: _Layer, x_q, lanes: int = 0, report: dict | None = None):
     return R.astype(y, rq["dtype"])
 
 
-def _use_kernel(ly: _Layer, x_q, lanes: int) -> bool:
-    if not lanes:
+def _use_kernel(ly: _Layer, x_q, kernel) -> bool:
+    if kernel is None:
         return False
     from arq_deploy.targets import int_kernels
 
@@ -392,7 +394,7 @@ def _use_kernel(ly: _Layer, x_q, lanes: int) -> bool:
     if len(pad) == 2:
         pad = pad * 2
     out_w = (int(x_q.ty.shape[3]) + pad[1] + pad[3] - ly.w_int.shape[3]) // int(a.strides[1]) + 1
-    return int_kernels.fits(str(x_q.ty.dtype), ly.z_x, ly.w_int, int(a.groups), a.dilation, out_w, lanes)
+    return int_kernels.fits(kernel, str(x_q.ty.dtype), ly.z_x, ly.w_int, int(a.groups), a.dilation, out_w)
 
 
 def _fold_dequantize(call):

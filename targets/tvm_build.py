@@ -25,8 +25,8 @@ Every step is a TVM schedule primitive, which checks its own validity; results a
 tests.
 
 Options of `build` / `compile_onnx`: `integer=True` first rewrites QDQ conv/dense layers into integer arithmetic
-(`arq_deploy.targets.int_lowering`; on x86 the convs run on vpmaddwd, `arq_deploy.targets.int_kernels`, scheduled
-here); `tune_trials`/`tuning_db` MetaSchedule-tune the fused functions (`arq_deploy.targets.tuning`) starting from the
+(`arq_deploy.targets.int_lowering`; on x86 the convs run on vpdpbusd with VNNI, else vpmaddwd,
+`arq_deploy.targets.int_kernels`, scheduled there; `int_kernel` picks one); `tune_trials`/`tuning_db` MetaSchedule-tune the fused functions (`arq_deploy.targets.tuning`) starting from the
 schedules above, and apply a database's records before them.
 """
 
@@ -56,7 +56,7 @@ _SUB_BYTE_TYPES = ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1")
 def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out_dir: str | os.PathLike | None = None,
                  *, batch_size: int = DEFAULT_BATCH, opt_level: int = 3, schedule: str = "arq",
                  single: bool = True, tune_trials: int = 0, tuning_db: str | os.PathLike | None = None,
-                 integer: bool = False) -> Path:
+                 integer: bool = False, int_kernel: str = "auto") -> Path:
     """Compile an ONNX classifier (input N×C×H×W float32 pixels in [0, 1], output N×K logits) into an artifact.
 
     onnx_path: float or QDQ ONNX model with one 4-D input (the batch dimension symbolic, or fixed to batch_size).
@@ -72,6 +72,8 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
     tuning_db: a tuning database directory: its records are applied, and functions it lacks are tuned into it
         (with tune_trials > 0); reused by later builds. None with tune_trials > 0: a temporary database.
     integer: lower QDQ conv/matmul layers to integer arithmetic (`arq_deploy.targets.int_lowering`).
+    int_kernel: with integer, the x86 SIMD conv kernel: "auto" (vpdpbusd where the target has VNNI, else vpmaddwd),
+        "vpdpbusd", "vpmaddwd" or "none" (relax integer conv2d only); see `arq_deploy.targets.int_kernels`.
 
     Cross-compiled targets (rpi4, rpi5, jetson-*: aarch64) link with the target's cross compiler; GPU targets
     (cuda, jetson-nano, jetson-orin-nano) are built by `arq_deploy.targets.gpu_build.compile_gpu` (`schedule` does not
@@ -100,6 +102,7 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
         raise ArqError(f"tuning needs schedule 'arq', got {schedule!r}")
     if integer and t.kind != "cpu":
         raise ArqError(f"target {t.name!r}: integer lowering is implemented for CPU (llvm) targets only")
+    check_int_kernel(int_kernel)
     onnx_path = Path(onnx_path)
     out_dir = Path(out_dir) if out_dir is not None else onnx_path.parent / "targets" / t.name
     if t.kind == "gpu":  # CUDA: dlight GPU schedules, CUDA source + offline fatbin (arq_deploy.targets.gpu_build)
@@ -121,12 +124,12 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
 
     with database_dir(tuning_db) if tuning else contextlib.nullcontext() as db:  # None: a temporary database
         ex, sched_info = build(mod, tvm_target, opt_level=opt_level, schedule=schedule, integer=integer,
-                               tune_trials=tune_trials, tuning_db=db)
+                               tune_trials=tune_trials, tuning_db=db, int_kernel=int_kernel)
         libraries = {LIBRARY: ex}
         if single and batch_size > 1:  # batch 1: the database's records where they fit, no new trials
             one = import_onnx(model, inp["name"], [1, *inp["shape"][1:]], onnx_path, fold_weights=not integer)
             libraries[LIBRARY_B1] = build(one, tvm_target, opt_level=opt_level, schedule=schedule, integer=integer,
-                                          tuning_db=db)[0]
+                                          tuning_db=db, int_kernel=int_kernel)[0]
     out_shape = _output_shape(mod["main"]) or out["shape"]
     compile_s = time.perf_counter() - t0
 
@@ -312,11 +315,12 @@ def _output_shape(func) -> list[int] | None:
 # Relax pipeline and build
 
 def build(mod, tvm_target: dict, *, opt_level: int = 3, schedule: str = "arq", integer: bool = False,
-          tune_trials: int = 0, tuning_db: str | os.PathLike | None = None):
+          tune_trials: int = 0, tuning_db: str | os.PathLike | None = None, int_kernel: str = "auto"):
     """tvm.compile with the CPU pipeline; returns (executable, schedule info for the manifest).
 
     integer: first rewrite QDQ conv/matmul layers into integer operators (`arq_deploy.targets.int_lowering`; the
         module must keep its weights as dequantize(constant), i.e. imported with `fold_weights=False`).
+    int_kernel: the x86 SIMD conv kernel for integer builds (`compile_onnx`).
     tune_trials, tuning_db: MetaSchedule-tune the fused functions the database lacks with this many trials
         (`arq_deploy.targets.tuning`), then apply the database's best records; functions without a record get the
         arq schedules. tuning_db alone (tune_trials=0) applies existing records only.
@@ -334,22 +338,27 @@ def build(mod, tvm_target: dict, *, opt_level: int = 3, schedule: str = "arq", i
     lanes = f32_lanes(tgt)
     stats: dict[str, int] = {}
     info: dict = {"name": schedule, "vector_lanes_f32": lanes}
+    kernel = None
     if integer:
+        from arq_deploy.targets import int_kernels
         from arq_deploy.targets.int_lowering import lower_integer
 
-        from arq_deploy.targets.int_kernels import pmaddwd_lanes
-
-        mod, info["integer_lowering"] = lower_integer(mod, kernel_lanes=pmaddwd_lanes(tgt))
+        kernel = int_kernels.select(tgt, check_int_kernel(int_kernel))
+        if kernel is None and int_kernel not in ("auto", "none"):
+            raise ArqError(f"integer kernel {int_kernel!r} needs CPU features this target lacks "
+                           f"({tgt.attrs.get('mcpu', 'generic')}); use --int-kernel auto")
+        mod, info["integer_lowering"] = lower_integer(mod, kernel=kernel)
+        info["int_kernel"] = kernel.to_json() if kernel is not None else None
     database = None
     if tuning_db is not None:
         from arq_deploy.targets import tuning
 
         threads = int(tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
         report = tuning.tune(prepare(mod, tgt, opt_level), tgt, tune_trials, tuning_db,
-                             baseline=lambda m: schedule_primfunc(m, lanes, threads, _int_lanes(tgt)))
+                             baseline=lambda m: schedule_primfunc(m, lanes, threads, kernel))
         info["tuning"] = report.to_json()
         database = tuning.open_database(tuning_db, create=False)
-    pipeline = cpu_pipeline(tgt, lanes, stats, database) if schedule == "arq" else "default"
+    pipeline = cpu_pipeline(tgt, lanes, stats, database, kernel) if schedule == "arq" else "default"
     try:
         with tvm.transform.PassContext(opt_level=opt_level):
             ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
@@ -392,9 +401,10 @@ def _prepare_passes(tgt) -> list:
             + cpu.legalize_passes(tgt))  # LegalizeOps, FoldConstant (folds weight DQ), FuseOps, FuseTIR
 
 
-def cpu_pipeline(tgt, lanes: int, stats: dict | None = None, database=None):
+def cpu_pipeline(tgt, lanes: int, stats: dict | None = None, database=None, kernel=None):
     """TVM's CPU pipeline (tvm.relax.backend.cpu_generic) with `schedule_pass` between fusion and lowering; with a
-    MetaSchedule database, its records are applied first (counted in stats["funcs_tuned"])."""
+    MetaSchedule database, its records are applied first (counted in stats["funcs_tuned"]). kernel: the integer
+    conv kernel the module was lowered with (`arq_deploy.targets.int_kernels.Kernel`), or None."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -406,7 +416,7 @@ def cpu_pipeline(tgt, lanes: int, stats: dict | None = None, database=None):
             if database is not None:
                 mod = _apply_database(mod, database, stats)
             seq = tvm.transform.Sequential(
-                [schedule_pass(tgt, lanes, stats)]
+                [schedule_pass(tgt, lanes, stats, kernel)]
                 + cpu.dataflow_lower_passes(tgt)
                 + cpu.finalize_passes(tgt)
             )
@@ -431,7 +441,7 @@ def _apply_database(mod, database, stats: dict | None):
     return mod
 
 
-def schedule_pass(tgt, lanes: int, stats: dict | None = None):
+def schedule_pass(tgt, lanes: int, stats: dict | None = None, kernel=None):
     """Module pass: schedule every unscheduled PrimFunc with `schedule_primfunc` (dlight's CPU Reduction rule next)."""
     import tvm
     from tvm import tirx
@@ -440,7 +450,6 @@ def schedule_pass(tgt, lanes: int, stats: dict | None = None):
     fallback = dlight.cpu.Reduction()
     stats = stats if stats is not None else {}
     threads = int(tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
-    int_lanes = _int_lanes(tgt)
 
     @tvm.transform.module_pass(opt_level=0, name="ArqCpuSchedule")
     def _pass(mod, _ctx):
@@ -450,7 +459,7 @@ def schedule_pass(tgt, lanes: int, stats: dict | None = None):
                 continue
             sch, how = None, "default"
             try:
-                sch = schedule_primfunc(func, lanes, threads, int_lanes)
+                sch = schedule_primfunc(func, lanes, threads, kernel)
                 how = "arq"
             except Exception:  # a rule that does not fit this function: try the next one
                 sch = None
@@ -476,25 +485,28 @@ def schedule_pass(tgt, lanes: int, stats: dict | None = None):
 # --------------------------------------------------------------------------------------------------------------------
 # The schedule rules
 
-def _int_lanes(tgt) -> int:
-    from arq_deploy.targets.int_kernels import pmaddwd_lanes
+def check_int_kernel(name: str) -> str:
+    """`name` when it names an integer conv kernel choice (auto, none, vpdpbusd, vpmaddwd), else ArqError."""
+    from arq_deploy.targets.int_kernels import KERNELS
 
-    return pmaddwd_lanes(tgt)
+    if name not in ("auto", "none", *KERNELS):
+        raise ArqError(f"unknown integer kernel {name!r}: choose auto, none, {', '.join(KERNELS)}")
+    return name
 
 
-def schedule_primfunc(func, lanes: int, threads: int = 1, int_lanes: int = 0):
+def schedule_primfunc(func, lanes: int, threads: int = 1, kernel=None):
     """A schedule for one fused PrimFunc (see the module docstring), or None when no rule fits.
 
-    int_lanes: lanes of the vpmaddwd integer conv kernel (`arq_deploy.targets.int_kernels`), whose functions get
-    that module's schedule."""
+    kernel: the integer conv kernel (`arq_deploy.targets.int_kernels.Kernel`) whose functions get that module's
+    schedule, or None."""
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
     sch = s_tir.Schedule(func)
-    if int_lanes:
+    if kernel is not None:
         from arq_deploy.targets.int_kernels import schedule_qconv
 
-        if schedule_qconv(sch, int_lanes, threads):
+        if schedule_qconv(sch, kernel, threads):
             return sch
     infos = normalize_prim_func(sch)
     if not infos:

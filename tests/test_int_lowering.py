@@ -24,7 +24,7 @@ S_X, S_Y = np.float32(0.02), np.float32(0.05)
 def _weights(rng, shape, w_u8: bool, w_max: int):
     if w_u8:  # W8A8 layout: uint8 with zero point 128
         return (rng.integers(-w_max, w_max + 1, shape) + 128).astype(np.uint8), np.uint8(128)
-    return rng.integers(-w_max, w_max + 1, shape).astype(np.int8), np.int8(0)
+    return rng.integers(-w_max, min(w_max, 127) + 1, shape).astype(np.int8), np.int8(0)
 
 
 def qdq_graph(kind="conv", *, cin=16, cout=16, k=3, stride=1, pad=1, w_u8=True, w_max=127, z_x=0, relu=True,
@@ -93,7 +93,7 @@ def reference(kind, x, params, *, z_x, stride=1, pad=1, relu=True, out_q=True):
     return np.clip(y, 0, 255).astype(np.uint8)  # z_y = 0: relu and the uint8 floor coincide
 
 
-def tvm_run(model, x, integer=True):
+def tvm_run(model, x, integer=True, int_kernel="auto", tvm_target=None):
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
@@ -102,7 +102,7 @@ def tvm_run(model, x, integer=True):
     from arq_deploy.targets.tvm_build import build
 
     mod = from_onnx(model, shape_dict={"x": list(x.shape)}, keep_params_in_input=False)
-    ex, info = build(mod, resolve_tvm_target(get_target("x86")), integer=integer)
+    ex, info = build(mod, tvm_target or resolve_tvm_target(get_target("x86")), integer=integer, int_kernel=int_kernel)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return vm["main"](tvm.runtime.tensor(x)).numpy(), info
 
@@ -126,22 +126,45 @@ CONV_CASES = {  # name: (graph kwargs, input H=W, kernel expected)
     "w8a8-u8w-no-relu": (dict(relu=False), 16, True),
     "stride2-no-bias": (dict(stride=2, bias=False), 16, True),
     "act-zero-point": (dict(z_x=121), 16, False),  # x - z_x in int16, plain integer conv2d
-    "odd-channels-width6": (dict(cin=5, cout=6), 6, False),  # width not a multiple of 8: plain integer conv2d
+    "odd-channels-width6": (dict(cin=5, cout=6), 6, False),  # width not a multiple of 4: plain integer conv2d
+    "odd-channels-width8": (dict(cin=5, cout=6), 8, True),  # channels padded to the kernel's group, 8 lanes
     "int8-w-7bit-act": (dict(w_u8=False), 16, True),
 }
 
 
+def host_kernels() -> list[str]:
+    """The integer conv kernels this machine can run (vpmaddwd on any x86-64; vpdpbusd with AVX-512 VNNI or
+    AVX-VNNI); a kernel the host lacks is skipped with that reason, never run."""
+    import tvm
+
+    from arq_deploy.targets import int_kernels
+    from arq_deploy.targets.registry import get_target, resolve_tvm_target
+
+    tgt = tvm.target.Target(resolve_tvm_target(get_target("x86")))
+    return [k for k in int_kernels.KERNELS if int_kernels.select(tgt, k) is not None]
+
+
+KERNEL_PARAMS = [pytest.param(k, id=k) for k in ("vpdpbusd", "vpmaddwd")]
+
+
+def _need(kernel):
+    if kernel not in host_kernels():
+        pytest.skip(f"this CPU cannot run the {kernel} kernel (no {'VNNI' if kernel == 'vpdpbusd' else 'x86 SIMD'})")
+
+
+@pytest.mark.parametrize("kernel_name", KERNEL_PARAMS)
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
-def test_single_conv_bit_exact_against_onnxruntime_and_numpy(case):
+def test_single_conv_bit_exact_against_onnxruntime_and_numpy(case, kernel_name):
+    _need(kernel_name)
     kw, hw, kernel = CONV_CASES[case]
     model, params = qdq_graph("conv", **kw)
     z_x = kw.get("z_x", 0)
-    a_max = 127 if case == "int8-w-7bit-act" else 255  # onnxruntime's u8×s8 kernels are exact below 8 bits
+    a_max = 127 if case == "int8-w-7bit-act" else 255  # onnxruntime's AVX2 u8×s8 kernels are exact below 8 bits
     x = _input("conv", (4, kw.get("cin", 16), hw, hw), z_x, a_max)
-    got, info = tvm_run(model, x)
+    got, info = tvm_run(model, x, int_kernel=kernel_name)
     lowering = info["integer_lowering"]
     assert lowering["conv2d"] == 1 and lowering["requantized"] == 1
-    assert lowering["conv2d_pmaddwd"] == int(kernel)
+    assert lowering["conv2d_kernel"] == int(kernel) and lowering["kernel"] == kernel_name
     ref = reference("conv", x, params, z_x=z_x, stride=kw.get("stride", 1), relu=kw.get("relu", True))
     ort = ort_run(model, x)
     assert got.dtype == np.uint8 and got.shape == ort.shape
@@ -150,15 +173,65 @@ def test_single_conv_bit_exact_against_onnxruntime_and_numpy(case):
     assert len(np.unique(got)) > 20  # the outputs span the range (not all clipped)
 
 
-def test_full_range_int8_weights_are_exact():
-    """u8 activations × s8 weights, both full range: TVM's integer build equals the exact reference. (onnxruntime's
-    AVX2 u8×s8 kernel saturates int16 pair sums here, 44 of 4,096 outputs off in one run on this machine, which is
-    why the exporter stores W8A8 weights as uint8; a VNNI machine would not, so onnxruntime is not compared.)"""
-    model, params = qdq_graph("conv", w_u8=False, relu=False, seed=3)
+@pytest.mark.parametrize("kernel_name", KERNEL_PARAMS)
+def test_full_range_int8_weights_are_exact(kernel_name):
+    """u8 activations × s8 weights, both full range (-128 included): TVM's integer build equals the exact
+    reference (vpdpbusd sums four u8·s8 products into int32 with no saturation). (onnxruntime's AVX2 u8×s8 kernel
+    saturates int16 pair sums here, 44 of 4,096 outputs off in one run on an AVX2 machine, which is why the exporter
+    stores W8A8 weights as uint8; a VNNI machine would not, so onnxruntime is not compared.)"""
+    _need(kernel_name)
+    model, params = qdq_graph("conv", w_u8=False, relu=False, seed=3, w_max=128)
+    assert params["w_q"].min() == -128 and params["w_q"].max() == 127
     x = _input("conv", (4, 16, 16, 16), 0, 255)
-    got, info = tvm_run(model, x)
-    assert info["integer_lowering"]["conv2d_pmaddwd"] == 1
+    got, info = tvm_run(model, x, int_kernel=kernel_name)
+    assert info["integer_lowering"]["conv2d_kernel"] == 1
     assert np.array_equal(got, reference("conv", x, params, z_x=0, relu=False))
+
+
+@pytest.mark.parametrize("mcpu,want", [
+    ("cascadelake", ("vpdpbusd", [16, 8, 4])),  # AVX-512 VNNI
+    ("alderlake", ("vpdpbusd", [8, 4])),  # AVX-VNNI, no AVX-512
+    ("skylake-avx512", ("vpmaddwd", [16, 8, 4])),  # AVX-512BW, no VNNI
+    ("haswell", ("vpmaddwd", [8, 4])),  # AVX2
+])
+def test_kernel_selection_follows_the_target_features(mcpu, want):
+    import tvm
+
+    from arq_deploy.targets import int_kernels
+
+    k = int_kernels.select(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}))
+    assert (k.name, [lanes for lanes, _ in k.widths]) == want
+    assert k.lanes_for(32) == want[1][0] and k.lanes_for(8) == 8 and k.lanes_for(12) == 4 and k.lanes_for(6) == 0
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"})
+    assert int_kernels.select(arm) is None
+    haswell = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
+    assert int_kernels.select(haswell, "vpdpbusd") is None and int_kernels.select(haswell, "none") is None
+
+
+def test_weight_packing_round_trips():
+    """pack_weights puts channel group·c + k in field k of word c, two's complement, missing channels zero."""
+    from arq_deploy.targets.int_kernels import pack_weights
+
+    w = np.random.default_rng(0).integers(-128, 128, (3, 7, 3, 3))
+    for group, bits in ((4, 8), (2, 16)):
+        p = pack_weights(w, group).astype(np.int64)
+        assert p.shape == (3, -(-7 // group), 3, 3) and p.dtype == np.int64
+        fields = [((p >> (bits * k)) & ((1 << bits) - 1)) for k in range(group)]
+        back = np.stack([np.where(f >= 1 << (bits - 1), f - (1 << bits), f) for f in fields], axis=2)
+        back = back.reshape(3, -1, 3, 3)
+        assert np.array_equal(back[:, :7], w) and not back[:, 7:].any()
+
+
+@pytest.mark.skipif("vpdpbusd" not in host_kernels() or "avx_vnni" not in open("/proc/cpuinfo").read(),
+                    reason="needs a CPU with AVX-VNNI to run an AVX-VNNI (256-bit, no AVX-512) build")
+def test_avx_vnni_build_without_avx512_is_exact():
+    """An alderlake target (AVX-VNNI only) runs the same intrinsics VEX-encoded on 256-bit vectors."""
+    model, params = qdq_graph("conv", seed=11)
+    x = _input("conv", (4, 16, 16, 16), 0, 255)
+    tgt = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake", "num-cores": 2}
+    got, info = tvm_run(model, x, tvm_target=tgt)
+    assert info["int_kernel"]["name"] == "vpdpbusd" and info["int_kernel"]["lanes"] == [8, 4]
+    assert np.array_equal(got, reference("conv", x, params, z_x=0))
 
 
 def test_float_output_conv_matches_within_float_rounding():
@@ -273,7 +346,7 @@ def test_resnet20_integer_build_agrees_with_onnxruntime(policy, models_dir, cifa
     arts = {k: compile_onnx(onnx_path, "x86", tmp_path / k, batch_size=100, integer=k == "int", single=False)
             for k in ("int", "float")}
     lowering = json.loads((arts["int"] / "manifest.json").read_text())["compile"]["schedule"]["integer_lowering"]
-    assert lowering["conv2d"] == 19 and lowering["conv2d_pmaddwd"] >= 17
+    assert lowering["conv2d"] == 19 and lowering["conv2d_kernel"] >= 17
     # every conv whose output only feeds a quantizer ends in an integer requantize, sub-8-bit ones included (the
     # export clamps b-bit levels after the QuantizeLinear, which keeps the conv -> quantize pattern whole)
     assert lowering["requantized"] == 9, lowering
@@ -301,7 +374,26 @@ def test_cli_compile_integer(cli, tmp_path):
     assert rc == 0, err
     compile_info = json.loads((tmp_path / "art" / "manifest.json").read_text())["compile"]
     assert compile_info["integer"] is True and compile_info["tuning"] is None
-    assert compile_info["schedule"]["integer_lowering"]["conv2d_pmaddwd"] == 1
+    assert compile_info["schedule"]["integer_lowering"]["conv2d_kernel"] == 1
     x = np.clip(_input("conv", (6, 16, 16, 16), 0), 0, 1).astype(np.float32)
     ref = reference("conv", x, params, z_x=0, out_q=False).mean(axis=(2, 3))
     np.testing.assert_allclose(TvmRunner(tmp_path / "art")(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_the_target_lacks_is_a_clear_error(cli, tmp_path):
+    """int_kernel="vpdpbusd" for an AVX2-only target is refused with a message naming it (not silently replaced);
+    an unknown --int-kernel is a one-line CLI error that writes no artifact."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from arq_deploy.errors import ArqError
+    from arq_deploy.targets.tvm_build import build
+
+    model, _ = qdq_graph("conv", out_q=False)
+    mod = from_onnx(model, shape_dict={"x": [1, 16, 8, 8]}, keep_params_in_input=False)
+    with pytest.raises(ArqError, match="vpdpbusd"):
+        build(mod, {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}, integer=True,
+              int_kernel="vpdpbusd")
+    model.graph.input[0].name = model.graph.node[0].input[0] = "input"
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    rc, out, err = cli("compile", tmp_path / "m.onnx", "--integer", "--int-kernel", "fast", "--out", tmp_path / "b")
+    assert rc == 2 and "fast" in err and "Traceback" not in err and not (tmp_path / "b").exists()
