@@ -9,8 +9,9 @@ reproducible), except the row marked "RandomNormal in graph" (measured only: its
   graph   the smoothing graph (`export.smoothing_graph`): x, noise, σ in; counts out, one call per batch
   parallel  `certify.sampling.ParallelOrtSampler`: one onnxruntime session with 1 intra-op thread, called from 2
           threads at once, each drawing its own batches' noise (batch-level instead of intra-op parallelism)
-for onnxruntime fp32, onnxruntime int8 (`quantize_static`, QDQ per channel, calibrated on noisy images) and TVM x86,
-plus onnxruntime session knobs. All paths are timed interleaved, `--repeats` rounds, best round kept, so that other
+for onnxruntime fp32, onnxruntime int8 (`quantize_static`, QDQ per channel, calibrated on noisy images), TVM x86 fp32
+and the toolkit's W8A8 export (noisy-calibrated) in a TVM integer build (`compile --integer`), plus onnxruntime session
+knobs. All paths are timed interleaved, `--repeats` rounds, best round kept, so that other
 load on the machine hits every row alike; ratios are against the reference measured in the same run.
 
 Then CERTIFY (N0 = 100, N = 10,000, α = 0.001) of every (1000 / images)-th lossless test image with the fastest
@@ -136,6 +137,21 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
         tg = TvmSmoothingGraph(compile_onnx(tmp / "sg-packed.onnx", "x86", tmp / "tvm-sg", batch_size=101,
                                             single=False))
         paths["TVM x86 fp32 smoothing graph b100"] = counts(tg)
+        # the toolkit's own W8A8 export of the same model (calibrated on noisy images), TVM integer build
+        # (compile --integer: vpdpbusd with VNNI, else vpmaddwd)
+        from arq_deploy.pipeline import export_and_validate
+        from arq_deploy.search.policy import QuantPolicy
+
+        export_and_validate(lm, QuantPolicy.uniform(8), train, train, tmp / "w8a8.onnx", sigma=sigma,
+                            validate_images=200)
+        ti = TvmRunner(compile_onnx(tmp / "w8a8.onnx", "x86", tmp / "tvm-int", batch_size=400, single=False,
+                                    integer=True))
+        paths["TVM x86 arq W8A8 integer runner.counts b400"] = counts(ti)
+        save_onnx(smoothing_graph(onnx.load(str(tmp / "w8a8.onnx")), packed=True, sigma=sigma),
+                  tmp / "sg-int-packed.onnx")
+        tgi = TvmSmoothingGraph(compile_onnx(tmp / "sg-int-packed.onnx", "x86", tmp / "tvm-sg-int", batch_size=401,
+                                             single=False, integer=True))
+        paths["TVM x86 arq W8A8 integer smoothing graph b400"] = counts(tgi)
     return paths
 
 

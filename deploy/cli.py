@@ -228,8 +228,9 @@ def export(model_name, weights, input_shape, bits, policy, data, sigma, calib_im
 @click.option("--tuning-db", type=click.Path(file_okay=False), default=None,
               help="tuning database directory: records are applied and new ones added; reuse it across builds")
 @click.option("--integer", is_flag=True, help="compute QDQ conv/dense layers in integer arithmetic (int32 accumulate)")
-@click.option("--int-kernel", type=click.Choice(["auto", "vpdpbusd", "vpmaddwd", "none"]), default="auto",
-              show_default=True, help="x86 SIMD conv kernel of --integer builds (auto: vpdpbusd with VNNI, else vpmaddwd)")
+@click.option("--int-kernel", type=click.Choice(["auto", "vpdpbusd", "vpmaddwd", "sdot", "none"]), default="auto",
+              show_default=True,
+              help="SIMD conv kernel of --integer builds (auto: x86 vpdpbusd with VNNI, else vpmaddwd; AArch64 sdot)")
 def compile_cmd(onnx_path, target, batch_size, out, tune_trials, tuning_db, integer, int_kernel):
     """Compile an ONNX model with TVM into an artifact directory (model library + manifest.json with hashes)."""
     from arq_deploy.targets.registry import get_target

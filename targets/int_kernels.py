@@ -1,6 +1,6 @@
-"""Integer conv2d kernels for x86: int8 data multiplied and summed into int32 by one SIMD instruction, exactly.
+"""Integer conv2d kernels: int8 data multiplied and summed into int32 by one SIMD instruction, exactly.
 
-Two instructions, the best the target has (`select`):
+Three instructions, the best the target has (`select`):
 
 * `vpdpbusd` (AVX-512 VNNI, or AVX-VNNI on 256-bit vectors): per int32 lane, four u8 × s8 products summed into the
   accumulator, `acc += Σ_{k<4} u8(a_k)·s8(b_k)`, with no intermediate saturation (the `vpdpbusds` form saturates;
@@ -8,8 +8,14 @@ Two instructions, the best the target has (`select`):
 * `vpmaddwd` (SSE2/AVX2/AVX-512BW): 2 int16 × int16 products per int32 lane, `acc += lo(a)·lo(b) + hi(a)·hi(b)`,
   exact for 8-bit data (|x|·|w|·2 <= 255·128·2) and for weights up to 16 bits: the fallback without VNNI. (The
   u8 × s8 `vpmaddubsw` route saturates its int16 pair sums on 8-bit activations, 255·127·2 > 32767, so it is not used.)
+* `sdot` (AArch64 dot product, FEAT_DotProd: Raspberry Pi 5's Cortex-A76, Jetson Orin's Cortex-A78AE): per int32
+  lane, four s8 × s8 products summed into the accumulator, 16 multiply-adds per 128-bit instruction. uint8
+  activations do not fit s8, so the pack stage stores x − 128 and the layer adds 128·Σ_{c,kh,kw} w[o] back (a
+  constant per output channel, folded into the bias: `Kernel.x_offset`); padded pixels are stored as −128 (x = 0),
+  so the identity Σ x·w = Σ (x − 128)·w + 128·Σ w holds at the borders too. (The u8 × s8 `usdot` needs FEAT_I8MM,
+  which neither of those cores has.)
 
-Layout. G input channels (G = 4 for vpdpbusd, 2 for vpmaddwd) share one int32 word: a pack stage (per image, inside
+Layout. G input channels (G = 4 for vpdpbusd and sdot, 2 for vpmaddwd) share one int32 word: a pack stage (per image, inside
 the same function) turns the uint8 NCHW input into `xs[n, cg, h, w] = Σ_k x[n, G·cg+k, h, w] << (32/G)·k` (zero
 padded: channels past C are 0), and the weights are packed the same way ahead of time, `wp[o, cg, kh, kw]` (bytes,
 or 16-bit halves, two's complement). Then, for L consecutive output columns (one vector),
@@ -21,11 +27,12 @@ which sums Σ_{cg,kh,kw,k} x·w = the conv. For stride > 1 the pack stage also e
 this math (shifts and masks on int32), and the schedule replaces the L-lane inner loop by the instruction
 (`tensorize`), so the arithmetic TVM checks is the arithmetic that runs.
 
-Vector width per layer: the widest of the target's widths (16, 8 or 4 int32 lanes) that divides the layer's output
-width, so a ResNet's 8-column last stage runs on 256-bit vectors where its 32-column first stage runs on 512-bit ones.
+Vector width per layer: the widest of the target's widths (16, 8 or 4 int32 lanes; 4 on NEON) that divides the
+layer's output width, so a ResNet's 8-column last stage runs on 256-bit vectors where its 32-column first stage runs
+on 512-bit ones.
 
 Requirements (else the caller uses a plain integer conv2d): uint8 activations with zero point 0 (after ReLU), weights
-within the kernel's range (int8 for vpdpbusd, int16 for vpmaddwd), groups = 1, dilation 1, output width a multiple of
+within the kernel's range (int8 for vpdpbusd and sdot, int16 for vpmaddwd), groups = 1, dilation 1, output width a multiple of
 4.
 
 Schedule (`schedule_qconv`): batch loop parallel, pack computed per image, register tile F output channels × U rows ×
@@ -41,21 +48,24 @@ import numpy as np
 
 CONV_BLOCK, PACK_BLOCK = "arq_qconv", "arq_qconv_pack"
 UNROLL = ("oi", "ohi", "rw")
-KERNELS = ("vpdpbusd", "vpmaddwd")  # preference order of `select(.., "auto")`
+KERNELS = ("vpdpbusd", "vpmaddwd", "sdot")  # x86 in preference order of `select(.., "auto")`, then AArch64
 
 
 @dataclass(frozen=True)
 class Kernel:
     """One SIMD integer dot-product instruction at the vector widths a target has.
 
-    name: "vpdpbusd" | "vpmaddwd"; group: input channels per int32 word (4 | 2); widths: ((int32 lanes, LLVM
-    intrinsic), ...) widest first; w_range: the weight values it multiplies exactly; tile: (F, U) register tile."""
+    name: "vpdpbusd" | "vpmaddwd" | "sdot"; group: input channels per int32 word (4 | 2); widths: ((int32 lanes,
+    LLVM intrinsic), ...) widest first; w_range: the weight values it multiplies exactly; tile: (F, U) register
+    tile; x_offset: subtracted from every uint8 activation before packing (128 for the signed-only sdot, whose
+    caller adds x_offset·Σw[o] back), else 0."""
 
     name: str
     group: int
     widths: tuple[tuple[int, str], ...]
     w_range: tuple[int, int]
     tile: tuple[int, int]
+    x_offset: int = 0
 
     def lanes_for(self, out_w: int) -> int:
         """The widest vector (int32 lanes) whose lane count divides out_w; 0 when none does."""
@@ -73,14 +83,20 @@ class Kernel:
 
 _VNNI = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256", 4: "llvm.x86.avx512.vpdpbusd.128"}
 _PMADDWD = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}
-# measured on ResNet-20 (benchmarks/tvm_int8_bench.py): Zen 3 AVX2 (16 vector registers) F=2·U=2; with AVX-512's 32
-# registers a taller tile pays (see docs/targets.md)
-_TILE = {"avx512": (4, 2), "avx2": (2, 2)}
+_SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+# NEON: 32 128-bit registers; F=4·U=4 keeps 16 accumulators, 4 input vectors and 4 weight broadcasts in registers.
+# Not measured on a board (qemu says nothing about speed): a starting point, like any untuned schedule here.
+_NEON_TILE = (4, 4)
+# F output channels × U rows per register tile, measured on ResNet-20 W8A8 at batch 256: on Zen 3 (AVX2, 16 vector
+# registers) F=2·U=2 was best of 1-8 × 1-4; on Zen 5 (AVX-512, 32 registers) vpdpbusd ran 5,255 / 6,070-6,589 /
+# 7,537-8,509 / 5,494 img/s at 2·2 / 4·2 / 8·2 / 16·1 and vpmaddwd 3,711 / 5,160 / 5,280 at 2·2 / 4·2 / 8·2
+_TILE = {"avx512": (8, 2), "avx2": (2, 2)}
 
 
 def select(tgt, name: str = "auto") -> Kernel | None:
-    """The integer conv kernel for an LLVM x86 target: `name` ("auto": vpdpbusd where the target has VNNI, else
-    vpmaddwd; "none": no kernel) at the vector widths its features allow; None when the target cannot run it.
+    """The integer conv kernel for an LLVM target: `name` ("auto": on x86 vpdpbusd where the target has VNNI, else
+    vpmaddwd; on AArch64 sdot where it has the dot-product extension; "none": no kernel) at the vector widths its
+    features allow; None when the target cannot run it.
 
     Raises ValueError for an unknown name."""
     if name not in ("auto", "none", *KERNELS):
@@ -88,12 +104,17 @@ def select(tgt, name: str = "auto") -> Kernel | None:
     if name == "none" or tgt.kind.name != "llvm":
         return None
     triple = str(tgt.attrs.get("mtriple", ""))
-    if not triple.startswith(("x86_64", "i686")):
-        return None
     from tvm.target import codegen
 
     def has(*features):
         return all(codegen.llvm_cpu_has_features(f, tgt) for f in features)
+
+    if triple.startswith(("aarch64", "arm64")):
+        if name in ("auto", "sdot") and has("dotprod"):
+            return Kernel("sdot", 4, ((4, _SDOT),), (-128, 127), _NEON_TILE, x_offset=128)
+        return None
+    if not triple.startswith(("x86_64", "i686")) or name == "sdot":
+        return None
 
     wide = has("avx512bw", "avx512vl")
     tile = _TILE["avx512" if has("avx512f") else "avx2"]
@@ -137,14 +158,17 @@ def intrinsic(kernel: Kernel, lanes: int) -> str:
     return name
 
 
-def word_dot(a, b, group: int):
-    """Σ_k field_k(a)·field_k(b) of two int32 words of `group` fields (unsigned bytes of a times signed bytes of b
-    for 4; signed 16-bit halves for 2), as a TIR expression: the math of one lane of the instruction."""
+def word_dot(a, b, group: int, signed_a: bool = False):
+    """Σ_k field_k(a)·field_k(b) of two int32 words of `group` fields (bytes of a, unsigned or with signed_a signed,
+    times signed bytes of b for 4; signed 16-bit halves for 2), as a TIR expression: one lane of the instruction."""
     if group == 2:
         return ((a << 16) >> 16) * ((b << 16) >> 16) + (a >> 16) * (b >> 16)
-    t = [(a & 255) * ((b << 24) >> 24), ((a >> 8) & 255) * ((b << 16) >> 24),
-         ((a >> 16) & 255) * ((b << 8) >> 24), ((a >> 24) & 255) * (b >> 24)]
-    return t[0] + t[1] + t[2] + t[3]
+    if signed_a:
+        ta = [(a << 24) >> 24, (a << 16) >> 24, (a << 8) >> 24, a >> 24]
+    else:
+        ta = [a & 255, (a >> 8) & 255, (a >> 16) & 255, (a >> 24) & 255]
+    tb = [(b << 24) >> 24, (b << 16) >> 24, (b << 8) >> 24, b >> 24]
+    return ta[0] * tb[0] + ta[1] * tb[1] + ta[2] * tb[2] + ta[3] * tb[3]
 
 
 def _intrin_funcs(kernel: Kernel, lanes: int):
@@ -152,7 +176,8 @@ def _intrin_funcs(kernel: Kernel, lanes: int):
 
     vec16, vec32 = f"int16x{2 * lanes}", f"int32x{lanes}"
     llvm, group = kernel.llvm(lanes), kernel.group
-    vec8 = f"int8x{4 * lanes}" if _vnni_takes_bytes() else vec32
+    signed = kernel.x_offset != 0
+    vec8 = f"int8x{4 * lanes}" if kernel.name == "sdot" or _vnni_takes_bytes() else vec32
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((1,), "int32", offset_factor=1),
@@ -163,9 +188,9 @@ def _intrin_funcs(kernel: Kernel, lanes: int):
             for i in T.serial(0, lanes):
                 with T.sblock("update"):
                     vi = T.axis.spatial(lanes, i)
-                    C[vi] = C[vi] + word_dot(A[vi], B[0], group)
+                    C[vi] = C[vi] + word_dot(A[vi], B[0], group, signed)
 
-    if kernel.name == "vpdpbusd":
+    if kernel.name in ("vpdpbusd", "sdot"):
         @T.prim_func(s_tir=True)
         def impl(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((1,), "int32", offset_factor=1),
                  C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
@@ -211,6 +236,13 @@ def pack_weights(w_int: np.ndarray, group: int = 2) -> np.ndarray:
     return word.astype(np.uint32).view(np.int32)
 
 
+def offset_correction(kernel: Kernel, w_int: np.ndarray) -> np.ndarray | None:
+    """int32 per output channel to add to `qconv2d`'s result: x_offset·Σ_{c,kh,kw} w[o] (None without an offset)."""
+    if not kernel.x_offset:
+        return None
+    return (int(kernel.x_offset) * w_int.reshape(len(w_int), -1).astype(np.int64).sum(axis=1)).astype(np.int32)
+
+
 def fits(kernel: Kernel | None, x_dtype: str, z_x: int, w_int: np.ndarray, groups: int, dilation, out_w: int) -> bool:
     """Whether `qconv2d` with this kernel can compute this layer (see the module docstring)."""
     return (kernel is not None and kernel.lanes_for(out_w) > 0 and x_dtype == "uint8" and z_x == 0
@@ -219,12 +251,13 @@ def fits(kernel: Kernel | None, x_dtype: str, z_x: int, w_int: np.ndarray, group
 
 
 def qconv2d(x, wp, strides, padding, kernel: Kernel):
-    """TE compute: uint8 NCHW x, packed weights O×CG×KH×KW (`pack_weights`) -> int32 NCHW conv2d (no zero points).
+    """TE compute: uint8 NCHW x, packed weights O×CG×KH×KW (`pack_weights`) -> int32 NCHW conv2d (no zero points),
+    less kernel.x_offset·Σ_{c,kh,kw} w[o] (`offset_correction`) when the kernel has an activation offset.
 
     strides: (sh, sw); padding: (top, left, bottom, right)."""
     from tvm import te, tirx
 
-    g, bits = kernel.group, 32 // kernel.group
+    g, bits, off = kernel.group, 32 // kernel.group, kernel.x_offset
     conv_name, pack_name = block_names(kernel)
     n_, c_, h_, w_ = (int(d) for d in x.shape)
     o_, cg_, kh_, kw_ = (int(d) for d in wp.shape)
@@ -237,10 +270,13 @@ def qconv2d(x, wp, strides, padding, kernel: Kernel):
         v = x[n, tirx.min(c, c_ - 1), h - pt, w - pl].astype("int32")
         return tirx.if_then_else(ok, v, tirx.const(0, "int32"))
 
+    def field(n, c, h, w):  # x (x − x_offset as a byte with an offset: padding becomes the byte of −x_offset)
+        return ((pix(n, c, h, w) - off) & 255) if off else pix(n, c, h, w)
+
     def word(n, cg, h, w):
-        v = pix(n, g * cg, h, w)
+        v = field(n, g * cg, h, w)
         for k in range(1, g):
-            v = v | (pix(n, g * cg + k, h, w) << (bits * k))
+            v = v | (field(n, g * cg + k, h, w) << (bits * k))
         return v
 
     if sw == 1:  # row width rounded up to 8 columns so that the pack stage vectorizes evenly
@@ -258,7 +294,7 @@ def qconv2d(x, wp, strides, padding, kernel: Kernel):
     rc, rh, rw = te.reduce_axis((0, cg_), "rc"), te.reduce_axis((0, kh_), "rh"), te.reduce_axis((0, kw_), "rw")
 
     def acc(n, o, oh, ow):
-        return te.sum(word_dot(load(n, rc, oh, ow, rh, rw), wp[o, rc, rh, rw], g), axis=[rc, rh, rw])
+        return te.sum(word_dot(load(n, rc, oh, ow, rh, rw), wp[o, rc, rh, rw], g, off != 0), axis=[rc, rh, rw])
 
     return te.compute((n_, o_, oh_, ow_), acc, name=conv_name)
 

@@ -28,8 +28,9 @@ activation scale missing, per-channel scales on a reduction axis, non-NCHW layou
 rewritten, results differ from the float graph only where the float graph rounds (its sums are float32, the
 integer sums are exact), which the tests bound against onnxruntime and an exact numpy reference.
 
-On x86 the conv layers that fit run on a SIMD dot-product kernel of `arq_deploy.targets.int_kernels` (vpdpbusd
-with VNNI, else vpmaddwd: the same integer arithmetic); elsewhere on relax conv2d with int32 output.
+The conv layers that fit run on a SIMD dot-product kernel of `arq_deploy.targets.int_kernels` (x86: vpdpbusd with
+VNNI, else vpmaddwd; AArch64 with the dot-product extension: sdot; the same integer arithmetic); elsewhere on relax
+conv2d with int32 output.
 
     lower_integer(mod, kernel=None) -> (mod, report)
         report: {"conv2d": n, "matmul": n, "requantized": n, "float_out": n, "conv2d_kernel": n, "kernel": name}
@@ -69,7 +70,7 @@ class _Layer:
 def lower_integer(mod, func_name: str = "main", kernel=None):
     """Rewrite the QDQ layers of `mod[func_name]` into integer operators; returns (new module, report dict).
 
-    kernel: an `arq_deploy.targets.int_kernels.Kernel` (x86 vpdpbusd / vpmaddwd) used for the conv layers it fits
+    kernel: an `arq_deploy.targets.int_kernels.Kernel` (vpdpbusd / vpmaddwd / sdot) used for the conv layers it fits
         (report["conv2d_kernel"] counts them); None: plain integer conv2d everywhere.
     The input module is not modified."""
     from tvm import relax
@@ -347,6 +348,7 @@ def emit_layer(bb, ly: _Layer, x_q, kernel=None, report: dict | None = None):
         x = bb.emit(R.subtract(R.astype(x_q, "int16"), relax.const(np.int16(ly.z_x))))
     w_dtype = "int8" if ly.w_int.min() >= -128 and ly.w_int.max() <= 127 else "int16"
     w = relax.const(ly.w_int.astype(w_dtype))
+    bias = ly.bias_int
     if ly.kind == "conv2d" and _use_kernel(ly, x_q, kernel):
         from arq_deploy.targets import int_kernels
 
@@ -356,6 +358,9 @@ def emit_layer(bb, ly: _Layer, x_q, kernel=None, report: dict | None = None):
                          relax.const(int_kernels.pack_weights(ly.w_int, kernel.group)),
                          primfunc_name_hint=int_kernels.block_names(kernel)[0])
         chan = (1, -1, 1, 1)
+        corr = int_kernels.offset_correction(kernel, ly.w_int)
+        if corr is not None:  # the kernel summed (x − x_offset)·w: add x_offset·Σw back, with the bias
+            bias = corr if bias is None else (bias.astype(np.int64) + corr).astype(np.int32)
         if report is not None:
             report["conv2d_kernel"] = report.get("conv2d_kernel", 0) + 1
     elif ly.kind == "conv2d":
@@ -366,8 +371,8 @@ def emit_layer(bb, ly: _Layer, x_q, kernel=None, report: dict | None = None):
     else:
         acc = bb.emit(R.matmul(x, w, out_dtype="int32"))
         chan = (-1,)
-    if ly.bias_int is not None:
-        acc = bb.emit(R.add(acc, relax.const(ly.bias_int.reshape(chan))))
+    if bias is not None:
+        acc = bb.emit(R.add(acc, relax.const(bias.reshape(chan))))
     f = bb.emit(R.astype(acc, "float32"))
     s_acc = (np.float32(ly.s_x) * ly.s_w).astype(np.float32)
     if ly.requant is None:

@@ -202,10 +202,40 @@ def test_kernel_selection_follows_the_target_features(mcpu, want):
     k = int_kernels.select(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}))
     assert (k.name, [lanes for lanes, _ in k.widths]) == want
     assert k.lanes_for(32) == want[1][0] and k.lanes_for(8) == 8 and k.lanes_for(12) == 4 and k.lanes_for(6) == 0
-    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"})
-    assert int_kernels.select(arm) is None
+    a76 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"})  # dotprod
+    a72 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})  # no dotprod
+    sdot = int_kernels.select(a76)
+    assert (sdot.name, sdot.group, sdot.x_offset, sdot.lanes_for(8)) == ("sdot", 4, 128, 4)
+    assert int_kernels.select(a72) is None and int_kernels.select(a76, "vpdpbusd") is None
+    assert int_kernels.select(k and tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                                                          "mcpu": mcpu}), "sdot") is None
     haswell = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
     assert int_kernels.select(haswell, "vpdpbusd") is None and int_kernels.select(haswell, "none") is None
+
+
+@pytest.mark.parametrize("kernel_name", KERNEL_PARAMS)
+def test_the_library_runs_the_instruction(kernel_name, tmp_path):
+    """The compiled library holds the kernel's instruction (vpdpbusd / vpmaddwd), not a scalar loop of the same
+    sums: read with binutils' objdump where it is installed."""
+    import shutil
+    import subprocess
+
+    _need(kernel_name)
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from arq_deploy.targets.registry import get_target, resolve_tvm_target
+    from arq_deploy.targets.tvm_build import build
+
+    model, _ = qdq_graph("conv")
+    mod = from_onnx(model, shape_dict={"x": [2, 16, 16, 16]}, keep_params_in_input=False)
+    ex, _ = build(mod, resolve_tvm_target(get_target("x86")), integer=True, int_kernel=kernel_name)
+    ex.export_library(str(tmp_path / "m.so"))
+    asm = subprocess.run([objdump, "-d", str(tmp_path / "m.so")], capture_output=True, text=True).stdout
+    other = {"vpdpbusd": "vpmaddwd", "vpmaddwd": "vpdpbusd"}[kernel_name]
+    assert asm.count(kernel_name) > 0 and asm.count(other) == 0
 
 
 def test_weight_packing_round_trips():
