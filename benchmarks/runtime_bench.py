@@ -104,6 +104,9 @@ def main():
             OrtRunner(tmp / f"{name}.onnx", batch_size=args.batch)
         paths[f"arq {name} ({exports[name]['bops_fraction'] * 100:.2f}% BOPs) TVM x86"] = \
             TvmRunner(compile_onnx(tmp / f"{name}.onnx", "x86", tmp / f"tvm-{name}", batch_size=100))
+        paths[f"arq {name} ({exports[name]['bops_fraction'] * 100:.2f}% BOPs) TVM x86 integer"] = \
+            TvmRunner(compile_onnx(tmp / f"{name}.onnx", "x86", tmp / f"tvm-int-{name}", batch_size=args.batch,
+                                   integer=True))
     results = {}
     for label, fn in paths.items():
         results[label] = rate(fn, x, args.sigma, args.batch, args.samples, args.repeats)

@@ -1,4 +1,5 @@
-"""ResNet-20 W8A8 throughput: TVM float build vs TVM integer build vs onnxruntime (same model) vs onnxruntime fp32.
+"""ResNet-20 W8A8 throughput: TVM float build vs TVM integer build vs onnxruntime (same model) vs onnxruntime fp32,
+beside the strongest peer, onnxruntime's own `quantize_static` int8 model (QDQ, per channel, u8 × s8) of the network.
 
 All four run in one process, interleaved round by round (best round per path), at one batch size, on random
 pixel batches; agreement is top-1 against onnxruntime's W8A8 run on the lossless CIFAR-10 test images. With
@@ -40,6 +41,13 @@ def export_models(shared: Path, work: Path) -> tuple[Path, Path, object]:
     export_and_validate(lm, pol, train, test, w8a8, validate_images=200)
     save_onnx(float_onnx(load("resnet20", str(shared / "models" / "resnet20-12fca82f.th")).model, lm.input_shape),
               fp32)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from arq_deploy.pipeline import pick
+    from runtime_bench import ort_quantize_static
+
+    ort_quantize_static(fp32, train.x(pick(len(train), 512, 0)), work / "r20_ort_int8.onnx")  # the strongest peer
     return w8a8, fp32, test
 
 
@@ -127,8 +135,9 @@ def main():
         work.mkdir(parents=True, exist_ok=True)
         w8a8, fp32, test = export_models(Path(args.shared), work)
         arts = build_all(w8a8, work, args.batch, args.tune_trials)
-        runners = {"ort_w8a8": OrtRunner(w8a8, batch_size=args.batch), "ort_fp32": OrtRunner(fp32,
-                                                                                            batch_size=args.batch)}
+        runners = {"ort_w8a8": OrtRunner(w8a8, batch_size=args.batch),
+                   "ort_fp32": OrtRunner(fp32, batch_size=args.batch),
+                   "ort_quantize_static_int8": OrtRunner(work / "r20_ort_int8.onnx", batch_size=args.batch)}
         runners.update({k: TvmRunner(a) for k, (a, _) in arts.items()})
         x = test.x()
         ref = runners["ort_w8a8"](x).argmax(1)
@@ -140,7 +149,8 @@ def main():
               "tvm_int / ort_w8a8": rate["tvm_int"] / rate["ort_w8a8"],
               "tvm_float / ort_w8a8": rate["tvm_float"] / rate["ort_w8a8"],
               "ort_w8a8 / ort_fp32": rate["ort_w8a8"] / rate["ort_fp32"],
-              "tvm_int / ort_fp32": rate["tvm_int"] / rate["ort_fp32"]}
+              "tvm_int / ort_fp32": rate["tvm_int"] / rate["ort_fp32"],
+              "tvm_int / ort_quantize_static_int8": rate["tvm_int"] / rate["ort_quantize_static_int8"]}
     if "tvm_int_vpmaddwd" in rate:
         ratios["tvm_int_vpmaddwd / tvm_float"] = rate["tvm_int_vpmaddwd"] / rate["tvm_float"]
         ratios["tvm_int / tvm_int_vpmaddwd"] = rate["tvm_int"] / rate["tvm_int_vpmaddwd"]
