@@ -4,6 +4,7 @@
         forward: float32 B×C×H×W noisy batch -> B×K logits (any runtime)
     OrtSmoothingGraph(onnx).counts(x, num, sigma, seed, purpose)     (the x, noise, sigma graph in onnxruntime)
     TvmSmoothingGraph(artifact, sigma).counts(x, num, sigma, seed, purpose)   (the packed graph compiled by TVM)
+    ParallelOrtSampler / ParallelTvmSampler(...).counts(...)   (batch-level parallelism: one runtime per core)
 
 counts[c] = #{i < num : argmax_k f(x + σ·ε_i)_k = c}, ε_i from `certify.smooth.noise_batches(shape, num, seed,
 purpose, ·)`: the same noise for every batch size and backend, hence the same counts as `Smooth.sample_counts`
@@ -190,6 +191,38 @@ class ParallelOrtSampler:
                 return self.session.run(None, {self.input_name: xb})[0]
         return counts_parallel(fwd, x, n, sigma, seed, purpose, self.batch_size, self.num_classes, self.workers,
                                counts_out=self.graph)
+
+
+class ParallelTvmSampler:
+    """TVM sampling with batch-level parallelism: `workers` Relax VMs of one CPU artifact, each on a TVM thread pool
+    of `threads` (default 1) threads, run from `workers` Python threads at once, each drawing its own batches'
+    noise (a VM is not re-entrant, so each call takes a free one). counts() equals `Smooth.sample_counts`'s.
+
+    On 2 cores this takes the noise off the critical path differently from `TvmRunner.counts` (noise made in a
+    background thread while one 2-thread pool runs the model): each core draws its own noise, then runs its batch."""
+
+    def __init__(self, artifact, workers: int = 2, threads: int = 1):
+        from arq_deploy.tvm_runner import TvmRunner
+
+        self.workers = _check_count("workers", workers)
+        self._runners = [TvmRunner(artifact, threads=threads) for _ in range(self.workers)]
+        self._free: queue.Queue = queue.Queue()
+        for r in self._runners:
+            self._free.put(r)
+        first = self._runners[0]
+        self.input_shape, self.num_classes, self.batch_size = first.input_shape, first.num_classes, first.batch_size
+        self.name = "tvm-parallel"
+
+    def _forward(self, xb: np.ndarray) -> np.ndarray:
+        r = self._free.get()
+        try:
+            return r(xb)
+        finally:
+            self._free.put(r)
+
+    def counts(self, x, n: int, sigma: float, seed: int, purpose: str = "estimation") -> np.ndarray:
+        return counts_parallel(self._forward, x, n, sigma, seed, purpose, self.batch_size, self.num_classes,
+                               self.workers)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -80,6 +80,25 @@ def test_counts_equal_smooth_on_every_backend_and_batch_size(small, runners, tvm
         np.testing.assert_array_equal(counts_loop(runners["ort"]._run, x, 250, SIGMA, 7, batch_size=bs), ref)
 
 
+def test_parallel_samplers_equal_the_loop(small, runners, tvm_runner):
+    """2 workers × 1 thread (onnxruntime sessions / TVM VMs), each drawing its own batches' noise: the same counts
+    as the sequential loop, for a partial last batch too, and the same certificate."""
+    from arq_deploy.certify.sampling import ParallelOrtSampler, ParallelTvmSampler
+
+    _, _, d, x = small
+    want = runners["ort"].counts(x, 230, SIGMA, 13)
+    tvm_par = ParallelTvmSampler(tvm_runner.artifact, workers=2)
+    ort_par = ParallelOrtSampler(d / "small.onnx", workers=2, batch_size=64)
+    for sampler in (tvm_par, ort_par):
+        np.testing.assert_array_equal(sampler.counts(x, 230, SIGMA, 13), want, err_msg=sampler.name)
+        np.testing.assert_array_equal(sampler.counts(x, 230, SIGMA, 13, "selection"),
+                                      runners["ort"].counts(x, 230, SIGMA, 13, "selection"), err_msg=sampler.name)
+    assert tvm_par.batch_size == 50 and tvm_par.workers == 2 and all(r.threads == 1 for r in tvm_par._runners)
+    ref = Smooth(runners["ort"], K, SIGMA).certify(x, 50, 300, 0.01, seed=4)
+    got = Smooth(tvm_par, K, SIGMA).certify(x, 50, 300, 0.01, seed=4)
+    assert (got.prediction, got.count_a, got.radius) == (ref.prediction, ref.count_a, ref.radius)
+
+
 def test_smoothing_graph_counts_equal_the_loop(small, runners):
     from arq_deploy.export.smoothing_graph import smoothing_graph
 
