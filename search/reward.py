@@ -215,6 +215,7 @@ class RewardEvaluator:
 
     def _irs(self, runner, per_image: dict | None = None) -> tuple[float, dict]:
         """per_image: {i: k_i} computed elsewhere (Ray actors); else k_i is computed here with runner."""
+        from arq_deploy.certify.incremental import away_from
         from arq_deploy.certify.stats import cp_upper, radius
 
         c, radii, ks, samples = self.cfg, [], [], 0
@@ -223,7 +224,7 @@ class RewardEvaluator:
                 radii.append(0.0)
                 continue
             k = per_image[i] if per_image is not None else \
-                int(np.count_nonzero(self._labels_on_irs_noise(runner, i) != self.float_labels[i]))
+                away_from(cert.prediction, self.float_labels[i], self._labels_on_irs_noise(runner, i))
             samples += c.n_p
             ks.append(k)
             pa = cert.pa_lower - cp_upper(k, c.n_p, c.alpha_zeta)

@@ -4,8 +4,8 @@ Why inside one reward. The DDPG agent is sequential: episode e's actions depend 
 whole episodes cannot run side by side (only the warm-up and random-search episodes could, a small part of a
 default 200-episode search). A reward, however, is a sum over validation images: the IRS reward is
 ACR = (1/m)·Σ_i R_i with R_i depending only on image i (its float certificate, its float labels on the IRS noise
-and k_i, the quantized model's disagreements on that noise); "full" certifies each image on its own and "accuracy"
-averages per-image hits. So every reward of every episode is split by image:
+and k_i, the quantized model's disagreements away from f's class on that noise); "full" certifies each image on its
+own and "accuracy" averages per-image hits. So every reward of every episode is split by image:
 
   driver:  quantize + calibrate + export the policy's QDQ ONNX graph once (as the sequential reward does) and send
            its bytes to every actor;
@@ -52,13 +52,15 @@ class _ShardWorker:
         return {"irs": self._irs, "full": self._full, "accuracy": self._accuracy}[self.cfg.kind](runner)
 
     def _irs(self, runner) -> dict:
+        from arq_deploy.certify.incremental import away_from
         from arq_deploy.search.reward import irs_noise_labels
 
         c, out = self.cfg, {}
         for j, i in enumerate(self.idx):
             if self.work[j]:
                 got = irs_noise_labels(runner, self.x[j], c.n_p, c.sigma, c.seed, i, c.batch_size)
-                out[i] = int(np.count_nonzero(got != self.labels[j]))
+                # work[j]: f certified image j correctly, so its c_A is the label y[j]
+                out[i] = away_from(int(self.y[j]), self.labels[j], got)
         return out
 
     def _full(self, runner) -> dict:
