@@ -8,7 +8,8 @@ reproducible), except the row marked "RandomNormal in graph" (measured only: its
   counts  `runner.counts` (noise made one or two batches ahead in a background thread: `certify.sampling`)
   graph   the smoothing graph (`export.smoothing_graph`): x, noise, σ in; counts out, one call per batch
   parallel  `certify.sampling.ParallelOrtSampler`: one onnxruntime session with 1 intra-op thread, called from 2
-          threads at once, each drawing its own batches' noise (batch-level instead of intra-op parallelism)
+          threads at once, each drawing its own batches' noise (batch-level instead of intra-op parallelism);
+          `ParallelTvmSampler` likewise with 2 TVM VMs on 1-thread pools
 for onnxruntime fp32, onnxruntime int8 (`quantize_static`, QDQ per channel, calibrated on noisy images), TVM x86 fp32
 and the toolkit's W8A8 export (noisy-calibrated) in a TVM integer build (`compile --integer`), plus onnxruntime session
 knobs. All paths are timed interleaved, `--repeats` rounds, best round kept, so that other
@@ -73,7 +74,7 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
     import torch
 
     from arq_deploy.certify.sampling import (OrtInGraphNoise, OrtSmoothingGraph, ParallelOrtSampler,
-                                             TvmSmoothingGraph, ort_session_options)
+                                             ParallelTvmSampler, TvmSmoothingGraph, ort_session_options)
     from arq_deploy.certify.smooth import Smooth
     from arq_deploy.export.qdq import float_onnx, save_onnx
     from arq_deploy.export.smoothing_graph import smoothing_graph
@@ -147,6 +148,11 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
         ti = TvmRunner(compile_onnx(tmp / "w8a8.onnx", "x86", tmp / "tvm-int", batch_size=400, single=False,
                                     integer=True))
         paths["TVM x86 arq W8A8 integer runner.counts b400"] = counts(ti)
+        paths["TVM x86 arq W8A8 integer parallel 2 workers x 1 thread b400"] = counts(
+            ParallelTvmSampler(ti.artifact, workers=2))
+        paths["TVM x86 arq W8A8 integer parallel 2 workers x 1 thread b100"] = counts(ParallelTvmSampler(
+            compile_onnx(tmp / "w8a8.onnx", "x86", tmp / "tvm-int-b100", batch_size=100, single=False, integer=True),
+            workers=2))
         save_onnx(smoothing_graph(onnx.load(str(tmp / "w8a8.onnx")), packed=True, sigma=sigma),
                   tmp / "sg-int-packed.onnx")
         tgi = TvmSmoothingGraph(compile_onnx(tmp / "sg-int-packed.onnx", "x86", tmp / "tvm-sg-int", batch_size=401,
