@@ -5,7 +5,8 @@ a mixed 2..8-bit policy, calibrated on noisy training images) is certified (a) f
 log with n_p samples. Reported: seconds per image of (a) and (b) and their ratio, certified accuracy at r = 0, 0.25,
 0.5 and ACR of each, the IRS-path fraction, and the float model's one-off certification time. All on onnxruntime.
 
-    python benchmarks/irs_bench.py [--images 20] [--n 10000] [--n-p 1000] [--shared ../shared/data]
+    python benchmarks/irs_bench.py [--images 20] [--n 10000] [--n-p 1000] [--sigmas 0.25,0.5] [--models W8A8,mixed]
+        [--shared ../shared/data] [--out JSON]
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ def main():
     ap.add_argument("--n-p", type=int, default=1000)
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--sigmas", default="0.25,0.5")
+    ap.add_argument("--models", default="W8A8,mixed", help="quantized models to certify: W8A8, mixed")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "irs_bench.json"))
     args = ap.parse_args()
+    unknown = set(args.models.split(",")) - {"W8A8", "mixed"}
+    if unknown:
+        ap.error(f"unknown --models {', '.join(sorted(unknown))}: choose from W8A8, mixed")
 
-    from arq_deploy.certify.incremental import (FloatCache, IncrementalLog, certify_incremental_dataset,
+    from arq_deploy.certify.incremental import (DISPARITY, FloatCache, IncrementalLog, certify_incremental_dataset,
                                                 cost_summary, incremental_meta)
     from arq_deploy.certify.results import CertifyLog, certify_dataset
     from arq_deploy.certify.smooth import Smooth
@@ -57,7 +62,7 @@ def main():
     idx = list(range(0, 1000, 1000 // args.images))[: args.images]
     tmp = Path(tempfile.mkdtemp(prefix="arq-irs-"))
     results = {"images": len(idx), "n0": args.n0, "n": args.n, "n_p": args.n_p, "alpha": args.alpha,
-               "alpha_zeta": args.alpha, "runtime": "onnxruntime CPU", "sigmas": {}}
+               "alpha_zeta": args.alpha, "disparity": DISPARITY, "runtime": "onnxruntime CPU", "sigmas": {}}
     for sigma in (float(s) for s in args.sigmas.split(",")):
         lm = load("resnet20", str(shared / "models" / f"resnet20-gauss{sigma:.2f}.pt"))
         f_path = tmp / f"float-{sigma}.onnx"
@@ -71,9 +76,11 @@ def main():
                                  args.alpha, 0, log)
         row = {"float": summary_row(fc, time.perf_counter() - t)}
         cache = FloatCache(tmp / f"float-{sigma}.tsv")
-        for name, pol in (("W8A8", QuantPolicy.uniform(8)),
-                          ("mixed", QuantPolicy.from_dict({"format": "arq-deploy/policy", "version": 1,
-                                                           "default": [6, 6], "layers": MIXED}))):
+        policies = {"W8A8": QuantPolicy.uniform(8),
+                    "mixed": QuantPolicy.from_dict({"format": "arq-deploy/policy", "version": 1, "default": [6, 6],
+                                                    "layers": MIXED})}
+        for name in args.models.split(","):
+            pol = policies[name]
             q_path = tmp / f"{name}-{sigma}.onnx"
             exp = export_and_validate(lm, pol, train, test, q_path, sigma=sigma, validate_images=200)
             q_runner = OrtRunner(q_path, batch_size=400)
@@ -93,7 +100,10 @@ def main():
             row[name] = {"bops_fraction": exp["bops_fraction"], "full": full_row, "irs": irs_row,
                          "speedup": full_row["seconds"] / irs_row["seconds"],
                          "certified_accuracy_r0_diff_pp": 100 * (irs_row["certified_accuracy"]["0"]
-                                                                 - full_row["certified_accuracy"]["0"])}
+                                                                 - full_row["certified_accuracy"]["0"]),
+                         "certified_accuracy_max_abs_diff_pp": max(
+                             100 * abs(irs_row["certified_accuracy"][r] - full_row["certified_accuracy"][r])
+                             for r in full_row["certified_accuracy"])}
             print(f"σ={sigma} {name}: full {full_row['s_per_image']:.2f} s/img ACR {full_row['acr']:.3f} "
                   f"cert@0 {full_row['certified_accuracy']['0']:.2f} | IRS {irs_row['s_per_image']:.2f} s/img "
                   f"ACR {irs_row['acr']:.3f} cert@0 {irs_row['certified_accuracy']['0']:.2f} "
