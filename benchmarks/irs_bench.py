@@ -41,9 +41,6 @@ def main():
     ap.add_argument("--models", default="W8A8,mixed", help="quantized models to certify: W8A8, mixed")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "irs_bench.json"))
     args = ap.parse_args()
-    unknown = set(args.models.split(",")) - {"W8A8", "mixed"}
-    if unknown:
-        ap.error(f"unknown --models {', '.join(sorted(unknown))}: choose from W8A8, mixed")
 
     from arq_deploy.certify.incremental import (DISPARITY, FloatCache, IncrementalLog, certify_incremental_dataset,
                                                 cost_summary, incremental_meta)
@@ -56,6 +53,12 @@ def main():
     from arq_deploy.runners import OrtRunner
     from arq_deploy.search.policy import QuantPolicy
 
+    policies = {"W8A8": QuantPolicy.uniform(8),
+                "mixed": QuantPolicy.from_dict({"format": "arq-deploy/policy", "version": 1, "default": [6, 6],
+                                                "layers": MIXED})}
+    unknown = set(args.models.split(",")) - set(policies)
+    if unknown:
+        ap.error(f"unknown --models {', '.join(sorted(unknown))}: choose from {', '.join(policies)}")
     shared = Path(args.shared)
     cifar = str(shared / "cifar10" / "cifar-10-batches-py")
     train, test = load_dataset(cifar, "train"), load_dataset(cifar, "test")
@@ -76,9 +79,6 @@ def main():
                                  args.alpha, 0, log)
         row = {"float": summary_row(fc, time.perf_counter() - t)}
         cache = FloatCache(tmp / f"float-{sigma}.tsv")
-        policies = {"W8A8": QuantPolicy.uniform(8),
-                    "mixed": QuantPolicy.from_dict({"format": "arq-deploy/policy", "version": 1, "default": [6, 6],
-                                                    "layers": MIXED})}
         for name in args.models.split(","):
             pol = policies[name]
             q_path = tmp / f"{name}-{sigma}.onnx"
