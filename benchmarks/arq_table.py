@@ -6,14 +6,16 @@ of *training* images, by
   HAQ      the same agent with HAQ's reward (clean top-1 of the quantized base model)
   random   random actions through the same environment and action wall, same number of episodes
   greedy   per-layer sensitivity (IRS reward) + greedy bit lowering (mixed precision without RL)
-and compared with FP32, W8A8, W4A4 and the best uniform width that fits the budget. Every policy is calibrated on
-noisy training images, exported to QDQ ONNX and certified with onnxruntime on lossless test images (CERTIFY, N0, N, α).
+and compared with FP32, W8A8, W4A4 and the best uniform width that fits the budget. Every quantized policy is
+fine-tuned the same way (`--finetune-epochs` of Gaussian-noise QAT, 0 for none), calibrated on noisy training
+images, exported to QDQ ONNX and certified on lossless test images (CERTIFY, N0 = 100, N, α = 0.001): by its TVM x86
+integer build (`--certify-backend tvm`, the deployed artifact; its top-1 agreement with onnxruntime on the 1,000 test
+images is recorded) or by onnxruntime on the QDQ graph. The float row runs in onnxruntime fp32.
 A second DDPG search whose reward is *full* certification (same inputs, n0/n of the float cache) runs for a few
 episodes to measure what incremental smoothing saves per reward (seconds and network evaluations).
-Fine-tuning (`--finetune-epochs`, Gaussian-noise QAT) is applied to every quantized policy when > 0.
 
-    python benchmarks/arq_table.py --quick          # sized for this 2-core CPU (settings printed and stored)
-    python benchmarks/arq_table.py --sigmas 0.25,0.5 --episodes 200 --test-images 500 --test-n 10000  # GPU-size
+    python benchmarks/arq_table.py                  # the defaults: sized for this 2-core CPU (under an hour)
+    python benchmarks/arq_table.py --episodes 200 --warmup 40 --val-images 100 --test-images 500  # GPU-size
 
 Writes benchmarks/results/arq_table.json and prints a Markdown table. Resumable: every search and certification keeps
 its files under --work, so a rerun continues where it stopped.
@@ -26,26 +28,31 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def args_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--sigmas", default="0.25")
+    ap.add_argument("--sigmas", default="0.25,0.5")
     ap.add_argument("--budget", type=float, default=0.015)
-    ap.add_argument("--episodes", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--val-images", type=int, default=20)
-    ap.add_argument("--n", type=int, default=1000, help="float-cache CERTIFY samples (search reward)")
-    ap.add_argument("--n-p", type=int, default=100)
+    ap.add_argument("--episodes", type=int, default=80)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--val-images", type=int, default=40)
+    ap.add_argument("--n", type=int, default=2000, help="float-cache CERTIFY samples (search reward)")
+    ap.add_argument("--n-p", type=int, default=200)
     ap.add_argument("--greedy-grid", default="2,4,8")
-    ap.add_argument("--full-episodes", type=int, default=2, help="episodes of the full-certification-reward search")
-    ap.add_argument("--test-images", type=int, default=30)
-    ap.add_argument("--test-n", type=int, default=1000)
-    ap.add_argument("--finetune-epochs", type=int, default=0)
+    ap.add_argument("--full-episodes", type=int, default=3, help="episodes of the full-certification-reward search")
+    ap.add_argument("--test-images", type=int, default=50)
+    ap.add_argument("--test-n", type=int, default=10000)
+    ap.add_argument("--finetune-epochs", type=int, default=2,
+                    help="Gaussian-noise QAT epochs on the 4,000 lossless training images for every quantized row")
+    ap.add_argument("--finetune-lr", type=float, default=0.001)
+    ap.add_argument("--certify-backend", choices=("tvm", "onnxruntime"), default="tvm",
+                    help="tvm: quantized rows certified by their TVM x86 integer build; onnxruntime: the QDQ graph")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="the CPU settings (the defaults above)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "arq-table"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "arq_table.json"))
     return ap
@@ -70,20 +77,43 @@ def search(method, reward, args, sigma, weights, out, episodes=None):
     return summary, rows, time.perf_counter() - t0
 
 
+def certify_runner(name, onnx_path: Path, quantized: bool, args, work: Path, test):
+    """The runtime that certifies a row: with --certify-backend tvm, a quantized policy runs as a TVM integer build
+    (`compile --integer`, ParallelTvmSampler: one 1-thread VM per core), about 3x onnxruntime on the same QDQ graph
+    here; the float model stays in onnxruntime fp32 (faster than TVM fp32 on this CPU). Returns (runner, info)."""
+    from arq_deploy.runners import OrtRunner
+
+    ort_runner = OrtRunner(str(onnx_path), batch_size=500)
+    if args.certify_backend == "onnxruntime" or not quantized:
+        return ort_runner, {"certify_runtime": "onnxruntime"}
+    from arq_deploy.certify.sampling import ParallelTvmSampler
+    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.tvm_runner import TvmRunner
+
+    t0 = time.perf_counter()
+    art = compile_onnx(onnx_path, "x86", work / f"{name}-tvm-int", batch_size=100, single=False, integer=True)
+    compile_s = time.perf_counter() - t0
+    x = test.x()  # the deployed build must answer like the exported graph: top-1 agreement on the clean test split
+    agree = float(np.mean(np.asarray(TvmRunner(art)(x)).argmax(1) == np.asarray(ort_runner(x)).argmax(1)))
+    return ParallelTvmSampler(art, workers=2), {"certify_runtime": "tvm-x86-integer", "tvm_compile_seconds": compile_s,
+                                                "tvm_ort_agreement": agree}
+
+
 def certify_policy(name, policy, lm, train, test, sigma, args, work: Path) -> dict:
-    """Export (or fine-tune then export) and certify on every k-th lossless test image with onnxruntime."""
+    """Export (fine-tuned with Gaussian-noise QAT when --finetune-epochs > 0) and certify on every k-th lossless
+    test image."""
     from arq_deploy.certify.results import CertifyLog, certify_dataset
     from arq_deploy.certify.smooth import Smooth
     from arq_deploy.certify.stats import summarize
     from arq_deploy.export.qdq import float_onnx, save_onnx
     from arq_deploy.pipeline import export_and_validate, train as run_train
-    from arq_deploy.runners import OrtRunner
     from arq_deploy.search.layers import extract_layer_specs
 
     work.mkdir(parents=True, exist_ok=True)
     onnx_path = work / f"{name}.onnx"
     specs = extract_layer_specs(lm.model, lm.input_shape)
     bops = 1.0 if policy is None else policy.resolve(specs).bops_fraction(specs)
+    info: dict = {}
     if not onnx_path.exists():
         if policy is None:
             save_onnx(float_onnx(lm.model, lm.input_shape), onnx_path)
@@ -92,17 +122,23 @@ def certify_policy(name, policy, lm, train, test, sigma, args, work: Path) -> di
             if args.finetune_epochs > 0:
                 import copy
 
-                model, _ = run_train(lm, train, sigma, args.finetune_epochs, lr=0.01, batch_size=128,
-                                     seed=args.seed, policy=policy, progress=True)
+                t0 = time.perf_counter()
+                model, hist = run_train(copy.deepcopy(lm), train, sigma, args.finetune_epochs, lr=args.finetune_lr,
+                                        batch_size=128, seed=args.seed, policy=policy, progress=True)
                 src = copy.copy(lm)
                 src.model, src.meta = model, lm.meta | {"policy": policy.resolve(specs).to_dict()}
+                info |= {"finetune_seconds": time.perf_counter() - t0, "finetune_history": hist}
             # min_agreement 0: the table records onnxruntime-vs-torch agreement instead of refusing the export
             export_and_validate(src, policy, train, test, onnx_path, sigma=sigma, calib_images=256,
                                 validate_images=200, seed=args.seed, min_agreement=0.0)
-    runner = OrtRunner(str(onnx_path))
+            if info:
+                onnx_path.with_suffix(".finetune.json").write_text(json.dumps(info))
+    elif onnx_path.with_suffix(".finetune.json").exists():
+        info = json.loads(onnx_path.with_suffix(".finetune.json").read_text())
+    runner, rinfo = certify_runner(name, onnx_path, policy is not None, args, work, test)
     idx = list(range(0, len(test), max(1, len(test) // args.test_images)))[: args.test_images]
     meta = {"model": name, "sigma": sigma, "n0": 100, "n": args.test_n, "alpha": 0.001, "seed": args.seed,
-            "data": "cifar10-test"}
+            "data": "cifar10-test", "runtime": rinfo["certify_runtime"]}
     t0 = time.perf_counter()
     with CertifyLog(work / f"{name}.tsv", meta) as log:
         certs = certify_dataset(Smooth(runner, 10, sigma, batch_size=500), test.x(), test.labels, idx, 100,
@@ -110,8 +146,9 @@ def certify_policy(name, policy, lm, train, test, sigma, args, work: Path) -> di
     s = summarize(certs, (0.0, 0.25, 0.5, 0.75))
     report = onnx_path.with_suffix(".export.json")
     agreement = json.loads(report.read_text())["validation"]["top1_agreement"] if report.exists() else None
-    return {"ort_torch_agreement": agreement, "clean": s.clean_accuracy, "cert_0.25": s.at(0.25), "cert_0.5": s.at(0.5), "cert_0.75": s.at(0.75),
-            "acr": s.acr, "bops_percent": 100 * bops, "certify_seconds": time.perf_counter() - t0}
+    return {"ort_torch_agreement": agreement, "clean": s.clean_accuracy, "cert_0.25": s.at(0.25),
+            "cert_0.5": s.at(0.5), "cert_0.75": s.at(0.75), "acr": s.acr, "bops_percent": 100 * bops,
+            "certify_seconds": time.perf_counter() - t0, "images": len(certs)} | rinfo | info
 
 
 def run_sigma(sigma, args, train, test) -> dict:
@@ -198,9 +235,13 @@ def main(argv=None):
 
     args.cifar = str(Path(args.shared) / "cifar10" / "cifar-10-batches-py")
     train, test = load_dataset(args.cifar, "train"), load_dataset(args.cifar, "test")
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "work", "shared", "quick")}
-    results = {"settings": settings, "machine": "2-core x86 CPU, onnxruntime CPU EP (certification), torch CPU "
-               "(search rewards)", "sigmas": {}}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "work", "shared")}
+    import platform
+
+    import os
+
+    results = {"settings": settings, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores; search rewards "
+               "in onnxruntime (QDQ graphs), fine-tuning in torch", "sigmas": {}}
     t0 = time.perf_counter()
     for sigma in (float(s) for s in args.sigmas.split(",")):
         results["sigmas"][str(sigma)] = run_sigma(sigma, args, train, test)
