@@ -26,6 +26,8 @@ fallback uses the same seed as the float run (so its rows equal `arq-deploy cert
 unconditionally, which is all the union bound above needs.
 
 Cost. The n_p disagreement samples run f as well as f_q: `float_time` and `float_samples` record that cost separately.
+f's labels on them do not depend on f_q, so a `FloatLabelStore` beside the cache keeps them: the first incremental run
+against a cache computes them, every later one (another policy, another search) runs only f_q.
 The cache is a `CertifyLog` file (the output of `arq-deploy certify` on the float model), read without modifying it.
 """
 
@@ -154,6 +156,115 @@ class FloatCache:
                     f"{key}={value!r}; certify the float model with the same settings or pick the matching log")
 
 
+class FloatLabelStore:
+    """f's labels on the IRS noise of each input, kept beside a float cache so that f runs on the ζ samples once,
+    not once per quantized model (the search reward does the same with `float-irs-labels.npy`).
+
+    File: a `# {meta}` JSON line (the float cache's identity: sigma, seed, data, model, model_sha256; the float
+    backend; the noise purpose; the format), the column line `idx<TAB>n_p<TAB>labels`, then one row per input:
+    its index, how many samples, and the labels as base64 of little-endian int16. Rows are appended and fsynced as
+    they are computed; a partial last line (a kill mid-write) is ignored and cut on the next append. The noise stream
+    is the same array for every batch size and n_p (`noise_batches`), so a row of n samples serves any n_p ≤ n; a
+    longer row for an input supersedes a shorter one. A file made for another float log, model or backend is refused.
+    """
+
+    COLUMNS = "idx\tn_p\tlabels"
+    FORMAT = "int16-le-base64"
+
+    def __init__(self, path: str | os.PathLike, cache: FloatCache, float_backend: str):
+        from arq_deploy.fileio import write_text
+
+        self.path = Path(path)
+        m = cache.meta
+        self.meta = {k: m[k] for k in ("sigma", "seed", "data", "model", "model_sha256") if k in m}
+        self.meta |= {"float_backend": str(float_backend), "noise": NOISE_PURPOSE, "format": self.FORMAT}
+        self._rows: dict[int, np.ndarray] = {}
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._load()
+        else:
+            write_text(self.path, "# " + json.dumps(self.meta, sort_keys=True) + "\n" + self.COLUMNS + "\n")
+
+    def _load(self) -> None:
+        import base64
+        import binascii
+
+        data = self.path.read_bytes()
+        whole = data[: data.rfind(b"\n") + 1]
+        try:
+            lines = whole.decode("utf-8").split("\n")[:-1]
+        except UnicodeDecodeError:
+            raise CertificationInputError(f"{self.path} is not a float label store (not UTF-8 text)") from None
+        if len(lines) < 2 or not lines[0].startswith("# ") or lines[1] != self.COLUMNS:
+            raise CertificationInputError(f"{self.path} is not a float label store (no '# meta' and column lines)")
+        try:
+            file_meta = json.loads(lines[0][2:])
+        except ValueError:
+            raise CertificationInputError(f"{self.path}: its meta line is not valid JSON") from None
+        if file_meta != self.meta:
+            diff = sorted(k for k in set(file_meta) | set(self.meta) if file_meta.get(k) != self.meta.get(k))
+            raise CertificationInputError(
+                f"{self.path} holds the labels of another float run: meta differs in {diff} (file: "
+                f"{[file_meta.get(k) for k in diff]}, this run: {[self.meta.get(k) for k in diff]}); delete it or "
+                "pass another --float-labels path")
+        for line in lines[2:]:
+            try:
+                idx, n, text = line.split("\t")
+                labels = np.frombuffer(base64.b64decode(text, validate=True), dtype="<i2").astype(np.int64)
+                idx, n = int(idx), int(n)
+            except (ValueError, binascii.Error):
+                raise CertificationInputError(f"{self.path}: malformed row {line[:60]!r}") from None
+            if len(labels) != n:
+                raise CertificationInputError(f"{self.path}: row of input {idx} says {n} labels, holds {len(labels)}")
+            if idx not in self._rows or n > len(self._rows[idx]):
+                self._rows[idx] = labels
+        if len(whole) < len(data):  # a partial last line: cut it, so that the next row starts on its own line
+            with open(self.path, "r+b") as f:
+                f.truncate(len(whole))
+
+    def get(self, idx: int, n_p: int) -> np.ndarray | None:
+        """f's first n_p labels of input idx, or None if no stored row has that many."""
+        row = self._rows.get(int(idx))
+        return None if row is None or len(row) < n_p else row[:n_p]
+
+    def put(self, idx: int, labels: np.ndarray) -> None:
+        """Append input idx's labels (fsynced) unless a row at least as long is already stored."""
+        import base64
+
+        labels = np.asarray(labels)
+        idx = int(idx)
+        if idx in self._rows and len(self._rows[idx]) >= len(labels):
+            return
+        if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int16).max):
+            raise CertificationInputError("class labels must lie in [0, 32767] to be stored")
+        text = base64.b64encode(labels.astype("<i2").tobytes()).decode("ascii")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{idx}\t{len(labels)}\t{text}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._rows[idx] = labels.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def fill_label_store(store: FloatLabelStore, float_runner, cache: FloatCache, x_all: np.ndarray,
+                     indices: Sequence[int], n_p: int, num_classes: int, batch_size: int = 1000) -> int:
+    """Compute f's labels on the first n_p ζ samples of each input in `indices` that the float run did not abstain on
+    and the store lacks (the labels `certify_incremental` would compute), ahead of the incremental runs. Returns the
+    number of f forward passes made."""
+    n_p = _check_count("n_p", n_p)
+    sig, seed, drawn = np.float32(cache.sigma), cache.meta["seed"], 0
+    for i in sorted({int(i) for i in indices}):
+        if cache.entry(i).prediction == ABSTAIN or store.get(i, n_p) is not None:
+            continue
+        x = np.asarray(x_all[i], dtype=np.float32)
+        labels = [_labels(float_runner, x[None] + sig * eps, num_classes)
+                  for eps in noise_batches(x.shape, n_p, input_seed(seed, i), NOISE_PURPOSE, batch_size)]
+        store.put(i, np.concatenate(labels))
+        drawn += n_p
+    return drawn
+
+
 # ---------------------------------------------------------------- the certificate
 
 
@@ -231,28 +342,40 @@ def away_from(cls: int, float_labels: np.ndarray, quant_labels: np.ndarray) -> i
 
 
 def disagreements(float_runner, quant_runner, x: np.ndarray, sigma: float, n_p: int, seed: int, num_classes: int,
-                  cls: int, batch_size: int = 1000) -> tuple[int, float]:
-    """k = #{i < n_p: argmax f(x + σε_i) = cls ≠ argmax f_q(x + σε_i)}, ε_i from the stream (seed, "irs"), and the
-    seconds spent in f. x: one float32 C×H×W input (already validated); cls: the float model's c_A."""
+                  cls: int, batch_size: int = 1000, float_labels: np.ndarray | None = None
+                  ) -> tuple[int, float, np.ndarray]:
+    """k = #{i < n_p: argmax f(x + σε_i) = cls ≠ argmax f_q(x + σε_i)}, ε_i from the stream (seed, "irs"), the
+    seconds spent in f, and f's n_p labels. x: one float32 C×H×W input (already validated); cls: the float model's
+    c_A. float_labels: f's labels on these n_p samples, cached from an earlier run (`FloatLabelStore`): then f does
+    not run at all."""
     sig = np.float32(sigma)
-    k, float_time = 0, 0.0
+    k, float_time, done, out = 0, 0.0, 0, []
     for eps in noise_batches(x.shape, n_p, seed, NOISE_PURPOSE, batch_size):
         batch = x[None] + sig * eps
-        t0 = time.perf_counter()
-        y_f = _labels(float_runner, batch, num_classes)
-        float_time += time.perf_counter() - t0
+        if float_labels is not None:
+            y_f = float_labels[done:done + len(eps)]
+        else:
+            t0 = time.perf_counter()
+            y_f = _labels(float_runner, batch, num_classes)
+            float_time += time.perf_counter() - t0
+        done += len(eps)
+        out.append(y_f)
         k += away_from(cls, y_f, _labels(quant_runner, batch, num_classes))
-    return k, float_time
+    return k, float_time, np.concatenate(out)
 
 
 def certify_incremental(float_runner, quant_runner, cache_entry: CacheEntry, x, sigma: float, n_p: int,
                         alpha_zeta: float, n0: int, n: int, alpha: float, seed: int, label: int = -1, idx: int = -1,
-                        num_classes: int | None = None, batch_size: int = 1000) -> IncrementalCertificate:
+                        num_classes: int | None = None, batch_size: int = 1000,
+                        label_store: "FloatLabelStore | None" = None) -> IncrementalCertificate:
     """IRS of f_q = `quant_runner` at x, given the float model f's cached certificate of x (see the module docstring).
 
     seed: this input's seed (a dataset run passes `input_seed(seed, idx)`, as `certify_dataset` does); the ζ samples
     use its "irs" stream, the fallback CERTIFY its "selection"/"estimation" streams. n0, n, α are the fallback's
     (CERTIFY of f_q). Guarantee: P[irs path and wrong] ≤ α_float + α_ζ; P[wrong] ≤ 2α + α_ζ (union bound).
+    label_store: f's labels on the ζ samples, kept across runs; a stored row (of this input, at least n_p samples) is
+    used instead of running f, and a computed one is stored. Sound for every f_q: the labels are f's on the same
+    (seed, "irs") noise whichever run computed them, and each f_q's k is still Binomial(n_p, ζ_A) for that f_q.
     """
     start = time.perf_counter()
     n_p, alpha_zeta = check_irs_params(n_p, alpha_zeta)
@@ -269,14 +392,20 @@ def certify_incremental(float_runner, quant_runner, cache_entry: CacheEntry, x, 
         raise CertificationInputError(f"the cache entry is for input {cache_entry.idx}, not {idx}")
     x = smooth_q._check_x(x)
 
-    k, zeta, float_time, drawn = 0, 1.0, 0.0, 0
+    k, zeta, float_time, drawn, stored = 0, 1.0, 0.0, 0, None
     if cache_entry.prediction != ABSTAIN:  # a float abstention (p̲_A ≤ 1/2) cannot be rescued: go to CERTIFY directly
-        k, float_time = disagreements(float_runner, quant_runner, x, smooth_q.sigma, n_p, seed, num_classes,
-                                      cache_entry.prediction, batch_size)
+        key = int(idx if idx >= 0 else cache_entry.idx)
+        stored = label_store.get(key, n_p) if label_store is not None else None
+        k, float_time, y_f = disagreements(float_runner, quant_runner, x, smooth_q.sigma, n_p, seed, num_classes,
+                                           cache_entry.prediction, batch_size, float_labels=stored)
+        if label_store is not None and stored is None:
+            label_store.put(key, y_f)
         zeta, drawn = cp_upper(k, n_p, alpha_zeta), n_p
     pa_q = cache_entry.pa_lower - zeta
+    float_drawn = drawn if cache_entry.prediction == ABSTAIN or stored is None else 0
     common = dict(idx=int(idx if idx >= 0 else cache_entry.idx), label=int(label), float_pa_lower=cache_entry.pa_lower,
-                  k=k, n_p=drawn, zeta_upper=zeta, alpha_zeta=alpha_zeta, float_samples=drawn, float_time=float_time)
+                  k=k, n_p=drawn, zeta_upper=zeta, alpha_zeta=alpha_zeta, float_samples=float_drawn,
+                  float_time=float_time)
     if cache_entry.prediction != ABSTAIN and pa_q > 0.5:
         return IncrementalCertificate(**common, prediction=cache_entry.prediction, pa_lower=pa_q,
                                       radius=radius(smooth_q.sigma, pa_q), count_a=cache_entry.count_a,
@@ -325,8 +454,10 @@ def _progress_text(certs: dict) -> str:
 def certify_incremental_dataset(float_runner, quant_runner, cache: FloatCache, x_all: np.ndarray,
                                 labels: Sequence[int], indices: Sequence[int], n_p: int, alpha_zeta: float,
                                 log: IncrementalLog, num_classes: int | None = None, sigma: float | None = None,
-                                batch_size: int = 1000, progress: bool = True) -> list[IncrementalCertificate]:
-    """IRS of x_all[i] for each i in `indices` not yet in `log`, appending each row as it finishes.
+                                batch_size: int = 1000, progress: bool = True,
+                                label_store: "FloatLabelStore | None" = None) -> list[IncrementalCertificate]:
+    """IRS of x_all[i] for each i in `indices` not yet in `log`, appending each row as it finishes. label_store: f's
+    ζ-sample labels kept across runs (`FloatLabelStore`, made for this cache): f runs only where it has no row.
 
     σ, n0, n, α and the seed are the cache's (a given `sigma` must equal it; the fallback CERTIFY uses the float
     run's settings); input i uses `input_seed(seed, i)`. Every index must be in the cache (checked before any work).
@@ -360,7 +491,7 @@ def certify_incremental_dataset(float_runner, quant_runner, cache: FloatCache, x
         for i in todo:
             cert = certify_incremental(float_runner, quant_runner, cache.entry(i), x_all[i], sigma, n_p, alpha_zeta,
                                        n0, n, alpha, input_seed(seed, i), label=int(labels[i]), idx=i,
-                                       num_classes=num_classes, batch_size=batch_size)
+                                       num_classes=num_classes, batch_size=batch_size, label_store=label_store)
             log.append(cert)
             done[i] = cert
             bar.update(task, advance=1, info=_progress_text(done))

@@ -161,6 +161,14 @@ def test_certify_incremental_from_float_log(cli, digits_model, tmp_path):
     assert summary["meta"]["cost"]["irs_fraction"] > 0.5
     f_acr = json.loads((tmp_path / "f.summary.json").read_text())["summary"]["acr"]
     assert 0 < summary["summary"]["acr"] <= f_acr + 1e-9
+    assert summary["meta"]["float_labels"] == str(tmp_path / "f.tsv") + ".labels"
+    assert summary["meta"]["cost"]["float_samples_per_input"] > 0  # the first run computes f's labels ...
+    rc, _, err = cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv", "--float-model",
+                     tmp_path / "f.onnx", "--n-p", "400", "--out", tmp_path / "qi2.tsv")
+    assert rc == 0, err
+    again = json.loads((tmp_path / "qi2.summary.json").read_text())
+    assert again["meta"]["cost"]["float_samples_per_input"] == 0  # ... a later one runs only f_q, same certificates
+    assert again["summary"] == summary["summary"] | {"seconds_per_input": again["summary"]["seconds_per_input"]}
     assert_one_line_error(*cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv",
                                "--float-model", tmp_path / "q.onnx", "--out", tmp_path / "bad.tsv"), "model_sha256")
     assert_one_line_error(*cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv",

@@ -14,7 +14,7 @@ import pytest
 from scipy.stats import norm
 
 from arq_deploy.certify.incremental import (FULL, INCREMENTAL_COLUMN_LINE, IRS, CacheEntry, FloatCache,
-                                            IncrementalCertificate, IncrementalLog, certify_incremental,
+                                            FloatLabelStore, IncrementalCertificate, fill_label_store, IncrementalLog, certify_incremental,
                                             certify_incremental_dataset, check_irs_params, cost_summary,
                                             incremental_meta)
 from arq_deploy.certify.results import CertifyLog, certify_dataset
@@ -424,3 +424,69 @@ def test_parameter_and_file_validation(toy, float_log, tmp_path):
         FloatCache(tmp_path / "missing.tsv")
     with pytest.raises(CertificationInputError, match="not an incremental certification log"):
         IncrementalLog(float_log, FLOAT_META)  # a float log is not an incremental log (and is left alone)
+
+
+def test_float_label_store_runs_f_once_across_quantized_models(toy, float_log, tmp_path):
+    """With a FloatLabelStore the first IRS run computes f's ζ-sample labels, later runs (the same or another f_q, a
+    smaller n_p) run only f_q and give the certificates of a run without the store; a larger n_p computes f again
+    and keeps the longer row."""
+    x, labels, f0, fq = toy
+    cache = FloatCache(float_log)
+    other = Linear2(fq.w * 1.01, fq.b + 0.05, "quant2")
+
+    def run(path, q, n_p, store, f=f0):
+        meta = incremental_meta(cache, n_p, AZ, model=q.name, model_sha256="q" * 64, backend="onnxruntime")
+        with IncrementalLog(path, meta) as log:
+            return certify_incremental_dataset(f, q, cache, x, labels, range(10), n_p, AZ, log, progress=False,
+                                               label_store=store)
+
+    plain = {(q.name, n_p): [key(c) for c in run(tmp_path / f"{q.name}-{n_p}.tsv", q, n_p, None)]
+             for q in (fq, other) for n_p in (NP // 2, NP, 2 * NP)}
+    store_path = tmp_path / "float.tsv.labels"
+    first = run(tmp_path / "a.tsv", fq, NP, FloatLabelStore(store_path, cache, "toy-backend"))
+    irs_inputs = sum(c.n_p > 0 for c in first)
+    assert irs_inputs > 0 and [key(c) for c in first] == plain[(fq.name, NP)]
+    for q, n_p in ((fq, NP), (other, NP), (other, NP // 2)):
+        f = Linear2(f0.w, f0.b, "float")  # counts its samples
+        store = FloatLabelStore(store_path, cache, "toy-backend")  # reopened from the file
+        assert len(store) == irs_inputs
+        certs = run(tmp_path / f"{q.name}-{n_p}-stored.tsv", q, n_p, store, f)
+        assert f.samples == 0 and all(c.float_samples == 0 for c in certs)
+        stripped = [k[:-1] + (0,) for k in plain[(q.name, n_p)]]  # float_samples is the only difference
+        assert [key(c)[:-1] + (0,) for c in certs] == stripped
+    f = Linear2(f0.w, f0.b, "float")
+    longer = run(tmp_path / "long.tsv", fq, 2 * NP, FloatLabelStore(store_path, cache, "toy-backend"), f)
+    assert f.samples == 2 * NP * irs_inputs and [key(c) for c in longer] == plain[(fq.name, 2 * NP)]
+    store = FloatLabelStore(store_path, cache, "toy-backend")
+    assert all(len(store.get(c.idx, 2 * NP)) == 2 * NP for c in longer if c.n_p)
+    # labels computed ahead of the runs (fill_label_store) are the ones certify_incremental computes itself
+    ahead = FloatLabelStore(tmp_path / "ahead.labels", cache, "toy-backend")
+    assert fill_label_store(ahead, f0, cache, x, range(10), NP, 2, batch_size=17) == NP * irs_inputs
+    assert fill_label_store(ahead, f0, cache, x, range(10), NP, 2) == 0  # nothing left to compute
+    f = Linear2(f0.w, f0.b, "float")
+    certs = run(tmp_path / "ahead.tsv", fq, NP, ahead, f)
+    assert f.samples == 0 and [key(c)[:-1] for c in certs] == [k[:-1] for k in plain[(fq.name, NP)]]
+
+
+def test_float_label_store_refuses_other_runs_and_survives_a_partial_row(toy, float_log, tmp_path):
+    cache = FloatCache(float_log)
+    path = tmp_path / "labels"
+    store = FloatLabelStore(path, cache, "b1")
+    store.put(4, np.array([0, 1, 1, 0]))
+    store.put(4, np.array([1, 1]))  # shorter than the stored row: ignored
+    with open(path, "a") as fh:
+        fh.write("5\t4\tAAAB")  # killed mid-row
+    again = FloatLabelStore(path, cache, "b1")
+    assert list(again.get(4, 4)) == [0, 1, 1, 0] and again.get(4, 5) is None and again.get(5, 1) is None
+    again.put(6, np.array([1]))
+    assert FloatLabelStore(path, cache, "b1").get(6, 1) is not None  # the cut partial row did not swallow it
+    with pytest.raises(CertificationInputError, match="float_backend"):
+        FloatLabelStore(path, cache, "b2")
+    other_meta = tmp_path / "other.tsv"
+    other_meta.write_text(float_log.read_text().replace('"seed": 3', '"seed": 4'))
+    with pytest.raises(CertificationInputError, match="seed"):
+        FloatLabelStore(path, FloatCache(other_meta), "b1")
+    bad = tmp_path / "bad"
+    bad.write_text(path.read_text().splitlines()[0] + "\n" + FloatLabelStore.COLUMNS + "\n7\t3\t!!\n")
+    with pytest.raises(CertificationInputError, match="malformed"):
+        FloatLabelStore(bad, cache, "b1")
