@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from arq_deploy.certify.results import COLUMN_LINE, CertifyLog, _check_run_matches_meta
+from arq_deploy.certify.results import COLUMN_LINE, CertifyLog, _check_run_matches_meta, read_headed_lines
 from arq_deploy.certify.smooth import (ABSTAIN, COLUMNS, Certificate, Smooth, _check_alpha, _check_count,
                                        check_params, input_seed, noise_batches)
 from arq_deploy.certify.stats import cp_upper, radius
@@ -190,22 +190,9 @@ class FloatLabelStore:
 
         data = self.path.read_bytes()
         whole = data[: data.rfind(b"\n") + 1]
-        try:
-            lines = whole.decode("utf-8").split("\n")[:-1]
-        except UnicodeDecodeError:
-            raise CertificationInputError(f"{self.path} is not a float label store (not UTF-8 text)") from None
-        if len(lines) < 2 or not lines[0].startswith("# ") or lines[1] != self.COLUMNS:
-            raise CertificationInputError(f"{self.path} is not a float label store (no '# meta' and column lines)")
-        try:
-            file_meta = json.loads(lines[0][2:])
-        except ValueError:
-            raise CertificationInputError(f"{self.path}: its meta line is not valid JSON") from None
-        if file_meta != self.meta:
-            diff = sorted(k for k in set(file_meta) | set(self.meta) if file_meta.get(k) != self.meta.get(k))
-            raise CertificationInputError(
-                f"{self.path} holds the labels of another float run: meta differs in {diff} (file: "
-                f"{[file_meta.get(k) for k in diff]}, this run: {[self.meta.get(k) for k in diff]}); delete it or "
-                "pass another --float-labels path")
+        lines = read_headed_lines(self.path, whole, self.COLUMNS, "a float label store", self.meta,
+                                  "holds the labels of another float run",
+                                  "delete it or pass another --float-labels path")
         for line in lines[2:]:
             try:
                 idx, n, text = line.split("\t")

@@ -46,6 +46,28 @@ def _truncate_partial_line(path: Path) -> bytes:
     return data[:keep]
 
 
+def read_headed_lines(path: Path, data: bytes, column_line: str, kind: str, meta: dict, other: str,
+                      hint: str) -> list[str]:
+    """The lines of a '# {meta}' + column-line file (whole lines only), checked: UTF-8, both header lines, and a meta
+    equal to `meta`; otherwise one clear CertificationInputError ("PATH <other>: meta differs in ...; <hint>")."""
+    try:
+        lines = data.decode("utf-8").split("\n")[:-1]
+    except UnicodeDecodeError:
+        raise CertificationInputError(f"{path} is not {kind} (not UTF-8 text)") from None
+    if len(lines) < 2 or not lines[0].startswith("# ") or lines[1] != column_line:
+        raise CertificationInputError(f"{path} is not {kind} (no '# meta' and matching column lines)")
+    try:
+        file_meta = json.loads(lines[0][2:])
+    except ValueError:
+        raise CertificationInputError(f"{path}: its meta line is not valid JSON") from None
+    if file_meta != meta:
+        diff = sorted(k for k in set(file_meta) | set(meta) if file_meta.get(k) != meta.get(k))
+        raise CertificationInputError(
+            f"{path} {other}: meta differs in {diff} "
+            f"(file: {[file_meta.get(k) for k in diff]}, this run: {[meta.get(k) for k in diff]}); {hint}")
+    return lines
+
+
 class CertifyLog:
     """Append-only TSV of `Certificate`s for one run, identified by its `meta` dict; see the module docstring.
 
@@ -67,22 +89,8 @@ class CertifyLog:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def _load(self, data: bytes) -> None:
-        try:
-            lines = data.decode("utf-8").split("\n")[:-1]
-        except UnicodeDecodeError:
-            raise CertificationInputError(f"{self.path} is not {self.kind} (not UTF-8 text)") from None
-        if len(lines) < 2 or not lines[0].startswith("# ") or lines[1] != self.column_line:
-            raise CertificationInputError(f"{self.path} is not {self.kind} (no '# meta' and matching column lines)")
-        try:
-            file_meta = json.loads(lines[0][2:])
-        except ValueError:
-            raise CertificationInputError(f"{self.path}: its meta line is not valid JSON") from None
-        if file_meta != self.meta:
-            diff = sorted(k for k in set(file_meta) | set(self.meta) if file_meta.get(k) != self.meta.get(k))
-            raise CertificationInputError(
-                f"{self.path} belongs to another run: meta differs in {diff} "
-                f"(file: {[file_meta.get(k) for k in diff]}, this run: {[self.meta.get(k) for k in diff]}); "
-                "use another output path or the same settings")
+        lines = read_headed_lines(self.path, data, self.column_line, self.kind, self.meta,
+                                  "belongs to another run", "use another output path or the same settings")
         for line in lines[2:]:
             cert = self.cert_type.from_row(line)
             if cert.idx in self._certs:
