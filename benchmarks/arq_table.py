@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -236,10 +238,6 @@ def main(argv=None):
     args.cifar = str(Path(args.shared) / "cifar10" / "cifar-10-batches-py")
     train, test = load_dataset(args.cifar, "train"), load_dataset(args.cifar, "test")
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "work", "shared")}
-    import platform
-
-    import os
-
     results = {"settings": settings, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores; search rewards "
                "in onnxruntime (QDQ graphs), fine-tuning in torch", "sigmas": {}}
     t0 = time.perf_counter()

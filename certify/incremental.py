@@ -42,7 +42,8 @@ from typing import Sequence
 
 import numpy as np
 
-from arq_deploy.certify.results import COLUMN_LINE, CertifyLog, _check_run_matches_meta, read_headed_lines
+from arq_deploy.certify.results import (COLUMN_LINE, CertifyLog, _check_run_matches_meta, _truncate_partial_line,
+                                       read_headed_lines)
 from arq_deploy.certify.smooth import (ABSTAIN, COLUMNS, Certificate, Smooth, _check_alpha, _check_count,
                                        check_params, input_seed, noise_batches)
 from arq_deploy.certify.stats import cp_upper, radius
@@ -163,7 +164,7 @@ class FloatLabelStore:
     File: a `# {meta}` JSON line (the float cache's identity: sigma, seed, data, model, model_sha256; the float
     backend; the noise purpose; the format), the column line `idx<TAB>n_p<TAB>labels`, then one row per input:
     its index, how many samples, and the labels as base64 of little-endian int16. Rows are appended and fsynced as
-    they are computed; a partial last line (a kill mid-write) is ignored and cut on the next append. The noise stream
+    they are computed; a partial last line (a kill mid-write) is cut when the store is opened. The noise stream
     is the same array for every batch size and n_p (`noise_batches`), so a row of n samples serves any n_p ≤ n; a
     longer row for an input supersedes a shorter one. A file made for another float log, model or backend is refused.
     """
@@ -188,9 +189,8 @@ class FloatLabelStore:
         import base64
         import binascii
 
-        data = self.path.read_bytes()
-        whole = data[: data.rfind(b"\n") + 1]
-        lines = read_headed_lines(self.path, whole, self.COLUMNS, "a float label store", self.meta,
+        lines = read_headed_lines(self.path, _truncate_partial_line(self.path), self.COLUMNS, "a float label store",
+                                  self.meta,
                                   "holds the labels of another float run",
                                   "delete it or pass another --float-labels path")
         for line in lines[2:]:
@@ -204,9 +204,6 @@ class FloatLabelStore:
                 raise CertificationInputError(f"{self.path}: row of input {idx} says {n} labels, holds {len(labels)}")
             if idx not in self._rows or n > len(self._rows[idx]):
                 self._rows[idx] = labels
-        if len(whole) < len(data):  # a partial last line: cut it, so that the next row starts on its own line
-            with open(self.path, "r+b") as f:
-                f.truncate(len(whole))
 
     def get(self, idx: int, n_p: int) -> np.ndarray | None:
         """f's first n_p labels of input idx, or None if no stored row has that many."""
@@ -234,20 +231,28 @@ class FloatLabelStore:
         return len(self._rows)
 
 
+def zeta_labels(runner, x: np.ndarray, sigma: float, n_p: int, seed: int, num_classes: int | None = None,
+                batch_size: int = 1000) -> np.ndarray:
+    """argmax runner(x + σε_j) for j < n_p, ε_j from the ζ stream (seed, "irs") of one input (x: float32 C×H×W; seed:
+    that input's seed): f's labels on the samples IRS draws for x, the ones `disagreements` uses."""
+    sig = np.float32(sigma)
+    return np.concatenate([_labels(runner, x[None] + sig * eps, num_classes)
+                           for eps in noise_batches(x.shape, n_p, seed, NOISE_PURPOSE, batch_size)])
+
+
 def fill_label_store(store: FloatLabelStore, float_runner, cache: FloatCache, x_all: np.ndarray,
                      indices: Sequence[int], n_p: int, num_classes: int, batch_size: int = 1000) -> int:
     """Compute f's labels on the first n_p ζ samples of each input in `indices` that the float run did not abstain on
     and the store lacks (the labels `certify_incremental` would compute), ahead of the incremental runs. Returns the
     number of f forward passes made."""
     n_p = _check_count("n_p", n_p)
-    sig, seed, drawn = np.float32(cache.sigma), cache.meta["seed"], 0
+    drawn = 0
     for i in sorted({int(i) for i in indices}):
         if cache.entry(i).prediction == ABSTAIN or store.get(i, n_p) is not None:
             continue
         x = np.asarray(x_all[i], dtype=np.float32)
-        labels = [_labels(float_runner, x[None] + sig * eps, num_classes)
-                  for eps in noise_batches(x.shape, n_p, input_seed(seed, i), NOISE_PURPOSE, batch_size)]
-        store.put(i, np.concatenate(labels))
+        store.put(i, zeta_labels(float_runner, x, cache.sigma, n_p, input_seed(cache.meta["seed"], i), num_classes,
+                                 batch_size))
         drawn += n_p
     return drawn
 
@@ -312,9 +317,10 @@ def check_irs_params(n_p, alpha_zeta) -> tuple[int, float]:
     return n_p, alpha_zeta
 
 
-def _labels(runner, batch: np.ndarray, num_classes: int) -> np.ndarray:
+def _labels(runner, batch: np.ndarray, num_classes: int | None) -> np.ndarray:
+    """argmax of runner's logits on batch; with num_classes, the logits must be len(batch) × num_classes."""
     logits = np.asarray(runner(batch))
-    if logits.shape != (len(batch), num_classes):
+    if num_classes is not None and logits.shape != (len(batch), num_classes):
         raise CertificationInputError(
             f"runner {getattr(runner, 'name', '?')!r} returned logits of shape {logits.shape}, "
             f"expected ({len(batch)}, {num_classes})")
@@ -379,9 +385,9 @@ def certify_incremental(float_runner, quant_runner, cache_entry: CacheEntry, x, 
         raise CertificationInputError(f"the cache entry is for input {cache_entry.idx}, not {idx}")
     x = smooth_q._check_x(x)
 
+    key = int(idx if idx >= 0 else cache_entry.idx)
     k, zeta, float_time, drawn, stored = 0, 1.0, 0.0, 0, None
     if cache_entry.prediction != ABSTAIN:  # a float abstention (p̲_A ≤ 1/2) cannot be rescued: go to CERTIFY directly
-        key = int(idx if idx >= 0 else cache_entry.idx)
         stored = label_store.get(key, n_p) if label_store is not None else None
         k, float_time, y_f = disagreements(float_runner, quant_runner, x, smooth_q.sigma, n_p, seed, num_classes,
                                            cache_entry.prediction, batch_size, float_labels=stored)
@@ -389,10 +395,8 @@ def certify_incremental(float_runner, quant_runner, cache_entry: CacheEntry, x, 
             label_store.put(key, y_f)
         zeta, drawn = cp_upper(k, n_p, alpha_zeta), n_p
     pa_q = cache_entry.pa_lower - zeta
-    float_drawn = drawn if cache_entry.prediction == ABSTAIN or stored is None else 0
-    common = dict(idx=int(idx if idx >= 0 else cache_entry.idx), label=int(label), float_pa_lower=cache_entry.pa_lower,
-                  k=k, n_p=drawn, zeta_upper=zeta, alpha_zeta=alpha_zeta, float_samples=float_drawn,
-                  float_time=float_time)
+    common = dict(idx=key, label=int(label), float_pa_lower=cache_entry.pa_lower, k=k, n_p=drawn, zeta_upper=zeta,
+                  alpha_zeta=alpha_zeta, float_samples=0 if stored is not None else drawn, float_time=float_time)
     if cache_entry.prediction != ABSTAIN and pa_q > 0.5:
         return IncrementalCertificate(**common, prediction=cache_entry.prediction, pa_lower=pa_q,
                                       radius=radius(smooth_q.sigma, pa_q), count_a=cache_entry.count_a,

@@ -264,13 +264,10 @@ class RewardEvaluator:
 
 def irs_noise_labels(runner, x: np.ndarray, n_p: int, sigma: float, seed: int, i: int, batch_size: int) -> np.ndarray:
     """argmax of runner on x + σε_j, j < n_p, with IRS's noise stream of input i (int16, n_p); x: C×H×W."""
-    from arq_deploy.certify.incremental import NOISE_PURPOSE
-    from arq_deploy.certify.smooth import input_seed, noise_batches
+    from arq_deploy.certify.incremental import zeta_labels
+    from arq_deploy.certify.smooth import input_seed
 
-    sig, out = np.float32(sigma), []
-    for eps in noise_batches(x.shape, n_p, input_seed(seed, i), NOISE_PURPOSE, batch_size):
-        out.append(np.asarray(runner(x[None] + sig * eps)).argmax(axis=1))
-    return np.concatenate(out).astype(np.int16)
+    return zeta_labels(runner, x, sigma, n_p, input_seed(seed, i), batch_size=batch_size).astype(np.int16)
 
 
 def _acr_info(radii: list[float], samples: int) -> tuple[float, dict]:
