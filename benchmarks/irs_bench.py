@@ -7,8 +7,14 @@ log with n_p samples (each n_p of a list). f's labels on the ζ samples are comp
 (a) and (b) and their ratio (also counting f's labels), certified accuracy at r = 0, 0.25, 0.5 and ACR of each, the
 IRS-path fraction, and the float model's one-off certification and labelling time. All on onnxruntime.
 
+The IRS paper's comparison (Ugare et al. 2024) is at equal ACR, not at equal N: the float model is certified once at a
+large N (10^5 there; `--float-n`), IRS spends n_p samples of f_q, and the baseline certifies f_q from scratch. With
+`--baseline-n` the baseline is run at each of those N too; the seconds it needs to reach IRS's ACR are interpolated
+between the two bracketing runs (`cost_to_match`), and their ratio to IRS's seconds is the equal-ACR speed-up.
+`--fallback-n n_p` makes IRS's fallback CERTIFY spend n_p estimation samples as well (default: the float log's N).
+
     python benchmarks/irs_bench.py [--images 20] [--n 10000] [--n-p 1000[,3000]] [--sigmas 0.25,0.5] [--models W8A8,mixed]
-        [--shared ../shared/data] [--out JSON]
+        [--float-n N] [--baseline-n 1000,2000,5000] [--fallback-n N|n_p] [--shared ../shared/data] [--out JSON]
 """
 
 from __future__ import annotations
@@ -31,6 +37,35 @@ def summary_row(certs, seconds):
             "certified_accuracy": dict(zip(("0", "0.25", "0.5"), s.certified_accuracy)), "acr": s.acr}
 
 
+def max_diff_pp(a, b):
+    return max(100 * abs(a["certified_accuracy"][r] - b["certified_accuracy"][r]) for r in b["certified_accuracy"])
+
+
+def equal_acr(baseline, irs_row, labels_s):
+    """The baseline (full CERTIFY of f_q at each N) at IRS's ACR: its seconds and N interpolated between the two
+    bracketing runs, its certified accuracy likewise, and the speed-up (also counting f's labels at this n_p)."""
+    from arq_deploy.certify.stats import cost_to_match
+
+    runs = sorted(baseline.items())
+    secs, kind = cost_to_match([(r["seconds"], r["acr"]) for _, r in runs], irs_row["acr"])
+    ns = [n for n, _ in runs]
+    ts = [r["seconds"] for _, r in runs]
+
+    def at(values):  # piecewise-linear in seconds, as the cost
+        if secs <= ts[0]:
+            return values[0]
+        for t0, t1, v0, v1 in zip(ts, ts[1:], values, values[1:]):
+            if secs <= t1:
+                return v0 + (v1 - v0) * (secs - t0) / (t1 - t0)
+        return values[-1]
+
+    cert = {r: at([run["certified_accuracy"][r] for _, run in runs]) for r in irs_row["certified_accuracy"]}
+    return {"kind": kind, "baseline_seconds": secs, "baseline_n": at(ns), "speedup": secs / irs_row["seconds"],
+            "speedup_with_float_labels": secs / (irs_row["seconds"] + labels_s), "certified_accuracy": cert,
+            "certified_accuracy_max_abs_diff_pp": max(100 * abs(irs_row["certified_accuracy"][r] - cert[r])
+                                                      for r in cert)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -41,6 +76,9 @@ def main():
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--sigmas", default="0.25,0.5")
     ap.add_argument("--models", default="W8A8,mixed", help="quantized models to certify: W8A8, mixed")
+    ap.add_argument("--float-n", type=int, default=None, help="N of the float model's certificates [--n]")
+    ap.add_argument("--baseline-n", default="", help="also certify f_q fully at each of these N (equal-ACR speed-up)")
+    ap.add_argument("--fallback-n", default=None, help="N of IRS's fallback CERTIFY: a number, or n_p [float N]")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "irs_bench.json"))
     args = ap.parse_args()
 
@@ -67,21 +105,26 @@ def main():
     train, test = load_dataset(cifar, "train"), load_dataset(cifar, "test")
     idx = list(range(0, 1000, 1000 // args.images))[: args.images]
     n_ps = [int(v) for v in args.n_p.split(",")]
+    float_n = args.float_n or args.n
+    grid = sorted({args.n, *(int(v) for v in args.baseline_n.split(",") if v)})
+    if args.fallback_n not in (None, "n_p") and not args.fallback_n.isdigit():
+        ap.error(f"--fallback-n must be a number or n_p, got {args.fallback_n!r}")
     tmp = Path(tempfile.mkdtemp(prefix="arq-irs-"))
-    results = {"images": len(idx), "n0": args.n0, "n": args.n, "n_p": n_ps, "alpha": args.alpha,
-               "alpha_zeta": args.alpha, "disparity": DISPARITY, "runtime": "onnxruntime CPU", "sigmas": {}}
+    results = {"images": len(idx), "n0": args.n0, "n": args.n, "float_n": float_n, "baseline_n": grid, "n_p": n_ps,
+               "fallback_n": args.fallback_n or float_n, "alpha": args.alpha, "alpha_zeta": args.alpha,
+               "disparity": DISPARITY, "runtime": "onnxruntime CPU", "sigmas": {}}
     for sigma in (float(s) for s in args.sigmas.split(",")):
         lm = load("resnet20", str(shared / "models" / f"resnet20-gauss{sigma:.2f}.pt"))
         f_path = tmp / f"float-{sigma}.onnx"
         save_onnx(float_onnx(lm.model, lm.input_shape), f_path)
         f_runner = OrtRunner(f_path, batch_size=400)
         meta = {"model": str(f_path), "model_sha256": sha256_file(f_path), "backend": "onnxruntime",
-                "data": test.name, "sigma": sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": 0}
+                "data": test.name, "sigma": sigma, "n0": args.n0, "n": float_n, "alpha": args.alpha, "seed": 0}
         t = time.perf_counter()
         with CertifyLog(tmp / f"float-{sigma}.tsv", meta) as log:
-            fc = certify_dataset(Smooth(f_runner, 10, sigma, 400), test.x(), test.labels, idx, args.n0, args.n,
+            fc = certify_dataset(Smooth(f_runner, 10, sigma, 400), test.x(), test.labels, idx, args.n0, float_n,
                                  args.alpha, 0, log)
-        row = {"float": summary_row(fc, time.perf_counter() - t)}
+        row = {"float": {**summary_row(fc, time.perf_counter() - t), "n": float_n}}
         cache = FloatCache(tmp / f"float-{sigma}.tsv")
         # f's labels on the ζ samples: paid once with the cache, like the float certificates (FloatLabelStore);
         # every IRS run below runs only f_q
@@ -95,29 +138,35 @@ def main():
             exp = export_and_validate(lm, pol, train, test, q_path, sigma=sigma, validate_images=200)
             q_runner = OrtRunner(q_path, batch_size=400)
             qmeta = {**meta, "model": str(q_path), "model_sha256": sha256_file(q_path)}
-            t = time.perf_counter()
-            with CertifyLog(tmp / f"{name}-{sigma}-full.tsv", qmeta) as log:
-                full = certify_dataset(Smooth(q_runner, 10, sigma, 400), test.x(), test.labels, idx, args.n0,
-                                       args.n, args.alpha, 0, log)
-            full_row = summary_row(full, time.perf_counter() - t)
-            row[name] = {"bops_fraction": exp["bops_fraction"], "full": full_row}
+            baseline = {}
+            for n in grid:  # full CERTIFY of f_q from scratch at each N
+                t = time.perf_counter()
+                with CertifyLog(tmp / f"{name}-{sigma}-full-{n}.tsv", {**qmeta, "n": n}) as log:
+                    full = certify_dataset(Smooth(q_runner, 10, sigma, 400), test.x(), test.labels, idx, args.n0,
+                                           n, args.alpha, 0, log)
+                baseline[n] = summary_row(full, time.perf_counter() - t)
+            full_row = baseline[args.n]
+            row[name] = {"bops_fraction": exp["bops_fraction"], "full": full_row,
+                         "baseline": {str(n): r for n, r in baseline.items()}}
             for n_p in n_ps:
-                imeta = incremental_meta(cache, n_p, args.alpha, model=str(q_path),
+                fb = n_p if args.fallback_n == "n_p" else int(args.fallback_n or float_n)
+                imeta = incremental_meta(cache, n_p, args.alpha, fb, model=str(q_path),
                                          model_sha256=sha256_file(q_path), backend="onnxruntime")
                 t = time.perf_counter()
                 with IncrementalLog(tmp / f"{name}-{sigma}-irs-{n_p}.tsv", imeta) as log:
                     inc = certify_incremental_dataset(f_runner, q_runner, cache, test.x(), test.labels, idx, n_p,
                                                       args.alpha, log, num_classes=10, batch_size=400,
-                                                      label_store=store)
-                irs_row = {**summary_row(inc, time.perf_counter() - t), "n_p": n_p, "cost": cost_summary(inc)}
+                                                      label_store=store, fallback_n=fb)
+                irs_row = {**summary_row(inc, time.perf_counter() - t), "n_p": n_p, "fallback_n": fb,
+                           "cost": cost_summary(inc)}
                 labels_s = row["float_labels"]["seconds"] * n_p / max(n_ps)  # f's share at this n_p
                 irs_row |= {"speedup": full_row["seconds"] / irs_row["seconds"],
                             "speedup_with_float_labels": full_row["seconds"] / (irs_row["seconds"] + labels_s),
                             "certified_accuracy_r0_diff_pp": 100 * (irs_row["certified_accuracy"]["0"]
                                                                     - full_row["certified_accuracy"]["0"]),
-                            "certified_accuracy_max_abs_diff_pp": max(
-                                100 * abs(irs_row["certified_accuracy"][r] - full_row["certified_accuracy"][r])
-                                for r in full_row["certified_accuracy"])}
+                            "certified_accuracy_max_abs_diff_pp": max_diff_pp(irs_row, full_row)}
+                if len(grid) > 1:
+                    irs_row["equal_acr"] = equal_acr(baseline, irs_row, labels_s)
                 row[name]["irs" if n_p == n_ps[0] else f"irs_n_p_{n_p}"] = irs_row
                 print(f"σ={sigma} {name}: full {full_row['s_per_image']:.2f} s/img ACR {full_row['acr']:.3f} "
                       f"cert {list(full_row['certified_accuracy'].values())} | IRS n_p={n_p} "
@@ -125,6 +174,12 @@ def main():
                       f"cert {list(irs_row['certified_accuracy'].values())} (irs path "
                       f"{irs_row['cost']['irs_fraction']:.0%}) | speed-up {irs_row['speedup']:.2f}x "
                       f"({irs_row['speedup_with_float_labels']:.2f}x counting f's labels)", flush=True)
+                if "equal_acr" in irs_row:
+                    e = irs_row["equal_acr"]
+                    print(f"    equal ACR: the baseline needs {e['kind']} {e['baseline_seconds']:.1f} s (N ≈ "
+                          f"{e['baseline_n']:.0f}): {e['speedup']:.2f}x ({e['speedup_with_float_labels']:.2f}x "
+                          f"counting f's labels); certified accuracy there {list(e['certified_accuracy'].values())}",
+                          flush=True)
         results["sigmas"][str(sigma)] = row
         write_json(args.out, results)
     print(f"wrote {args.out}")

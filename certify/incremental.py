@@ -411,16 +411,28 @@ def certify_incremental(float_runner, quant_runner, cache_entry: CacheEntry, x, 
 # ---------------------------------------------------------------- the incremental log
 
 
-def incremental_meta(cache: FloatCache, n_p: int, alpha_zeta: float, **quant) -> dict:
+def _fallback_n(cache: FloatCache, fallback_n: int | None) -> int | None:
+    """The fallback CERTIFY's N when it differs from the float run's, else None (the meta then leaves it out)."""
+    if fallback_n is None:
+        return None
+    fallback_n = _check_count("fallback_n", fallback_n)
+    return None if fallback_n == int(cache.meta["n"]) else fallback_n
+
+
+def incremental_meta(cache: FloatCache, n_p: int, alpha_zeta: float, fallback_n: int | None = None, **quant) -> dict:
     """The meta of an incremental run: the quantized model's identity (`quant`: model, model_sha256, backend, ...),
     the cache's sigma/data/n0/n/alpha/seed, the float model's identity (float_model, float_model_sha256, float_backend),
-    the float log path, n_p and α_ζ, and method "irs"."""
+    the float log path, n_p and α_ζ, method "irs", and `fallback_n` where the fallback CERTIFY's N is not the float
+    run's."""
     n_p, alpha_zeta = check_irs_params(n_p, alpha_zeta)
     m = cache.meta
     meta = {k: m[k] for k in ("sigma", "n0", "n", "alpha", "seed", "data") if k in m}
     meta |= {f"float_{k}": m[k] for k in ("model", "model_sha256", "backend") if k in m}
     meta |= {"method": "irs", "disparity": DISPARITY, "float_log": str(cache.path), "n_p": n_p,
              "alpha_zeta": alpha_zeta}
+    fb = _fallback_n(cache, fallback_n)
+    if fb is not None:
+        meta["fallback_n"] = fb
     return meta | quant
 
 
@@ -446,12 +458,15 @@ def certify_incremental_dataset(float_runner, quant_runner, cache: FloatCache, x
                                 labels: Sequence[int], indices: Sequence[int], n_p: int, alpha_zeta: float,
                                 log: IncrementalLog, num_classes: int | None = None, sigma: float | None = None,
                                 batch_size: int = 1000, progress: bool = True,
-                                label_store: "FloatLabelStore | None" = None) -> list[IncrementalCertificate]:
+                                label_store: "FloatLabelStore | None" = None,
+                                fallback_n: int | None = None) -> list[IncrementalCertificate]:
     """IRS of x_all[i] for each i in `indices` not yet in `log`, appending each row as it finishes. label_store: f's
     ζ-sample labels kept across runs (`FloatLabelStore`, made for this cache): f runs only where it has no row.
 
     σ, n0, n, α and the seed are the cache's (a given `sigma` must equal it; the fallback CERTIFY uses the float
-    run's settings); input i uses `input_seed(seed, i)`. Every index must be in the cache (checked before any work).
+    run's settings, except its N where `fallback_n` is given: a float log certified at a large N, paid once, need
+    not make every fallback that expensive; the log's meta must then say the same `fallback_n`, see
+    `incremental_meta`); input i uses `input_seed(seed, i)`. Every index must be in the cache (checked before any work).
     Returns the certificates of all `indices`, sorted by index; an interruption loses only the input in flight, and a
     resumed run gives the same rows. The log's meta (see `incremental_meta`) must match the cache and n_p, α_ζ.
     """
@@ -461,6 +476,11 @@ def certify_incremental_dataset(float_runner, quant_runner, cache: FloatCache, x
     sigma, seed = float(m["sigma"]), m["seed"]
     n0, n, alpha = check_params(m["n0"], m["n"], m["alpha"])
     _check_run_matches_meta(log.meta, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed, n_p=n_p, alpha_zeta=alpha_zeta)
+    fb = _fallback_n(cache, fallback_n)
+    if log.meta.get("fallback_n") != fb:
+        raise CertificationInputError(f"the log's meta has fallback_n={log.meta.get('fallback_n')!r} but this run "
+                                      f"uses fallback_n={fb!r} (None: the float run's N, {n})")
+    n_fallback = n if fb is None else fb
     if "data" in log.meta and "data" in m:
         cache.check(data=log.meta["data"])
     if "float_model_sha256" in log.meta:
@@ -481,7 +501,7 @@ def certify_incremental_dataset(float_runner, quant_runner, cache: FloatCache, x
         bar.update(task, completed=len(done), info=_progress_text(done))
         for i in todo:
             cert = certify_incremental(float_runner, quant_runner, cache.entry(i), x_all[i], sigma, n_p, alpha_zeta,
-                                       n0, n, alpha, input_seed(seed, i), label=int(labels[i]), idx=i,
+                                       n0, n_fallback, alpha, input_seed(seed, i), label=int(labels[i]), idx=i,
                                        num_classes=num_classes, batch_size=batch_size, label_store=label_store)
             log.append(cert)
             done[i] = cert

@@ -100,3 +100,26 @@ def summarize(certs: Iterable, radii: Sequence[float] = DEFAULT_RADII) -> Summar
         seconds_per_input=sum(c.seconds for c in certs) / m,
         count=m,
     )
+
+
+def cost_to_match(points: Sequence[tuple[float, float]], target: float) -> tuple[float, str]:
+    """What a baseline costs to reach `target` of a quality that grows with its cost (ACR against seconds).
+
+    points: the baseline's measured (cost, quality) pairs, e.g. full CERTIFY at several N. The quality is made
+    monotone (a running maximum over increasing cost) and the cost interpolated linearly between the two measured
+    points that bracket `target`. Returns (cost, kind): kind "interpolated"; "at most" where the cheapest point already
+    reaches the target (cost is that point's); "at least" where no point reaches it (cost is the dearest point's).
+    """
+    pts = sorted((float(c), float(q)) for c, q in points)
+    if not pts:
+        raise CertificationInputError("cost_to_match needs at least one measured point")
+    best, mono = -math.inf, []
+    for c, q in pts:
+        best = max(best, q)
+        mono.append((c, best))
+    if mono[0][1] >= target:
+        return mono[0][0], "at most"
+    for (c0, q0), (c1, q1) in zip(mono, mono[1:]):
+        if q1 >= target:
+            return c0 + (c1 - c0) * (target - q0) / (q1 - q0), "interpolated"
+    return mono[-1][0], "at least"

@@ -290,13 +290,15 @@ def targets(as_json):
 @click.option("--float-model", default=None, type=click.Path(), help="the float model that wrote --incremental-from")
 @click.option("--n-p", "n_p", type=int, default=1000, show_default=True, help="IRS disagreement samples")
 @click.option("--alpha-zeta", type=float, default=0.001, show_default=True, help="IRS disagreement bound's α")
+@click.option("--fallback-n", type=int, default=None,
+              help="IRS: N of the full CERTIFY where the incremental bound fails [the float log's N]")
 @click.option("--float-labels", default=None, metavar="PATH|none",
               help="IRS: where the float model's labels on the disagreement samples are kept, so that later runs "
                    "against the same log run only the quantized model [FLOAT_LOG.labels; none: keep nothing]")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV log (appended, resumable)")
 def certify(model_path, model_name, weights, input_shape, data, backend, sigma, n0, n, alpha, skip, max_images,
             batch_size, seed, ray_address, ray_workers, ray_cpus_per_worker, remote, float_log, float_model, n_p,
-            alpha_zeta, float_labels, out):
+            alpha_zeta, fallback_n, float_labels, out):
     """Randomized-smoothing CERTIFY (Cohen et al.) on test images: TSV rows, summary JSON and a PNG curve.
 
     With --incremental-from FLOAT.tsv --float-model FLOAT.onnx, certify a quantized model incrementally (Ugare et
@@ -328,7 +330,8 @@ def certify(model_path, model_name, weights, input_shape, data, backend, sigma, 
         if ray_address:
             raise ArqError("--ray and --incremental-from cannot be combined yet")
         certs, extra = _certify_incremental(runner, ds, meta, float_log, float_model, n_p, alpha_zeta, sigma, n0, n,
-                                            alpha, seed, batch_size, skip, max_images, out, float_labels)
+                                            alpha, seed, batch_size, skip, max_images, out, float_labels,
+                                            fallback_n)
         sigma = extra["sigma"]
     else:
         meta.update(sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed)
@@ -401,7 +404,7 @@ def _certify_full(runner, ds, meta, indices, batch_size, ray_address, ray_worker
 
 
 def _certify_incremental(runner, ds, meta, float_log, float_model, n_p, alpha_zeta, sigma, n0, n, alpha, seed,
-                         batch_size, skip, max_images, out, float_labels=None):
+                         batch_size, skip, max_images, out, float_labels=None, fallback_n=None):
     from arq_deploy.certify.incremental import (FloatCache, FloatLabelStore, IncrementalLog,
                                                 certify_incremental_dataset, cost_summary, incremental_meta)
     from arq_deploy.pipeline import make_runner
@@ -413,13 +416,14 @@ def _certify_incremental(runner, ds, meta, float_log, float_model, n_p, alpha_ze
     cache.check(sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed, data=ds.name,
                 model_sha256=_model_sha(float_model, None))
     indices = [i for i in sorted(cache.indices()) if i % skip == 0][: max_images or None]
-    run_meta = incremental_meta(cache, n_p, alpha_zeta, **meta, float_backend=float_runner.name)
+    run_meta = incremental_meta(cache, n_p, alpha_zeta, fallback_n, **meta, float_backend=float_runner.name)
     store = None
     if (float_labels or "").lower() != "none":
         store = FloatLabelStore(float_labels or f"{float_log}.labels", cache, float_runner.name)
     with IncrementalLog(out, run_meta) as log:
         certs = certify_incremental_dataset(float_runner, runner, cache, ds.x(), ds.labels, indices, n_p, alpha_zeta,
-                                            log, num_classes=ds.num_classes, batch_size=batch_size, label_store=store)
+                                            log, num_classes=ds.num_classes, batch_size=batch_size, label_store=store,
+                                            fallback_n=fallback_n)
     extra = {"float_labels": str(store.path) if store is not None else None}
     return certs, {"sigma": cache.meta["sigma"], "cost": cost_summary(certs), **run_meta, **extra}
 

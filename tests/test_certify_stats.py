@@ -114,3 +114,23 @@ def test_summarize_custom_radii_and_empty():
     assert s.certified_accuracy == pytest.approx((1.0, 0.5))
     with pytest.raises(CertificationInputError):
         summarize([])
+
+
+def test_cost_to_match_interpolates_between_bracketing_runs():
+    from arq_deploy.certify.stats import cost_to_match
+
+    pts = [(10.0, 0.30), (20.0, 0.40), (50.0, 0.46)]
+    c, kind = cost_to_match(pts, 0.35)
+    assert kind == "interpolated" and c == pytest.approx(15.0)
+    c, kind = cost_to_match(list(reversed(pts)), 0.43)  # order of the points does not matter
+    assert kind == "interpolated" and math.isclose(c, 35.0)
+    assert cost_to_match(pts, 0.40) == (pytest.approx(20.0), "interpolated")
+    assert cost_to_match(pts, 0.2) == (10.0, "at most")
+    assert cost_to_match(pts, 0.5) == (50.0, "at least")
+    # a noisy dip (more samples, slightly lower quality) is levelled: the cheaper run already reached it
+    c, kind = cost_to_match([(10.0, 0.30), (20.0, 0.42), (30.0, 0.41), (40.0, 0.50)], 0.415)
+    assert kind == "interpolated" and c == pytest.approx(10.0 + 10.0 * (0.115 / 0.12))
+    assert cost_to_match([(10.0, 0.30), (20.0, 0.42), (30.0, 0.41), (40.0, 0.50)], 0.46)[0] == \
+        pytest.approx(30.0 + 10.0 * (0.04 / 0.08))
+    with pytest.raises(CertificationInputError):
+        cost_to_match([], 0.3)

@@ -173,4 +173,14 @@ def test_certify_incremental_from_float_log(cli, digits_model, tmp_path):
                                "--float-model", tmp_path / "q.onnx", "--out", tmp_path / "bad.tsv"), "model_sha256")
     assert_one_line_error(*cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv",
                                "--out", tmp_path / "bad.tsv"), "--float-model")
+    assert_one_line_error(*cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv",
+                               "--float-model", tmp_path / "f.onnx", "--fallback-n", "0", "--out",
+                               tmp_path / "bad.tsv"), "fallback_n")
     assert not (tmp_path / "bad.tsv").exists()
+    # --fallback-n: the fallback CERTIFY's N, recorded in the log's meta; the irs-path rows are the same
+    rc, _, err = cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv", "--float-model",
+                     tmp_path / "f.onnx", "--n-p", "400", "--fallback-n", "500", "--out", tmp_path / "qf.tsv")
+    assert rc == 0, err
+    fb = json.loads((tmp_path / "qf.summary.json").read_text())
+    assert fb["meta"]["fallback_n"] == 500 and fb["meta"]["cost"]["irs_fraction"] == \
+        summary["meta"]["cost"]["irs_fraction"]

@@ -402,6 +402,42 @@ def test_cache_mismatch_errors(toy, float_log, tmp_path):
         IncrementalLog(tmp_path / "q.tsv", quant_meta(cache) | {"n_p": 5})
 
 
+def test_fallback_n_sets_the_fallback_certify_and_is_kept_in_the_meta(toy, float_log, tmp_path):
+    # A float log certified at a large N need not make each fallback that dear: fallback_n is the fallback CERTIFY's
+    # N, each fallback row equals Smooth(f_q).certify at that N, irs-path rows are unchanged, and the log remembers it.
+    x, labels, f, fq = toy
+    cache = FloatCache(float_log)
+    small = N // 3
+    meta = incremental_meta(cache, NP, AZ, small, model="quant.onnx", model_sha256="q" * 64, backend="onnxruntime")
+    assert meta["fallback_n"] == small and "fallback_n" not in quant_meta(cache)
+    assert "fallback_n" not in incremental_meta(cache, NP, AZ, N)  # the float run's N is the default, not a change
+    with IncrementalLog(tmp_path / "q.tsv", meta) as log:
+        certs = certify_incremental_dataset(f, fq, cache, x, labels, range(10), NP, AZ, log, progress=False,
+                                            fallback_n=small)
+    default = run_irs(tmp_path / "d.tsv", toy, float_log, range(10))
+    fallbacks = [c for c in certs if c.path == FULL]
+    assert fallbacks and any(c.path == IRS for c in certs)
+    for c, d in zip(certs, default):
+        assert c.path == d.path
+        if c.path == IRS:
+            assert key(c) == key(d)
+        else:
+            full = Smooth(fq, 2, SIGMA).certify(x[c.idx], N0, small, ALPHA, seed=input_seed(SEED, c.idx),
+                                                label=labels[c.idx], idx=c.idx)
+            assert (c.n, c.count_a, c.pa_lower, c.prediction) == (small, full.count_a, full.pa_lower,
+                                                                  full.prediction)
+            assert d.n == N
+    # resuming with another fallback N (or none) is refused before any work; so is a bad N
+    for other in (None, small + 1):
+        with IncrementalLog(tmp_path / "q.tsv", meta) as log:
+            with pytest.raises(CertificationInputError, match="fallback_n"):
+                certify_incremental_dataset(f, fq, cache, x, labels, [0], NP, AZ, log, progress=False,
+                                            fallback_n=other)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(CertificationInputError, match="fallback_n"):
+            incremental_meta(cache, NP, AZ, bad)
+
+
 def test_parameter_and_file_validation(toy, float_log, tmp_path):
     x, labels, f, fq = toy
     entry = FloatCache(float_log).entry(0)
