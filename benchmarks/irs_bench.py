@@ -11,15 +11,20 @@ The IRS paper's comparison (Ugare et al. 2024) is at equal ACR, not at equal N: 
 large N (10^5 there; `--float-n`), IRS spends n_p samples of f_q, and the baseline certifies f_q from scratch. With
 `--baseline-n` the baseline is run at each of those N too; the seconds it needs to reach IRS's ACR are interpolated
 between the two bracketing runs (`cost_to_match`), and their ratio to IRS's seconds is the equal-ACR speed-up.
-`--fallback-n n_p` makes IRS's fallback CERTIFY spend n_p estimation samples as well (default: the float log's N).
+`--fallback-n n_p` makes IRS's fallback CERTIFY spend n_p estimation samples as well, `--fallback-n 0` turns the
+fallback off (abstain where the bound fails); a list (n_p,0) runs IRS with each (default: the float log's N).
+`--work-dir DIR` keeps the logs there: a rerun with the same DIR reuses the float certificates and f's labels (with
+their seconds as first measured, from DIR/float-σ.timing.json) and redoes every quantized run.
 
     python benchmarks/irs_bench.py [--images 20] [--n 10000] [--n-p 1000[,3000]] [--sigmas 0.25,0.5] [--models W8A8,mixed]
-        [--float-n N] [--baseline-n 1000,2000,5000] [--fallback-n N|n_p] [--shared ../shared/data] [--out JSON]
+        [--float-n N] [--baseline-n 1000,2000,5000] [--fallback-n N|n_p|0[,...]] [--work-dir DIR]
+        [--shared ../shared/data] [--out JSON]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -78,7 +83,9 @@ def main():
     ap.add_argument("--models", default="W8A8,mixed", help="quantized models to certify: W8A8, mixed")
     ap.add_argument("--float-n", type=int, default=None, help="N of the float model's certificates [--n]")
     ap.add_argument("--baseline-n", default="", help="also certify f_q fully at each of these N (equal-ACR speed-up)")
-    ap.add_argument("--fallback-n", default=None, help="N of IRS's fallback CERTIFY: a number, or n_p [float N]")
+    ap.add_argument("--fallback-n", default=None,
+                    help="N of IRS's fallback CERTIFY: a number, n_p, or 0 (abstain); a list runs each [float N]")
+    ap.add_argument("--work-dir", default=None, help="where the logs go; reused by a rerun [a fresh temp dir]")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "irs_bench.json"))
     args = ap.parse_args()
 
@@ -107,16 +114,19 @@ def main():
     n_ps = [int(v) for v in args.n_p.split(",")]
     float_n = args.float_n or args.n
     grid = sorted({args.n, *(int(v) for v in args.baseline_n.split(",") if v)})
-    if args.fallback_n not in (None, "n_p") and not args.fallback_n.isdigit():
-        ap.error(f"--fallback-n must be a number or n_p, got {args.fallback_n!r}")
-    tmp = Path(tempfile.mkdtemp(prefix="arq-irs-"))
+    fallbacks = args.fallback_n.split(",") if args.fallback_n else [str(float_n)]
+    if any(v != "n_p" and not v.isdigit() for v in fallbacks):
+        ap.error(f"--fallback-n must be numbers or n_p, got {args.fallback_n!r}")
+    tmp = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="arq-irs-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     results = {"images": len(idx), "n0": args.n0, "n": args.n, "float_n": float_n, "baseline_n": grid, "n_p": n_ps,
-               "fallback_n": args.fallback_n or float_n, "alpha": args.alpha, "alpha_zeta": args.alpha,
+               "fallback_n": fallbacks, "work_dir": str(tmp), "alpha": args.alpha, "alpha_zeta": args.alpha,
                "disparity": DISPARITY, "runtime": "onnxruntime CPU", "sigmas": {}}
     for sigma in (float(s) for s in args.sigmas.split(",")):
         lm = load("resnet20", str(shared / "models" / f"resnet20-gauss{sigma:.2f}.pt"))
         f_path = tmp / f"float-{sigma}.onnx"
-        save_onnx(float_onnx(lm.model, lm.input_shape), f_path)
+        if not f_path.exists():  # a reused directory keeps the model its float log names (by sha256)
+            save_onnx(float_onnx(lm.model, lm.input_shape), f_path)
         f_runner = OrtRunner(f_path, batch_size=400)
         meta = {"model": str(f_path), "model_sha256": sha256_file(f_path), "backend": "onnxruntime",
                 "data": test.name, "sigma": sigma, "n0": args.n0, "n": float_n, "alpha": args.alpha, "seed": 0}
@@ -132,6 +142,17 @@ def main():
         t = time.perf_counter()
         drawn = fill_label_store(store, f_runner, cache, test.x(), idx, max(n_ps), 10, batch_size=400)
         row["float_labels"] = {"seconds": time.perf_counter() - t, "samples": drawn, "n_p": max(n_ps)}
+        timing = tmp / f"float-{sigma}.timing.json"
+        if timing.exists():  # the float work was done by an earlier run: report the seconds it took then
+            prior = json.loads(timing.read_text())
+            if prior["n_p"] >= max(n_ps):
+                row["float"]["seconds"] = prior["float_seconds"]
+                row["float"]["s_per_image"] = prior["float_seconds"] / len(idx)
+                row["float_labels"] |= {"seconds": prior["labels_seconds"] * max(n_ps) / prior["n_p"],
+                                        "reused": True}
+        else:
+            write_json(timing, {"float_seconds": row["float"]["seconds"], "n_p": max(n_ps), "images": len(idx),
+                                "labels_seconds": row["float_labels"]["seconds"]})
         for name in args.models.split(","):
             pol = policies[name]
             q_path = tmp / f"{name}-{sigma}.onnx"
@@ -140,6 +161,7 @@ def main():
             qmeta = {**meta, "model": str(q_path), "model_sha256": sha256_file(q_path)}
             baseline = {}
             for n in grid:  # full CERTIFY of f_q from scratch at each N
+                (tmp / f"{name}-{sigma}-full-{n}.tsv").unlink(missing_ok=True)  # timed afresh, never resumed
                 t = time.perf_counter()
                 with CertifyLog(tmp / f"{name}-{sigma}-full-{n}.tsv", {**qmeta, "n": n}) as log:
                     full = certify_dataset(Smooth(q_runner, 10, sigma, 400), test.x(), test.labels, idx, args.n0,
@@ -148,12 +170,14 @@ def main():
             full_row = baseline[args.n]
             row[name] = {"bops_fraction": exp["bops_fraction"], "full": full_row,
                          "baseline": {str(n): r for n, r in baseline.items()}}
-            for n_p in n_ps:
-                fb = n_p if args.fallback_n == "n_p" else int(args.fallback_n or float_n)
+            for n_p, spec in ((n_p, spec) for n_p in n_ps for spec in fallbacks):
+                fb = n_p if spec == "n_p" else int(spec)
                 imeta = incremental_meta(cache, n_p, args.alpha, fb, model=str(q_path),
                                          model_sha256=sha256_file(q_path), backend="onnxruntime")
+                irs_log = tmp / f"{name}-{sigma}-irs-{n_p}-fb{fb}.tsv"
+                irs_log.unlink(missing_ok=True)
                 t = time.perf_counter()
-                with IncrementalLog(tmp / f"{name}-{sigma}-irs-{n_p}.tsv", imeta) as log:
+                with IncrementalLog(irs_log, imeta) as log:
                     inc = certify_incremental_dataset(f_runner, q_runner, cache, test.x(), test.labels, idx, n_p,
                                                       args.alpha, log, num_classes=10, batch_size=400,
                                                       label_store=store, fallback_n=fb)
@@ -167,9 +191,11 @@ def main():
                             "certified_accuracy_max_abs_diff_pp": max_diff_pp(irs_row, full_row)}
                 if len(grid) > 1:
                     irs_row["equal_acr"] = equal_acr(baseline, irs_row, labels_s)
-                row[name]["irs" if n_p == n_ps[0] else f"irs_n_p_{n_p}"] = irs_row
+                first = (n_p, spec) == (n_ps[0], fallbacks[0])
+                row[name]["irs" if first else f"irs_n_p_{n_p}" + (f"_fallback_{fb}" if len(fallbacks) > 1 else "")] = \
+                    irs_row
                 print(f"σ={sigma} {name}: full {full_row['s_per_image']:.2f} s/img ACR {full_row['acr']:.3f} "
-                      f"cert {list(full_row['certified_accuracy'].values())} | IRS n_p={n_p} "
+                      f"cert {list(full_row['certified_accuracy'].values())} | IRS n_p={n_p} fallback N={fb} "
                       f"{irs_row['s_per_image']:.2f} s/img ACR {irs_row['acr']:.3f} "
                       f"cert {list(irs_row['certified_accuracy'].values())} (irs path "
                       f"{irs_row['cost']['irs_fraction']:.0%}) | speed-up {irs_row['speedup']:.2f}x "

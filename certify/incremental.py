@@ -11,7 +11,8 @@ where ζ̄_A = cp_upper(k, n_p, α_ζ) and k = #{i < n_p : f(x + σε_i) = c_A �
 inputs run through BOTH models. (On ResNet-20 W8A8 at σ = 0.5, k was 44% of the two-sided disagreement count over 40
 test images × 2,000 samples.) If p̲_A,q = p̲_A − ζ̄_A > 1/2 the smoothed f_q predicts c_A within the L2 radius
 σ·Φ⁻¹(p̲_A,q) ("irs" path); otherwise the input is certified from scratch with CERTIFY of f_q (n0, n, α; the "full"
-path, the same certificate as a plain `Smooth(f_q).certify` with the same seed).
+path, the same certificate as a plain `Smooth(f_q).certify` with the same seed), or, with the fallback turned off,
+abstains (the "abstain" path: IRS alone, at the cost of the n_p samples only; an abstention is never wrong).
 
 Soundness. An "irs" certificate is wrong only if p̲_A > p_A (probability ≤ α, the float run's CERTIFY) or ζ̄_A < ζ_A
 (probability ≤ α_ζ; c_A is fixed by the float run before the ζ samples are drawn, so k ~ Binomial(n_p, ζ_A)): by a
@@ -49,7 +50,7 @@ from arq_deploy.certify.smooth import (ABSTAIN, COLUMNS, Certificate, Smooth, _c
 from arq_deploy.certify.stats import cp_upper, radius
 from arq_deploy.errors import CertificationInputError
 
-IRS, FULL = "irs", "full"
+IRS, FULL, ABSTAINED = "irs", "full", "abstain"
 NOISE_PURPOSE = "irs"
 # k counts f = c_A ≠ f_q only (the module docstring). In the log meta, so that a log of the two-sided count (earlier
 # versions) is not continued with this one.
@@ -264,9 +265,11 @@ def fill_label_store(store: FloatLabelStore, float_runner, cache: FloatCache, x_
 class IncrementalCertificate(Certificate):
     """A `Certificate` of the quantized model f_q plus how it was obtained.
 
-    path: "irs" (radius from p̲_A,q = float p̲_A − ζ̄_A; then count_a, n0, n are the float run's) or "full" (CERTIFY of
-    f_q; count_a, n0, n are f_q's). float_pa_lower: the cached p̲_A of f. k: disagreements f = c_A ≠ f_q among n_p
-    samples (n_p = 0, k = 0, ζ̄ = 1 when the float certificate abstained and none were drawn).
+    path: "irs" (radius from p̲_A,q = float p̲_A − ζ̄_A; then count_a, n0, n are the float run's), "full" (CERTIFY of
+    f_q; count_a, n0, n are f_q's) or "abstain" (the bound failed and the fallback is off: prediction ABSTAIN, radius 0,
+    pa_lower the failed p̲_A,q, count_a, n0, n the float run's). float_pa_lower: the cached p̲_A of f.
+    k: disagreements f = c_A ≠ f_q among n_p samples (n_p = 0, k = 0, ζ̄ = 1 when the float certificate abstained and
+    none were drawn).
     zeta_upper: cp_upper(k, n_p, α_ζ).
     quant_samples / float_samples: forward passes of f_q / f on noisy inputs. float_time: seconds spent running f.
     seconds: wall time of the whole incremental certification (f runs included).
@@ -295,7 +298,7 @@ class IncrementalCertificate(Certificate):
                 f"an incremental certificate row needs {len(INCREMENTAL_COLUMNS)} tab-separated fields, got {line!r}")
         base = Certificate.from_row("\t".join(parts[: len(COLUMNS)]))
         path, fpa, k, n_p, zeta, az, qs, fs, ft = parts[len(COLUMNS):]
-        if path not in (IRS, FULL):
+        if path not in (IRS, FULL, ABSTAINED):
             raise CertificationInputError(f"malformed incremental certificate row {line!r}: path {path!r}")
         try:
             return cls(**{f.name: getattr(base, f.name) for f in fields(Certificate)}, path=path,
@@ -360,7 +363,7 @@ def disagreements(float_runner, quant_runner, x: np.ndarray, sigma: float, n_p: 
 def certify_incremental(float_runner, quant_runner, cache_entry: CacheEntry, x, sigma: float, n_p: int,
                         alpha_zeta: float, n0: int, n: int, alpha: float, seed: int, label: int = -1, idx: int = -1,
                         num_classes: int | None = None, batch_size: int = 1000,
-                        label_store: "FloatLabelStore | None" = None) -> IncrementalCertificate:
+                        label_store: "FloatLabelStore | None" = None, fallback: bool = True) -> IncrementalCertificate:
     """IRS of f_q = `quant_runner` at x, given the float model f's cached certificate of x (see the module docstring).
 
     seed: this input's seed (a dataset run passes `input_seed(seed, idx)`, as `certify_dataset` does); the ζ samples
@@ -369,6 +372,7 @@ def certify_incremental(float_runner, quant_runner, cache_entry: CacheEntry, x, 
     label_store: f's labels on the ζ samples, kept across runs; a stored row (of this input, at least n_p samples) is
     used instead of running f, and a computed one is stored. Sound for every f_q: the labels are f's on the same
     (seed, "irs") noise whichever run computed them, and each f_q's k is still Binomial(n_p, ζ_A) for that f_q.
+    fallback=False: abstain where the bound fails instead of running CERTIFY of f_q (the "abstain" path).
     """
     start = time.perf_counter()
     n_p, alpha_zeta = check_irs_params(n_p, alpha_zeta)
@@ -402,6 +406,10 @@ def certify_incremental(float_runner, quant_runner, cache_entry: CacheEntry, x, 
                                       radius=radius(smooth_q.sigma, pa_q), count_a=cache_entry.count_a,
                                       n0=cache_entry.n0, n=cache_entry.n, path=IRS, quant_samples=drawn,
                                       seconds=time.perf_counter() - start)
+    if not fallback:
+        return IncrementalCertificate(**common, prediction=ABSTAIN, pa_lower=pa_q, radius=0.0,
+                                      count_a=cache_entry.count_a, n0=cache_entry.n0, n=cache_entry.n, path=ABSTAINED,
+                                      quant_samples=drawn, seconds=time.perf_counter() - start)
     full = smooth_q.certify(x, n0, n, alpha, seed=seed, label=label, idx=common["idx"])
     return IncrementalCertificate(**common, prediction=full.prediction, pa_lower=full.pa_lower, radius=full.radius,
                                   count_a=full.count_a, n0=full.n0, n=full.n, path=FULL,
@@ -412,9 +420,12 @@ def certify_incremental(float_runner, quant_runner, cache_entry: CacheEntry, x, 
 
 
 def _fallback_n(cache: FloatCache, fallback_n: int | None) -> int | None:
-    """The fallback CERTIFY's N when it differs from the float run's, else None (the meta then leaves it out)."""
+    """The fallback CERTIFY's N when it differs from the float run's (0: no fallback, abstain), else None (the meta
+    then leaves it out)."""
     if fallback_n is None:
         return None
+    if isinstance(fallback_n, int) and not isinstance(fallback_n, bool) and fallback_n == 0:
+        return 0
     fallback_n = _check_count("fallback_n", fallback_n)
     return None if fallback_n == int(cache.meta["n"]) else fallback_n
 
@@ -465,8 +476,9 @@ def certify_incremental_dataset(float_runner, quant_runner, cache: FloatCache, x
 
     σ, n0, n, α and the seed are the cache's (a given `sigma` must equal it; the fallback CERTIFY uses the float
     run's settings, except its N where `fallback_n` is given: a float log certified at a large N, paid once, need
-    not make every fallback that expensive; the log's meta must then say the same `fallback_n`, see
-    `incremental_meta`); input i uses `input_seed(seed, i)`. Every index must be in the cache (checked before any work).
+    not make every fallback that expensive; fallback_n=0 turns the fallback off, abstaining where the bound fails; the
+    log's meta must then say the same `fallback_n`, see `incremental_meta`); input i uses `input_seed(seed, i)`.
+    Every index must be in the cache (checked before any work).
     Returns the certificates of all `indices`, sorted by index; an interruption loses only the input in flight, and a
     resumed run gives the same rows. The log's meta (see `incremental_meta`) must match the cache and n_p, α_ζ.
     """
@@ -480,7 +492,7 @@ def certify_incremental_dataset(float_runner, quant_runner, cache: FloatCache, x
     if log.meta.get("fallback_n") != fb:
         raise CertificationInputError(f"the log's meta has fallback_n={log.meta.get('fallback_n')!r} but this run "
                                       f"uses fallback_n={fb!r} (None: the float run's N, {n})")
-    n_fallback = n if fb is None else fb
+    n_fallback = n if not fb else fb
     if "data" in log.meta and "data" in m:
         cache.check(data=log.meta["data"])
     if "float_model_sha256" in log.meta:
@@ -502,7 +514,8 @@ def certify_incremental_dataset(float_runner, quant_runner, cache: FloatCache, x
         for i in todo:
             cert = certify_incremental(float_runner, quant_runner, cache.entry(i), x_all[i], sigma, n_p, alpha_zeta,
                                        n0, n_fallback, alpha, input_seed(seed, i), label=int(labels[i]), idx=i,
-                                       num_classes=num_classes, batch_size=batch_size, label_store=label_store)
+                                       num_classes=num_classes, batch_size=batch_size, label_store=label_store,
+                                       fallback=fb != 0)
             log.append(cert)
             done[i] = cert
             bar.update(task, advance=1, info=_progress_text(done))

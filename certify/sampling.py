@@ -224,6 +224,20 @@ class ParallelTvmSampler:
         return counts_parallel(self._forward, x, n, sigma, seed, purpose, self.batch_size, self.num_classes,
                                self.workers)
 
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Logits of x (N×C×H×W), its artifact-sized batches run on the VMs side by side (what IRS's ζ labels and
+        PREDICT use); the same logits as one `TvmRunner`."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from arq_deploy.runners import check_input
+
+        x = check_input(x, self.input_shape)
+        starts = range(0, len(x), self.batch_size)
+        if self.workers <= 1 or len(starts) <= 1:
+            return self._runners[0](x)
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="arq-tvm") as pool:
+            return np.concatenate(list(pool.map(lambda a: self._forward(x[a: a + self.batch_size]), starts)))
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Smoothing graphs (export/smoothing_graph.py): noise in, counts out, one call per batch

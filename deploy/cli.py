@@ -291,7 +291,8 @@ def targets(as_json):
 @click.option("--n-p", "n_p", type=int, default=1000, show_default=True, help="IRS disagreement samples")
 @click.option("--alpha-zeta", type=float, default=0.001, show_default=True, help="IRS disagreement bound's α")
 @click.option("--fallback-n", type=int, default=None,
-              help="IRS: N of the full CERTIFY where the incremental bound fails [the float log's N]")
+              help="IRS: N of the full CERTIFY where the incremental bound fails; 0: abstain there instead "
+                   "[the float log's N]")
 @click.option("--float-labels", default=None, metavar="PATH|none",
               help="IRS: where the float model's labels on the disagreement samples are kept, so that later runs "
                    "against the same log run only the quantized model [FLOAT_LOG.labels; none: keep nothing]")

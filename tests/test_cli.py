@@ -174,7 +174,7 @@ def test_certify_incremental_from_float_log(cli, digits_model, tmp_path):
     assert_one_line_error(*cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv",
                                "--out", tmp_path / "bad.tsv"), "--float-model")
     assert_one_line_error(*cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv",
-                               "--float-model", tmp_path / "f.onnx", "--fallback-n", "0", "--out",
+                               "--float-model", tmp_path / "f.onnx", "--fallback-n", "-1", "--out",
                                tmp_path / "bad.tsv"), "fallback_n")
     assert not (tmp_path / "bad.tsv").exists()
     # --fallback-n: the fallback CERTIFY's N, recorded in the log's meta; the irs-path rows are the same

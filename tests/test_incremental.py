@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from arq_deploy.certify.incremental import (FULL, INCREMENTAL_COLUMN_LINE, IRS, CacheEntry, FloatCache,
+from arq_deploy.certify.incremental import (ABSTAINED, FULL, INCREMENTAL_COLUMN_LINE, IRS, CacheEntry, FloatCache,
                                             FloatLabelStore, IncrementalCertificate, fill_label_store, IncrementalLog, certify_incremental,
                                             certify_incremental_dataset, check_irs_params, cost_summary,
                                             incremental_meta)
@@ -433,9 +433,23 @@ def test_fallback_n_sets_the_fallback_certify_and_is_kept_in_the_meta(toy, float
             with pytest.raises(CertificationInputError, match="fallback_n"):
                 certify_incremental_dataset(f, fq, cache, x, labels, [0], NP, AZ, log, progress=False,
                                             fallback_n=other)
-    for bad in (0, -5, 2.5):
+    for bad in (-5, 2.5, True):
         with pytest.raises(CertificationInputError, match="fallback_n"):
             incremental_meta(cache, NP, AZ, bad)
+    # fallback_n = 0: no fallback; where the bound fails the input abstains at the cost of its n_p samples only
+    meta0 = incremental_meta(cache, NP, AZ, 0, model="quant.onnx", model_sha256="q" * 64, backend="onnxruntime")
+    assert meta0["fallback_n"] == 0
+    with IncrementalLog(tmp_path / "a.tsv", meta0) as log:
+        alone = certify_incremental_dataset(f, fq, cache, x, labels, range(10), NP, AZ, log, progress=False,
+                                            fallback_n=0)
+    with IncrementalLog(tmp_path / "a.tsv", meta0) as log:  # the abstain rows read back
+        assert [key(c) for c in log.certificates()] == [key(c) for c in alone]
+    for c, d in zip(alone, default):
+        if d.path == IRS:
+            assert key(c) == key(d)
+        else:
+            assert c.path == ABSTAINED and c.prediction == ABSTAIN and c.radius == 0.0 and not c.correct
+            assert c.quant_samples == c.n_p and c.zeta_upper == d.zeta_upper and c.pa_lower <= 0.5
 
 
 def test_parameter_and_file_validation(toy, float_log, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from arq_deploy.certify.sampling import (OrtInGraphNoise, OrtSmoothingGraph, TvmSmoothingGraph,
                                          counts_loop, noise_stream)
 from arq_deploy.certify.smooth import Smooth, noise_batches
-from arq_deploy.errors import CertificationInputError
+from arq_deploy.errors import ArqError, CertificationInputError
 
 SHAPE, K, SIGMA = (3, 8, 8), 5, 0.5
 
@@ -97,6 +97,12 @@ def test_parallel_samplers_equal_the_loop(small, runners, tvm_runner):
     ref = Smooth(runners["ort"], K, SIGMA).certify(x, 50, 300, 0.01, seed=4)
     got = Smooth(tvm_par, K, SIGMA).certify(x, 50, 300, 0.01, seed=4)
     assert (got.prediction, got.count_a, got.radius) == (ref.prediction, ref.count_a, ref.radius)
+    # logits (IRS's ζ labels, PREDICT): batches dealt across the VMs, the same as one runner, a partial batch too
+    xs = np.random.default_rng(2).random((130, *SHAPE), dtype=np.float32)
+    np.testing.assert_array_equal(tvm_par(xs), tvm_runner(xs))
+    np.testing.assert_array_equal(tvm_par(xs[:7]), tvm_runner(xs[:7]))
+    with pytest.raises(ArqError, match="shape"):
+        tvm_par(xs[:, :1])
 
 
 def test_smoothing_graph_counts_equal_the_loop(small, runners):
