@@ -5,7 +5,9 @@ a mixed 2..8-bit policy, calibrated on noisy training images) is certified (a) f
 log with n_p samples (each n_p of a list). f's labels on the ζ samples are computed once with the cache (a
 `FloatLabelStore`, as `certify --incremental-from` keeps them), so IRS runs only f_q. Reported: seconds per image of
 (a) and (b) and their ratio (also counting f's labels), certified accuracy at r = 0, 0.25, 0.5 and ACR of each, the
-IRS-path fraction, and the float model's one-off certification and labelling time. All on onnxruntime.
+IRS-path fraction, and the float model's one-off certification and labelling time. All on onnxruntime. The runs of
+f_q are interleaved image by image (each image goes through every run in turn, the first run rotating), so drift in
+the machine's speed hits every run alike.
 
 The IRS paper's comparison (Ugare et al. 2024) is at equal ACR, not at equal N: the float model is certified once at a
 large N (10^5 there; `--float-n`), IRS spends n_p samples of f_q, and the baseline certifies f_q from scratch. With
@@ -24,6 +26,7 @@ their seconds as first measured, from DIR/float-σ.timing.json) and redoes every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -159,29 +162,47 @@ def main():
             exp = export_and_validate(lm, pol, train, test, q_path, sigma=sigma, validate_images=200)
             q_runner = OrtRunner(q_path, batch_size=400)
             qmeta = {**meta, "model": str(q_path), "model_sha256": sha256_file(q_path)}
-            baseline = {}
-            for n in grid:  # full CERTIFY of f_q from scratch at each N
-                (tmp / f"{name}-{sigma}-full-{n}.tsv").unlink(missing_ok=True)  # timed afresh, never resumed
-                t = time.perf_counter()
-                with CertifyLog(tmp / f"{name}-{sigma}-full-{n}.tsv", {**qmeta, "n": n}) as log:
-                    full = certify_dataset(Smooth(q_runner, 10, sigma, 400), test.x(), test.labels, idx, args.n0,
-                                           n, args.alpha, 0, log)
-                baseline[n] = summary_row(full, time.perf_counter() - t)
+            # every run of f_q (the baseline at each N, IRS at each n_p and fallback) is opened at once and fed image
+            # by image in turn, so that drift in the machine's speed hits every run alike
+            runs = {("full", n): None for n in grid}
+            runs |= {("irs", n_p, spec): None for n_p in n_ps for spec in fallbacks}
+            certs, seconds = {k: [] for k in runs}, dict.fromkeys(runs, 0.0)
+            with contextlib.ExitStack() as stack:
+                for key in runs:
+                    if key[0] == "full":
+                        path, lmeta = tmp / f"{name}-{sigma}-full-{key[1]}.tsv", {**qmeta, "n": key[1]}
+                        cls = CertifyLog
+                    else:
+                        fb = key[1] if key[2] == "n_p" else int(key[2])
+                        path = tmp / f"{name}-{sigma}-irs-{key[1]}-fb{fb}.tsv"
+                        lmeta = incremental_meta(cache, key[1], args.alpha, fb, model=str(q_path),
+                                                 model_sha256=sha256_file(q_path), backend="onnxruntime")
+                        cls = IncrementalLog
+                    path.unlink(missing_ok=True)  # timed afresh, never resumed
+                    runs[key] = stack.enter_context(cls(path, lmeta))
+                order = list(runs)
+                for j, i in enumerate(idx):
+                    for key in order[j % len(order):] + order[: j % len(order)]:  # rotate who goes first
+                        t = time.perf_counter()
+                        if key[0] == "full":
+                            got = certify_dataset(Smooth(q_runner, 10, sigma, 400), test.x(), test.labels, [i],
+                                                  args.n0, key[1], args.alpha, 0, runs[key], progress=False)
+                        else:
+                            got = certify_incremental_dataset(
+                                f_runner, q_runner, cache, test.x(), test.labels, [i], key[1], args.alpha, runs[key],
+                                num_classes=10, batch_size=400, label_store=store, progress=False,
+                                fallback_n=key[1] if key[2] == "n_p" else int(key[2]))
+                        seconds[key] += time.perf_counter() - t
+                        certs[key] += got
+                    print(f"  image {j + 1}/{len(idx)}", end="\r" if j + 1 < len(idx) else "\n", flush=True)
+            baseline = {n: summary_row(certs["full", n], seconds["full", n]) for n in grid}
             full_row = baseline[args.n]
             row[name] = {"bops_fraction": exp["bops_fraction"], "full": full_row,
                          "baseline": {str(n): r for n, r in baseline.items()}}
             for n_p, spec in ((n_p, spec) for n_p in n_ps for spec in fallbacks):
                 fb = n_p if spec == "n_p" else int(spec)
-                imeta = incremental_meta(cache, n_p, args.alpha, fb, model=str(q_path),
-                                         model_sha256=sha256_file(q_path), backend="onnxruntime")
-                irs_log = tmp / f"{name}-{sigma}-irs-{n_p}-fb{fb}.tsv"
-                irs_log.unlink(missing_ok=True)
-                t = time.perf_counter()
-                with IncrementalLog(irs_log, imeta) as log:
-                    inc = certify_incremental_dataset(f_runner, q_runner, cache, test.x(), test.labels, idx, n_p,
-                                                      args.alpha, log, num_classes=10, batch_size=400,
-                                                      label_store=store, fallback_n=fb)
-                irs_row = {**summary_row(inc, time.perf_counter() - t), "n_p": n_p, "fallback_n": fb,
+                inc = certs["irs", n_p, spec]
+                irs_row = {**summary_row(inc, seconds["irs", n_p, spec]), "n_p": n_p, "fallback_n": fb,
                            "cost": cost_summary(inc)}
                 labels_s = row["float_labels"]["seconds"] * n_p / max(n_ps)  # f's share at this n_p
                 irs_row |= {"speedup": full_row["seconds"] / irs_row["seconds"],
