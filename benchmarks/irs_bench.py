@@ -52,26 +52,22 @@ def max_diff_pp(a, b):
 def equal_acr(baseline, irs_row, labels_s):
     """The baseline (full CERTIFY of f_q at each N) at IRS's ACR: its seconds and N interpolated between the two
     bracketing runs, its certified accuracy likewise, and the speed-up (also counting f's labels at this n_p)."""
+    import numpy as np
+
     from arq_deploy.certify.stats import cost_to_match
 
     runs = sorted(baseline.items())
     secs, kind = cost_to_match([(r["seconds"], r["acr"]) for _, r in runs], irs_row["acr"])
-    ns = [n for n, _ in runs]
     ts = [r["seconds"] for _, r in runs]
 
-    def at(values):  # piecewise-linear in seconds, as the cost
-        if secs <= ts[0]:
-            return values[0]
-        for t0, t1, v0, v1 in zip(ts, ts[1:], values, values[1:]):
-            if secs <= t1:
-                return v0 + (v1 - v0) * (secs - t0) / (t1 - t0)
-        return values[-1]
+    def at(values):  # piecewise-linear in seconds, as the cost (clamped at the ends)
+        return float(np.interp(secs, ts, values))
 
     cert = {r: at([run["certified_accuracy"][r] for _, run in runs]) for r in irs_row["certified_accuracy"]}
-    return {"kind": kind, "baseline_seconds": secs, "baseline_n": at(ns), "speedup": secs / irs_row["seconds"],
-            "speedup_with_float_labels": secs / (irs_row["seconds"] + labels_s), "certified_accuracy": cert,
-            "certified_accuracy_max_abs_diff_pp": max(100 * abs(irs_row["certified_accuracy"][r] - cert[r])
-                                                      for r in cert)}
+    return {"kind": kind, "baseline_seconds": secs, "baseline_n": at([n for n, _ in runs]),
+            "speedup": secs / irs_row["seconds"], "speedup_with_float_labels": secs / (irs_row["seconds"] + labels_s),
+            "certified_accuracy": cert,
+            "certified_accuracy_max_abs_diff_pp": max_diff_pp(irs_row, {"certified_accuracy": cert})}
 
 
 def main():
@@ -113,6 +109,7 @@ def main():
     shared = Path(args.shared)
     cifar = str(shared / "cifar10" / "cifar-10-batches-py")
     train, test = load_dataset(cifar, "train"), load_dataset(cifar, "test")
+    x_test = test.x()  # once: x() converts every image afresh, and the runs below take them one by one
     idx = list(range(0, 1000, 1000 // args.images))[: args.images]
     n_ps = [int(v) for v in args.n_p.split(",")]
     float_n = args.float_n or args.n
@@ -135,7 +132,7 @@ def main():
                 "data": test.name, "sigma": sigma, "n0": args.n0, "n": float_n, "alpha": args.alpha, "seed": 0}
         t = time.perf_counter()
         with CertifyLog(tmp / f"float-{sigma}.tsv", meta) as log:
-            fc = certify_dataset(Smooth(f_runner, 10, sigma, 400), test.x(), test.labels, idx, args.n0, float_n,
+            fc = certify_dataset(Smooth(f_runner, 10, sigma, 400), x_test, test.labels, idx, args.n0, float_n,
                                  args.alpha, 0, log)
         row = {"float": {**summary_row(fc, time.perf_counter() - t), "n": float_n}}
         cache = FloatCache(tmp / f"float-{sigma}.tsv")
@@ -143,7 +140,7 @@ def main():
         # every IRS run below runs only f_q
         store = FloatLabelStore(tmp / f"float-{sigma}.labels", cache, "onnxruntime")
         t = time.perf_counter()
-        drawn = fill_label_store(store, f_runner, cache, test.x(), idx, max(n_ps), 10, batch_size=400)
+        drawn = fill_label_store(store, f_runner, cache, x_test, idx, max(n_ps), 10, batch_size=400)
         row["float_labels"] = {"seconds": time.perf_counter() - t, "samples": drawn, "n_p": max(n_ps)}
         timing = tmp / f"float-{sigma}.timing.json"
         if timing.exists():  # the float work was done by an earlier run: report the seconds it took then
@@ -162,36 +159,34 @@ def main():
             exp = export_and_validate(lm, pol, train, test, q_path, sigma=sigma, validate_images=200)
             q_runner = OrtRunner(q_path, batch_size=400)
             qmeta = {**meta, "model": str(q_path), "model_sha256": sha256_file(q_path)}
-            # every run of f_q (the baseline at each N, IRS at each n_p and fallback) is opened at once and fed image
-            # by image in turn, so that drift in the machine's speed hits every run alike
-            runs = {("full", n): None for n in grid}
-            runs |= {("irs", n_p, spec): None for n_p in n_ps for spec in fallbacks}
-            certs, seconds = {k: [] for k in runs}, dict.fromkeys(runs, 0.0)
+            smooth_q = Smooth(q_runner, 10, sigma, 400)
+            # every run of f_q (the baseline at each N, IRS at each n_p and fallback N) is opened at once and fed
+            # image by image in turn, so that drift in the machine's speed hits every run alike
+            keys = [("full", n) for n in grid]
+            irs_keys = list(dict.fromkeys(("irs", n_p, n_p if spec == "n_p" else int(spec))
+                                          for n_p in n_ps for spec in fallbacks))
+            runs, certs, seconds = {}, {k: [] for k in keys + irs_keys}, dict.fromkeys(keys + irs_keys, 0.0)
             with contextlib.ExitStack() as stack:
-                for key in runs:
-                    if key[0] == "full":
-                        path, lmeta = tmp / f"{name}-{sigma}-full-{key[1]}.tsv", {**qmeta, "n": key[1]}
-                        cls = CertifyLog
+                for kind, n, *fb in keys + irs_keys:
+                    if kind == "full":
+                        path, lmeta, cls = tmp / f"{name}-{sigma}-full-{n}.tsv", {**qmeta, "n": n}, CertifyLog
                     else:
-                        fb = key[1] if key[2] == "n_p" else int(key[2])
-                        path = tmp / f"{name}-{sigma}-irs-{key[1]}-fb{fb}.tsv"
-                        lmeta = incremental_meta(cache, key[1], args.alpha, fb, model=str(q_path),
-                                                 model_sha256=sha256_file(q_path), backend="onnxruntime")
-                        cls = IncrementalLog
+                        path, cls = tmp / f"{name}-{sigma}-irs-{n}-fb{fb[0]}.tsv", IncrementalLog
+                        lmeta = incremental_meta(cache, n, args.alpha, fb[0], model=qmeta["model"],
+                                                 model_sha256=qmeta["model_sha256"], backend="onnxruntime")
                     path.unlink(missing_ok=True)  # timed afresh, never resumed
-                    runs[key] = stack.enter_context(cls(path, lmeta))
+                    runs[(kind, n, *fb)] = stack.enter_context(cls(path, lmeta))
                 order = list(runs)
                 for j, i in enumerate(idx):
                     for key in order[j % len(order):] + order[: j % len(order)]:  # rotate who goes first
                         t = time.perf_counter()
                         if key[0] == "full":
-                            got = certify_dataset(Smooth(q_runner, 10, sigma, 400), test.x(), test.labels, [i],
-                                                  args.n0, key[1], args.alpha, 0, runs[key], progress=False)
+                            got = certify_dataset(smooth_q, x_test, test.labels, [i], args.n0, key[1], args.alpha, 0,
+                                                  runs[key], progress=False)
                         else:
                             got = certify_incremental_dataset(
-                                f_runner, q_runner, cache, test.x(), test.labels, [i], key[1], args.alpha, runs[key],
-                                num_classes=10, batch_size=400, label_store=store, progress=False,
-                                fallback_n=key[1] if key[2] == "n_p" else int(key[2]))
+                                f_runner, q_runner, cache, x_test, test.labels, [i], key[1], args.alpha, runs[key],
+                                num_classes=10, batch_size=400, label_store=store, progress=False, fallback_n=key[2])
                         seconds[key] += time.perf_counter() - t
                         certs[key] += got
                     print(f"  image {j + 1}/{len(idx)}", end="\r" if j + 1 < len(idx) else "\n", flush=True)
@@ -199,11 +194,10 @@ def main():
             full_row = baseline[args.n]
             row[name] = {"bops_fraction": exp["bops_fraction"], "full": full_row,
                          "baseline": {str(n): r for n, r in baseline.items()}}
-            for n_p, spec in ((n_p, spec) for n_p in n_ps for spec in fallbacks):
-                fb = n_p if spec == "n_p" else int(spec)
-                inc = certs["irs", n_p, spec]
-                irs_row = {**summary_row(inc, seconds["irs", n_p, spec]), "n_p": n_p, "fallback_n": fb,
-                           "cost": cost_summary(inc)}
+            for key in irs_keys:
+                _, n_p, fb = key
+                inc = certs[key]
+                irs_row = {**summary_row(inc, seconds[key]), "n_p": n_p, "fallback_n": fb, "cost": cost_summary(inc)}
                 labels_s = row["float_labels"]["seconds"] * n_p / max(n_ps)  # f's share at this n_p
                 irs_row |= {"speedup": full_row["seconds"] / irs_row["seconds"],
                             "speedup_with_float_labels": full_row["seconds"] / (irs_row["seconds"] + labels_s),
@@ -212,7 +206,7 @@ def main():
                             "certified_accuracy_max_abs_diff_pp": max_diff_pp(irs_row, full_row)}
                 if len(grid) > 1:
                     irs_row["equal_acr"] = equal_acr(baseline, irs_row, labels_s)
-                first = (n_p, spec) == (n_ps[0], fallbacks[0])
+                first = key == irs_keys[0]
                 row[name]["irs" if first else f"irs_n_p_{n_p}" + (f"_fallback_{fb}" if len(fallbacks) > 1 else "")] = \
                     irs_row
                 print(f"σ={sigma} {name}: full {full_row['s_per_image']:.2f} s/img ACR {full_row['acr']:.3f} "

@@ -234,7 +234,7 @@ class ParallelTvmSampler:
         x = check_input(x, self.input_shape)
         starts = range(0, len(x), self.batch_size)
         if self.workers <= 1 or len(starts) <= 1:
-            return self._runners[0](x)
+            return self._forward(x)
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="arq-tvm") as pool:
             return np.concatenate(list(pool.map(lambda a: self._forward(x[a: a + self.batch_size]), starts)))
 
