@@ -54,13 +54,17 @@ def args_parser():
     ap.add_argument("--finetune-lr", type=float, default=0.001)
     ap.add_argument("--certify-backend", choices=("tvm", "onnxruntime"), default="tvm",
                     help="tvm: quantized rows certified by their TVM x86 integer build; onnxruntime: the QDQ graph")
+    ap.add_argument("--rerank-top", type=int, default=5,
+                    help="ARQ, HAQ and random search: re-score the K best distinct policies on fresh training images "
+                    "(0: keep the best search reward)")
+    ap.add_argument("--rerank-images", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(ROOT / "runs" / "arq-table"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "arq_table.json"))
     return ap
 
 
-def search(method, reward, args, sigma, weights, out, episodes=None):
+def search(method, reward, args, sigma, weights, out, episodes=None, rerank=True):
     from arq_deploy.search.driver import run_search_command
 
     if method == "greedy" and (Path(out) / "summary.json").exists():  # greedy has no episode log to resume from
@@ -73,7 +77,8 @@ def search(method, reward, args, sigma, weights, out, episodes=None):
         reward_kind=reward, val_images=args.val_images, calib_images=256, n0=100, n=args.n, n_p=args.n_p,
         alpha=0.001, alpha_zeta=0.001, warmup=args.warmup, min_bits=2, max_bits=8, warm_start=None, seed=args.seed,
         out=out, progress=True, greedy_grid=[int(b) for b in args.greedy_grid.split(",")],
-        cache_dir=Path(out).parent / "float-cache")
+        cache_dir=Path(out).parent / "float-cache", rerank_top=args.rerank_top if rerank and method != "greedy" else 0,
+        rerank_images=args.rerank_images)
     rows = [json.loads(x) for x in (Path(out) / "search.jsonl").read_text().splitlines()] \
         if (Path(out) / "search.jsonl").exists() else []
     return summary, rows, time.perf_counter() - t0
@@ -176,7 +181,7 @@ def run_sigma(sigma, args, train, test) -> dict:
         print(f"σ={sigma} {label}: best reward {summary['best_reward']:.4f} at "
               f"{100 * summary['best_bops_fraction']:.2f}% BOPs, {summary['evaluations']} evaluations", flush=True)
     full_summary, full_rows, _ = search("ddpg", "full", args, sigma, weights, work / "ARQ-full-reward",
-                                        episodes=args.full_episodes)
+                                        episodes=args.full_episodes, rerank=False)
     arq_rows = [json.loads(x) for x in (work / "ARQ" / "search.jsonl").read_text().splitlines()]
     k = min(len(full_rows), len(arq_rows))
     per_reward = {
@@ -208,6 +213,8 @@ def run_sigma(sigma, args, train, test) -> dict:
             s = searches[label]
             table[label] |= {"search_seconds": s["summary"].get("episode_seconds", s["reward_seconds"]),
                              "evaluations": s["evaluations"], "search_reward": s["summary"]["best_reward"]}
+            if "rerank" in s["summary"]:
+                table[label]["rerank"] = s["summary"]["rerank"]
         print(f"σ={sigma} {label}: {json.dumps(table[label])}", flush=True)
     return {"table": table, "irs_vs_full": per_reward, "float_cache": float_prep}
 

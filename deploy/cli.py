@@ -485,9 +485,14 @@ def bench_cmd(artifact, target, remote, batch_large, repeats, warmup, probe, out
 @click.option("--ray", "ray_address", default=None,
               help="evaluate each reward's validation images in parallel Ray actors: auto, local or HOST:PORT")
 @click.option("--ray-workers", type=int, default=None, help="Ray actors (default: the cluster's CPUs)")
+@click.option("--rerank-top", type=int, default=0, show_default=True,
+              help="re-score the K best distinct policies on fresh training images and keep the best of those "
+              "(counters the winner's curse of a small validation set; 0: keep the best search reward)")
+@click.option("--rerank-images", type=int, default=100, show_default=True,
+              help="fresh training images (outside the search's validation and calibration sets) for --rerank-top")
 def search(model_name, weights, input_shape, data, sigma, budget, latency_budget_ms, target, latency_table, episodes,
            method, reward_kind, val_images, calib_images, n0, n, n_p, alpha, alpha_zeta, warmup, min_bits, max_bits,
-           warm_start, seed, out, ray_address, ray_workers):
+           warm_start, seed, out, ray_address, ray_workers, rerank_top, rerank_images):
     """Search per-layer bit-widths under a BOPs (or latency) budget; reward: certified robustness (ARQ)."""
     from arq_deploy.search.driver import run_search_command
 
@@ -497,7 +502,12 @@ def search(model_name, weights, input_shape, data, sigma, budget, latency_budget
         episodes=episodes, method=method, reward_kind=reward_kind, val_images=val_images, calib_images=calib_images,
         n0=n0, n=n, n_p=n_p, alpha=alpha, alpha_zeta=alpha_zeta, warmup=warmup, min_bits=min_bits,
         max_bits=max_bits, warm_start=warm_start, seed=seed, out=out, ray_address=ray_address,
-        ray_workers=ray_workers)
+        ray_workers=ray_workers, rerank_top=rerank_top, rerank_images=rerank_images)
+    if "rerank" in summary:
+        r = summary["rerank"]
+        click.echo(f"re-ranked the top {r['top']} on {r['images']} fresh images: chose episode "
+                   f"{r['chosen_episode']} (reward {r['chosen_rerank_reward']:.4f} there, {r['chosen_search_reward']:.4f} "
+                   f"in the search)")
     click.echo(f"best reward {summary['best_reward']:.4f} at {100 * summary['best_bops_fraction']:.3f}% of W32A32 "
                f"BOPs after {summary['episodes']} episodes ({summary['evaluations']} evaluated); wrote "
                f"{Path(out) / 'policy.json'}")

@@ -10,11 +10,14 @@ from arq_deploy.errors import ArqError, PolicyError
 def run_search_command(*, model_name, weights, input_shape, data, sigma, budget, latency_budget_ms, target,
                        latency_table, episodes, method, reward_kind, val_images, calib_images, n0, n, n_p, alpha,
                        alpha_zeta, warmup, min_bits, max_bits, warm_start, seed, out, progress: bool = True,
-                       greedy_grid=None, cache_dir=None, ray_address=None, ray_workers=None) -> dict:
+                       greedy_grid=None, cache_dir=None, ray_address=None, ray_workers=None, rerank_top: int = 0,
+                       rerank_images: int = 100) -> dict:
     """cache_dir: where the float model's certificates are kept (default: the run directory); runs with the same
     model and reward settings may share one (the certification log refuses a different run's settings).
     ray_address ("auto" | "local" | HOST:PORT): evaluate each reward's images in Ray actors
-    (`arq_deploy.search.reward_ray`; same results as without)."""
+    (`arq_deploy.search.reward_ray`; same results as without).
+    rerank_top > 0: re-score the top-k distinct policies on `rerank_images` fresh training images and choose the best
+    of those scores (`arq_deploy.search.rerank`; not for greedy, which produces one policy)."""
     from arq_deploy.data import load_dataset
     from arq_deploy.fileio import sha256_file
     from arq_deploy.pipeline import check_data_fits, load
@@ -22,6 +25,8 @@ def run_search_command(*, model_name, weights, input_shape, data, sigma, budget,
     from arq_deploy.search.reward import RewardConfig
     from arq_deploy.search.runner import SearchConfig, make_search
 
+    if rerank_top < 0 or (rerank_top > 0 and rerank_images < 1):
+        raise PolicyError(f"--rerank-top must be >= 0 and --rerank-images >= 1, got {rerank_top} and {rerank_images}")
     pool = None
     if ray_address:  # address and worker count checked before any work (the connection is made later)
         from arq_deploy.search.reward_ray import RewardPool
@@ -66,10 +71,21 @@ def run_search_command(*, model_name, weights, input_shape, data, sigma, budget,
             pool.start(s.reward)
         if method == "greedy":
             return run_greedy(s, progress, greedy_grid)
-        return s.run()
+        summary = s.run()
     finally:
         if pool is not None:
             pool.close()
+    if rerank_top > 0:
+        from arq_deploy.fileio import write_json
+        from arq_deploy.search.rerank import rerank
+
+        rec = rerank(s, train_ds, rerank_top, rerank_images, cache_dir)
+        chosen = next(c for c in rec["candidates"] if c["episode"] == rec["chosen_episode"])
+        summary |= {"rerank": {k: v for k, v in rec.items() if k not in ("candidates", "indices")},
+                    "selected_episode": chosen["episode"], "selected_policy": chosen["policy"],
+                    "selected_bops_fraction": chosen["bops_fraction"]}
+        write_json(s.out / "summary.json", summary)
+    return summary
 
 
 def run_greedy(s, progress: bool = True, grid=None) -> dict:

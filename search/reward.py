@@ -89,13 +89,15 @@ class RewardEvaluator:
     """reward(policy) -> (reward, info), cached by policy. `prepare(cache_dir)` certifies the float model once
     (resumable CertifyLog `float-cert.tsv`) and caches its labels on the IRS noise (`float-irs-labels.npy`)."""
 
-    def __init__(self, lm, train_ds, config: RewardConfig, progress: bool = False):
+    def __init__(self, lm, train_ds, config: RewardConfig, progress: bool = False, indices=None):
+        """indices: explicit (validation, calibration) index arrays of train_ds instead of the seeded split."""
         from arq_deploy.search.layers import extract_layer_specs
 
         self.lm, self.cfg, self.progress = lm, config, progress
         self.specs = extract_layer_specs(lm.model, lm.input_shape)
         self.names = [s.name for s in self.specs]
-        self.val_idx, self.calib_idx = split_indices(len(train_ds), config.images, config.calib_images, config.seed)
+        self.val_idx, self.calib_idx = (split_indices(len(train_ds), config.images, config.calib_images, config.seed)
+                                        if indices is None else (np.asarray(indices[0]), np.asarray(indices[1])))
         self.x_val = train_ds.x(self.val_idx)
         self.y_val = train_ds.labels[self.val_idx].astype(np.int64)
         self.x_calib = train_ds.x(self.calib_idx)

@@ -307,3 +307,43 @@ def test_search_runs_mobilenetv2_and_a_user_model_unchanged(digits_model, tmp_pa
                                             "reward_kind": "accuracy", "method": "random"},
                              weights=str(tmp_path / "user.pt"), episodes=2, out=tmp_path / "user")
     assert out["episodes"] == 2 and set(out["best_policy"]) == {"0", "2", "6"}
+
+
+def test_rerank_rescores_top_policies_on_fresh_images(digits_model, tmp_path):
+    """--rerank-top: the top-k distinct policies are re-scored on training images outside the search's validation
+    and calibration sets, the best re-scored one becomes policy.json, and its re-scored reward is what an
+    independent evaluator on those images gives."""
+    from arq_deploy.data import load_dataset
+    from arq_deploy.errors import PolicyError
+    from arq_deploy.pipeline import load
+    from arq_deploy.search.driver import run_search_command
+    from arq_deploy.search.policy import QuantPolicy
+    from arq_deploy.search.reward import RewardConfig, RewardEvaluator, split_indices
+
+    _, ckpt = digits_model
+    kw = SEARCH_KW | {"method": "random"}
+    s = run_search_command(weights=str(ckpt), episodes=5, out=tmp_path / "r", rerank_top=3, rerank_images=40, **kw)
+    rec = json.loads((tmp_path / "r" / "rerank.json").read_text())
+    rows = _rows(tmp_path / "r")
+    assert 1 <= len(rec["candidates"]) <= 3 and rec["images"] == 40
+    assert len({json.dumps(c["policy"], sort_keys=True) for c in rec["candidates"]}) == len(rec["candidates"])
+    top = sorted(r["reward"] for r in rows)[::-1]
+    assert rec["candidates"][0]["search_reward"] == pytest.approx(top[0])
+    ds = load_dataset("digits", "train")
+    val, calib = split_indices(len(ds), 16, 64, 5)
+    fresh = set(rec["indices"])
+    assert len(fresh) == 40 and not fresh & set(val.tolist()) and not fresh & set(calib.tolist())
+    best = max(rec["candidates"], key=lambda c: c["rerank_reward"])
+    assert rec["chosen_episode"] == best["episode"] == s["selected_episode"]
+    chosen = QuantPolicy.load(tmp_path / "r" / "policy.json")
+    assert {n: [b.w_bits, b.a_bits] for n, b in chosen.layers.items()} == best["policy"]
+    lm = load(None, str(ckpt))
+    cfg = RewardConfig(kind="irs", sigma=lm.meta["sigma"], images=40, calib_images=64, n0=50, n=300, n_p=64, seed=5)
+    ev = RewardEvaluator(lm, ds, cfg, indices=(np.array(sorted(fresh)), calib))
+    ev.prepare(tmp_path / "indep")
+    assert ev(chosen)[0] == pytest.approx(best["rerank_reward"])
+    with pytest.raises(PolicyError, match="rerank"):
+        run_search_command(weights=str(ckpt), episodes=1, out=tmp_path / "bad", rerank_top=-1, **kw)
+    with pytest.raises(PolicyError, match="only"):
+        run_search_command(weights=str(ckpt), episodes=1, out=tmp_path / "big", rerank_top=1, rerank_images=10**6,
+                           **kw)
