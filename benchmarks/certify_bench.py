@@ -10,6 +10,8 @@ reproducible), except the row marked "RandomNormal in graph" (measured only: its
   parallel  `certify.sampling.ParallelOrtSampler`: one onnxruntime session with 1 intra-op thread, called from 2
           threads at once, each drawing its own batches' noise (batch-level instead of intra-op parallelism);
           `ParallelTvmSampler` likewise with 2 TVM VMs on 1-thread pools
+The onnxruntime runners load a float graph with its option-A shortcuts as 1×1 convolutions (`export.graph_opt`,
+exact); rows marked "no shortcut rewrite" load the exported graph as it is. Paths exist
 for onnxruntime fp32, onnxruntime int8 (`quantize_static`, QDQ per channel, calibrated on noisy images), TVM x86 fp32
 and the toolkit's W8A8 export (noisy-calibrated) in a TVM integer build (`compile --integer`), plus onnxruntime session
 knobs. All paths are timed interleaved, `--repeats` rounds, best round kept, so that other
@@ -29,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -101,8 +104,10 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
     def with_options(path, b, **opts):
         import onnxruntime as ort
 
+        from arq_deploy.export.graph_opt import ort_source
+
         r = OrtRunner(path, batch_size=b)
-        r.session = ort.InferenceSession(str(path), sess_options=ort_session_options(**opts),
+        r.session = ort.InferenceSession(ort_source(path)[0], sess_options=ort_session_options(**opts),
                                          providers=["CPUExecutionProvider"])
         return r
 
@@ -116,6 +121,12 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
         graph = smoothing_graph(model)
         for b in batches:
             paths[f"ORT {prec} smoothing graph b{b}"] = counts(OrtSmoothingGraph(graph, batch_size=b))
+        if prec == "fp32":  # the same paths without export.graph_opt's shortcut rewrite (the runners' default)
+            for b in batches:
+                paths[f"ORT {prec} runner.counts b{b} no shortcut rewrite"] = counts(
+                    OrtRunner(onnx_path, batch_size=b, rewrite=False))
+                paths[f"ORT {prec} smoothing graph b{b} no shortcut rewrite"] = counts(
+                    OrtSmoothingGraph(graph, batch_size=b, rewrite=False))
         paths[f"ORT {prec} counts b400 threads=1"] = counts(with_options(onnx_path, 400, threads=1))
         paths[f"ORT {prec} counts b400 opt=basic"] = counts(with_options(onnx_path, 400, threads=threads,
                                                                           opt_level="basic"))
@@ -203,6 +214,7 @@ def main():
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--cert-path", default=None, help="row name to certify with (default: the fastest reproducible)")
     ap.add_argument("--no-tvm", action="store_true")
+    ap.add_argument("--rows", default=None, help="regular expression: time only the rows it matches (and the reference)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "certify_bench.json"))
     args = ap.parse_args()
 
@@ -219,6 +231,9 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="arq-certify-bench-"))
     t0 = time.perf_counter()
     paths = build_paths(lm, tmp, train, args.sigma, [int(b) for b in args.batches.split(",")], not args.no_tvm)
+    if args.rows:
+        keep = re.compile(args.rows)
+        paths = {k: v for k, v in paths.items() if k == REF or keep.search(k)}
     print(f"built {len(paths)} paths in {time.perf_counter() - t0:.0f} s; torch threads {torch.get_num_threads()}")
 
     xs = list(test.x(np.arange(0, 1000, 1000 // max(1, args.rate_images))[: args.rate_images]))

@@ -166,10 +166,11 @@ class ParallelOrtSampler:
     run from `workers` Python threads at once, each drawing its own batches' noise. Takes a classifier ONNX
     (logits) or an (x, noise, sigma) smoothing graph (counts). counts() equals `Smooth.sample_counts`'s."""
 
-    def __init__(self, model, workers: int = 2, batch_size: int = 400, threads: int = 1, session_options=None):
+    def __init__(self, model, workers: int = 2, batch_size: int = 400, threads: int = 1, session_options=None,
+                 rewrite: bool = True):
         import onnxruntime as ort
 
-        src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(Path(model))
+        src, self.graph_rewrites = _ort_src(model, rewrite)
         so = session_options or ort_session_options(threads=threads)
         self.session = ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
         names = [i.name for i in self.session.get_inputs()]
@@ -242,6 +243,15 @@ class ParallelTvmSampler:
 # --------------------------------------------------------------------------------------------------------------------
 # Smoothing graphs (export/smoothing_graph.py): noise in, counts out, one call per batch
 
+def _ort_src(model, rewrite: bool) -> tuple[str | bytes, int]:
+    """The session source of an ONNX model or path, with `export.graph_opt`'s exact rewrites when `rewrite`."""
+    if rewrite:
+        from arq_deploy.export.graph_opt import ort_source
+
+        return ort_source(model if hasattr(model, "SerializeToString") else Path(model))
+    return (model.SerializeToString() if hasattr(model, "SerializeToString") else str(Path(model))), 0
+
+
 def ort_session_options(threads: int | None = None, opt_level: str = "all", mem_arena: bool = True,
                         sequential: bool = True):
     """onnxruntime SessionOptions with the knobs that matter for batch sampling on a CPU."""
@@ -263,10 +273,10 @@ def ort_session_options(threads: int | None = None, opt_level: str = "all", mem_
 class OrtSmoothingGraph:
     """onnxruntime over a smoothing graph (inputs x 1×C×H×W, noise B×C×H×W, sigma; output counts K)."""
 
-    def __init__(self, model, batch_size: int = 400, session_options=None, providers=None):
+    def __init__(self, model, batch_size: int = 400, session_options=None, providers=None, rewrite: bool = True):
         import onnxruntime as ort
 
-        src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(Path(model))
+        src, self.graph_rewrites = _ort_src(model, rewrite)
         self.session = ort.InferenceSession(src, sess_options=session_options or ort_session_options(),
                                             providers=providers or ["CPUExecutionProvider"])
         names = [i.name for i in self.session.get_inputs()]

@@ -108,9 +108,12 @@ class OrtRunner(SamplingMixin):
     """onnxruntime InferenceSession; CUDA EP first when it is present and usable, then the CPU EP."""
 
     def __init__(self, model_path: str | Path | bytes, batch_size: int = 256, providers: list[str] | None = None,
-                 threads: int | None = None):
-        """model_path: an .onnx file, or the serialized model itself (bytes)."""
+                 threads: int | None = None, rewrite: bool = True):
+        """model_path: an .onnx file, or the serialized model itself (bytes). rewrite: load a float graph's option-A
+        shortcuts as 1×1 convolutions (`export.graph_opt`, exact; `graph_rewrites` counts them)."""
         import onnxruntime as ort
+
+        from arq_deploy.export.graph_opt import ort_source
 
         self.name = "onnxruntime"
         so = ort.SessionOptions()
@@ -121,6 +124,7 @@ class OrtRunner(SamplingMixin):
             providers = default_ort_providers()
         try:
             src = bytes(model_path) if isinstance(model_path, (bytes, bytearray)) else str(model_path)
+            src, self.graph_rewrites = ort_source(src) if rewrite else (src, 0)
             self.session = ort.InferenceSession(src, sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises several unrelated exception types
             raise ModelFormatError(f"onnxruntime cannot load {'the model' if isinstance(model_path, (bytes, bytearray)) else model_path}: "
