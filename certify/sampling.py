@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from arq_deploy.certify.smooth import CHUNK, _check_count, _check_seed, _chunk_noise, noise_batches
 from arq_deploy.errors import CertificationInputError
+from arq_deploy.export.graph_opt import ort_source
 
 PREFETCH = 2  # batches made ahead of the consumer
 
@@ -170,7 +170,7 @@ class ParallelOrtSampler:
                  rewrite: bool = True):
         import onnxruntime as ort
 
-        src, self.graph_rewrites = _ort_src(model, rewrite)
+        src, self.graph_rewrites = ort_source(model, rewrite)
         so = session_options or ort_session_options(threads=threads)
         self.session = ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
         names = [i.name for i in self.session.get_inputs()]
@@ -243,15 +243,6 @@ class ParallelTvmSampler:
 # --------------------------------------------------------------------------------------------------------------------
 # Smoothing graphs (export/smoothing_graph.py): noise in, counts out, one call per batch
 
-def _ort_src(model, rewrite: bool) -> tuple[str | bytes, int]:
-    """The session source of an ONNX model or path, with `export.graph_opt`'s exact rewrites when `rewrite`."""
-    if rewrite:
-        from arq_deploy.export.graph_opt import ort_source
-
-        return ort_source(model if hasattr(model, "SerializeToString") else Path(model))
-    return (model.SerializeToString() if hasattr(model, "SerializeToString") else str(Path(model))), 0
-
-
 def ort_session_options(threads: int | None = None, opt_level: str = "all", mem_arena: bool = True,
                         sequential: bool = True):
     """onnxruntime SessionOptions with the knobs that matter for batch sampling on a CPU."""
@@ -276,7 +267,7 @@ class OrtSmoothingGraph:
     def __init__(self, model, batch_size: int = 400, session_options=None, providers=None, rewrite: bool = True):
         import onnxruntime as ort
 
-        src, self.graph_rewrites = _ort_src(model, rewrite)
+        src, self.graph_rewrites = ort_source(model, rewrite)
         self.session = ort.InferenceSession(src, sess_options=session_options or ort_session_options(),
                                             providers=providers or ["CPUExecutionProvider"])
         names = [i.name for i in self.session.get_inputs()]

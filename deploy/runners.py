@@ -124,7 +124,7 @@ class OrtRunner(SamplingMixin):
             providers = default_ort_providers()
         try:
             src = bytes(model_path) if isinstance(model_path, (bytes, bytearray)) else str(model_path)
-            src, self.graph_rewrites = ort_source(src) if rewrite else (src, 0)
+            src, self.graph_rewrites = ort_source(src, rewrite)
             self.session = ort.InferenceSession(src, sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises several unrelated exception types
             raise ModelFormatError(f"onnxruntime cannot load {'the model' if isinstance(model_path, (bytes, bytearray)) else model_path}: "

@@ -175,10 +175,11 @@ def for_onnxruntime(model: onnx.ModelProto | str | Path | bytes) -> tuple[onnx.M
     return (new, k) if k else (None, 0)
 
 
-def ort_source(model: onnx.ModelProto | str | Path | bytes) -> tuple[str | bytes, int]:
-    """What to hand `onnxruntime.InferenceSession`: serialized rewritten bytes, or the model as given (a path string
-    or bytes); and the number of shortcuts rewritten."""
-    new, k = for_onnxruntime(model)
+def ort_source(model: onnx.ModelProto | str | Path | bytes, rewrite: bool = True) -> tuple[str | bytes, int]:
+    """What to hand `onnxruntime.InferenceSession` for a model, a path or serialized bytes: the rewritten graph's
+    bytes when `rewrite` finds a shortcut, else the model as given (a path string or bytes); and the number of
+    shortcuts rewritten."""
+    new, k = for_onnxruntime(model) if rewrite else (None, 0)
     if new is not None:
         return new.SerializeToString(), k
     if isinstance(model, onnx.ModelProto):
