@@ -8,11 +8,14 @@ attacks and benchmarks.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from arq_deploy.errors import DataFormatError, ModelFormatError
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @runtime_checkable
@@ -107,10 +110,10 @@ def default_ort_providers() -> list[str]:
 class OrtRunner(SamplingMixin):
     """onnxruntime InferenceSession; CUDA EP first when it is present and usable, then the CPU EP."""
 
-    def __init__(self, model_path: str | Path | bytes, batch_size: int = 256, providers: list[str] | None = None,
-                 threads: int | None = None, rewrite: bool = True):
-        """model_path: an .onnx file, or the serialized model itself (bytes). rewrite: load a float graph's option-A
-        shortcuts as 1×1 convolutions (`export.graph_opt`, exact; `graph_rewrites` counts them)."""
+    def __init__(self, model_path: str | Path | bytes | onnx.ModelProto, batch_size: int = 256,
+                 providers: list[str] | None = None, threads: int | None = None, rewrite: bool = True):
+        """model_path: an .onnx file, the serialized model (bytes) or an onnx.ModelProto. rewrite: load a float
+        graph's option-A shortcuts as 1×1 convolutions (`export.graph_opt`, exact; `graph_rewrites` counts them)."""
         import onnxruntime as ort
 
         from arq_deploy.export.graph_opt import ort_source
@@ -123,12 +126,12 @@ class OrtRunner(SamplingMixin):
         if providers is None:
             providers = default_ort_providers()
         try:
-            src = bytes(model_path) if isinstance(model_path, (bytes, bytearray)) else str(model_path)
-            src, self.graph_rewrites = ort_source(src, rewrite)
+            in_memory = not isinstance(model_path, (str, Path))
+            src, self.graph_rewrites = ort_source(model_path if in_memory else str(model_path), rewrite)
             self.session = ort.InferenceSession(src, sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises several unrelated exception types
-            raise ModelFormatError(f"onnxruntime cannot load {'the model' if isinstance(model_path, (bytes, bytearray)) else model_path}: "
-                                   f"{str(e).splitlines()[0]}") from None
+            what = "the model" if in_memory else model_path
+            raise ModelFormatError(f"onnxruntime cannot load {what}: {(str(e).splitlines() or [''])[0]}") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shape = inp.shape

@@ -108,6 +108,12 @@ def test_malformed_onnx(tmp_path):
         load_onnx(p)
     with pytest.raises(ModelFormatError):
         OrtRunner(p)
+    # a model in memory that onnxruntime rejects: one line naming "the model", not the model's text
+    bad = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []), ir_version=99)
+    for src in (bad, bad.SerializeToString(), b"\x08\x07garbage"):
+        with pytest.raises(ModelFormatError, match="cannot load the model") as e:
+            OrtRunner(src)
+        assert "\n" not in str(e.value) and len(str(e.value)) < 400
 
 
 @pytest.mark.shared_data

@@ -160,6 +160,10 @@ def test_runners_load_the_rewritten_graph(resnet20_fp32):
     assert (r.graph_rewrites, plain.graph_rewrites) == (2, 0)
     x = _noisy(40, seed=3)
     a, b = r(x), plain(x)
+    # the model in memory (proto or bytes) loads like its file
+    for src in (proto, proto.SerializeToString()):
+        m = OrtRunner(src, batch_size=32)
+        assert m.graph_rewrites == 2 and np.array_equal(m(x), a)
     assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(a).max())
     sg = smoothing_graph(proto)
     assert OrtSmoothingGraph(sg, batch_size=50).graph_rewrites == 2
