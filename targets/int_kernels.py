@@ -88,7 +88,7 @@ _SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 # Not measured on a board (qemu says nothing about speed): a starting point, like any untuned schedule here.
 _NEON_TILE = (4, 4)
 # F output channels × U rows per register tile, measured on ResNet-20 W8A8 at batch 256: on Zen 3 (AVX2, 16 vector
-# registers) F=2·U=2 was best of 1-8 × 1-4; on Zen 5 (AVX-512, 32 registers) vpdpbusd ran 5,255 / 6,070-6,589 /
+# registers) F=2·U=2 was best of 1-8 × 1-4; on Zen 4 (AVX-512, 32 registers) vpdpbusd ran 5,255 / 6,070-6,589 /
 # 7,537-8,509 / 5,494 img/s at 2·2 / 4·2 / 8·2 / 16·1 and vpmaddwd 3,711 / 5,160 / 5,280 at 2·2 / 4·2 / 8·2
 _TILE = {"avx512": (8, 2), "avx2": (2, 2)}
 
