@@ -17,6 +17,12 @@ and the toolkit's W8A8 export (noisy-calibrated) in a TVM integer build (`compil
 knobs. All paths are timed interleaved, `--repeats` rounds, best round kept, so that other
 load on the machine hits every row alike; ratios are against the reference measured in the same run.
 
+Two more rows frame the ratios. "bound: ... forward pass only" runs the fp32 onnxruntime session on one noisy batch
+made once: no sampler of that session can beat it, so its ratio is the ceiling for fp32 on this machine.
+"reference on the W8A8 model" is the same Cohen-style loop on the fake-quant torch model that the W8A8 export was made
+from: the rows that sample that W8A8 model (TVM integer builds) are also given as ratios against it ("vs W8A8
+ref"), a comparison on the same model.
+
 Then CERTIFY (N0 = 100, N = 10,000, α = 0.001) of every (1000 / images)-th lossless test image with the fastest
 reproducible path (or `--cert-path`): seconds, certified accuracy at r = 0, 0.25, 0.5, ACR.
 
@@ -41,6 +47,10 @@ import numpy as np
 
 SIGMA = 0.25
 REF = "reference: torch eager fp32 randn_like (Cohen et al.), b400"
+# the same loop on the toolkit's W8A8 model (fake-quant torch, the model the search and fine-tuning produce): the
+# baseline for the rows that sample that model (with TVM only)
+REF_W8A8 = "reference on the W8A8 model: torch eager fake-quant randn_like (Cohen et al.), b400"
+BOUND = "bound: ORT fp32 forward pass only (no noise, no counting) b100"
 
 
 def cohen_reference(model, sigma: float, batch: int = 400):
@@ -61,6 +71,24 @@ def cohen_reference(model, sigma: float, batch: int = 400):
                 predictions = model(b + noise).argmax(1)
                 counts += np.bincount(predictions.numpy(), minlength=10)
         return counts
+
+    return sample
+
+
+def forward_only(onnx_path, batch: int, sigma: float):
+    """An upper bound for every fp32 onnxruntime sampler: the same session run on one noisy batch made once (no
+    noise drawn, no argmax or counting per call). What a sampler loses against it is its sampling overhead."""
+    from arq_deploy.runners import OrtRunner
+
+    runner = OrtRunner(onnx_path, batch_size=batch)
+    made: dict = {}
+
+    def sample(x: np.ndarray, num: int, sigma_: float, seed: int, purpose: str = "estimation") -> None:
+        if "xb" not in made:
+            rng = np.random.default_rng(0)
+            made["xb"] = (x[None] + np.float32(sigma) * rng.standard_normal((batch, *x.shape), dtype=np.float32))
+        for _ in range(-(-num // batch)):
+            runner.session.run(None, {runner.input_name: made["xb"]})
 
     return sample
 
@@ -113,6 +141,7 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
 
     paths = {REF: cohen_reference(lm.model, sigma),
              "torch eager fp32 runner.counts b400": counts(TorchRunner(lm.model, lm.input_shape, 10, batch_size=400))}
+    paths[BOUND] = forward_only(tmp / "fp32.onnx", 100, sigma)
     for prec, model in models.items():
         onnx_path = tmp / f"{prec}.onnx"
         paths[f"ORT {prec} loop (Smooth.sample_counts) b400"] = loop(OrtRunner(onnx_path, batch_size=400), 400)
@@ -156,6 +185,11 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
 
         export_and_validate(lm, QuantPolicy.uniform(8), train, train, tmp / "w8a8.onnx", sigma=sigma,
                             validate_images=200)
+        # the fake-quant torch model that export was made from (same calibration: 512 training images, seed 0)
+        from arq_deploy.pipeline import quantize_calibrated
+
+        qmodel, _ = quantize_calibrated(lm, QuantPolicy.uniform(8), train.x(pick(len(train), 512, 0)), sigma, 0)
+        paths[REF_W8A8] = cohen_reference(qmodel.eval(), sigma)
         ti = TvmRunner(compile_onnx(tmp / "w8a8.onnx", "x86", tmp / "tvm-int", batch_size=400, single=False,
                                     integer=True))
         paths["TVM x86 arq W8A8 integer runner.counts b400"] = counts(ti)
@@ -233,7 +267,8 @@ def main():
     paths = build_paths(lm, tmp, train, args.sigma, [int(b) for b in args.batches.split(",")], not args.no_tvm)
     if args.rows:
         keep = re.compile(args.rows)
-        paths = {k: v for k, v in paths.items() if k == REF or keep.search(k)}
+        paths = {k: v for k, v in paths.items() if k == REF or keep.search(k)
+                 or (k == REF_W8A8 and any("W8A8" in j and keep.search(j) for j in paths))}
     print(f"built {len(paths)} paths in {time.perf_counter() - t0:.0f} s; torch threads {torch.get_num_threads()}")
 
     xs = list(test.x(np.arange(0, 1000, 1000 // max(1, args.rate_images))[: args.rate_images]))
@@ -245,18 +280,22 @@ def main():
             best[k] = min(best[k], timed(fn, xs, args.samples, args.sigma))
     rates = {k: len(xs) * args.samples / s for k, s in best.items()}
     ref = rates[REF]
-    print(f"\n{'path (σ = %.2f, ResNet-20 gauss0.25)' % args.sigma:62s} {'samples/s':>10s} {'vs ref':>7s}")
+    same = {k: r / rates[REF_W8A8] for k, r in rates.items() if REF_W8A8 in rates and ("W8A8" in k)}
+    print(f"\n{'path (σ = %.2f, ResNet-20 gauss0.25)' % args.sigma:62s} {'samples/s':>10s} {'vs ref':>7s} "
+          f"{'vs W8A8 ref':>11s}")
     for k, r in rates.items():
-        print(f"{k:62s} {r:10,.0f} {r / ref:6.2f}x")
+        print(f"{k:62s} {r:10,.0f} {r / ref:6.2f}x" + (f" {same[k]:10.2f}x" if k in same else ""))
 
     out = {"model": "resnet20-gauss0.25", "sigma": args.sigma, "samples_per_round": args.samples * len(xs),
            "repeats": args.repeats, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "load_average_at_end": os.getloadavg(), "samples_per_s": rates,
-           "ratio_vs_reference": {k: r / ref for k, r in rates.items()}}
+           "ratio_vs_reference": {k: r / ref for k, r in rates.items()},
+           "ratio_vs_w8a8_reference": same}
 
     if args.images > 0:
-        reproducible = {k: r for k, r in rates.items() if k != REF and "not reproducible" not in k}
+        reproducible = {k: r for k, r in rates.items()
+                        if k not in (REF, REF_W8A8, BOUND) and "not reproducible" not in k}
         name = args.cert_path or max(reproducible, key=reproducible.get)
         counter = _CountsAdapter(paths[name], name)
         step = 1000 // args.images
