@@ -18,7 +18,13 @@ episodes to measure what incremental smoothing saves per reward (seconds and net
     python benchmarks/arq_table.py --episodes 200 --warmup 40 --val-images 100 --test-images 500  # GPU-size
 
 Writes benchmarks/results/arq_table.json and prints a Markdown table. Resumable: every search and certification keeps
-its files under --work, so a rerun continues where it stopped.
+its files under --work, so a rerun continues where it stopped. Each row keeps its per-test-image certified radii
+(0 where wrong or abstaining). Every row certifies image i with the same seed, so ARQ is also compared with each
+other row image by image ("paired_vs_arq": mean ACR difference, 95% t-interval, one-sided p-value of the
+baseline being higher). `--rows` builds only the named rows and runs only their searches, e.g. a larger test set for
+the searched rows alone:
+
+    python benchmarks/arq_table.py --sigmas 0.25 --rows FP32,ARQ,HAQ,random,greedy --test-images 200 --full-episodes 0
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ def args_parser():
                     help="ARQ, HAQ and random search: re-score the K best distinct policies on fresh training images "
                     "(0: keep the best search reward)")
     ap.add_argument("--rerank-images", type=int, default=100)
+    ap.add_argument("--rows", default=None,
+                    help="comma list of table rows to build (FP32, W8A8, W4A4, best_uniform, HAQ, random, greedy, "
+                    "ARQ; default all): only their searches run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(ROOT / "runs" / "arq-table"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "arq_table.json"))
@@ -153,9 +162,38 @@ def certify_policy(name, policy, lm, train, test, sigma, args, work: Path) -> di
     s = summarize(certs, (0.0, 0.25, 0.5, 0.75))
     report = onnx_path.with_suffix(".export.json")
     agreement = json.loads(report.read_text())["validation"]["top1_agreement"] if report.exists() else None
+    certs = sorted(certs, key=lambda c: c.idx)
     return {"ort_torch_agreement": agreement, "clean": s.clean_accuracy, "cert_0.25": s.at(0.25),
             "cert_0.5": s.at(0.5), "cert_0.75": s.at(0.75), "acr": s.acr, "bops_percent": 100 * bops,
-            "certify_seconds": time.perf_counter() - t0, "images": len(certs)} | rinfo | info
+            # the certificates' own times, so that a resumed run reports the work, not the resume
+            "certify_seconds": sum(c.seconds for c in certs), "certify_seconds_this_run": time.perf_counter() - t0,
+            "images": len(certs),
+            # per test image (in index order): its certified radius when correct, else 0 (their mean is the ACR)
+            "test_indices": [c.idx for c in certs],
+            "certified_radius": [c.radius if c.correct else 0.0 for c in certs]} | rinfo | info
+
+
+def paired_vs(table: dict, ours: str = "ARQ") -> dict:
+    """ACR of `ours` minus each other row's (the float model's too), paired by test image (the same images and,
+    through the per-input seeds, the same noise in every row): mean difference, its 95% t-interval, and the
+    one-sided p-value of "ours is not below" (H1: the other row's ACR is higher). Rows without per-image radii are
+    skipped."""
+    from scipy import stats
+
+    if ours not in table or "certified_radius" not in table[ours]:
+        return {}
+    a = np.asarray(table[ours]["certified_radius"])
+    out = {}
+    for label, row in table.items():
+        if label == ours or row.get("test_indices") != table[ours]["test_indices"]:
+            continue
+        b = np.asarray(row["certified_radius"])
+        t = stats.ttest_rel(a, b)
+        lo, hi = t.confidence_interval(0.95)
+        out[label] = {"acr_difference": float(np.mean(a - b)), "ci95": [float(lo), float(hi)],
+                      "p_other_higher": float(stats.ttest_rel(a, b, alternative="less").pvalue),
+                      "images": int(len(a)), "ours_ahead_on": int(np.sum(a > b)), "other_ahead_on": int(np.sum(b > a))}
+    return out
 
 
 def run_sigma(sigma, args, train, test) -> dict:
@@ -171,15 +209,48 @@ def run_sigma(sigma, args, train, test) -> dict:
     cost = BopsCost(specs)
     env = QuantEnv(specs, lambda p: 0.0, args.budget * cost.total_w32a32)
     work = Path(args.work) / f"sigma{sigma}"
+    wanted = None if not args.rows else {r.strip() for r in args.rows.split(",")}
     searches = {}
     for label, method, reward in (("ARQ", "ddpg", "irs"), ("HAQ", "ddpg", "accuracy"), ("random", "random", "irs"),
                                   ("greedy", "greedy", "irs")):
+        if wanted is not None and label not in wanted:
+            continue
         summary, rows, wall = search(method, reward, args, sigma, weights, work / label)
         searches[label] = {"summary": summary, "wall_seconds_this_run": wall, "rows": len(rows),
                            "reward_seconds": summary.get("reward_seconds"), "evaluations": summary["evaluations"],
                            "policy": QuantPolicy.load(work / label / "policy.json")}
         print(f"σ={sigma} {label}: best reward {summary['best_reward']:.4f} at "
               f"{100 * summary['best_bops_fraction']:.2f}% BOPs, {summary['evaluations']} evaluations", flush=True)
+    per_reward = irs_vs_full(args, sigma, weights, work, searches) if "ARQ" in searches and args.full_episodes else {}
+
+    b_uni = best_uniform(env)
+    policies = {"FP32": None, "W8A8": QuantPolicy.uniform(8), "W4A4": QuantPolicy.uniform(4),
+                f"best uniform (W{b_uni}A{b_uni})": QuantPolicy.uniform(b_uni)}
+    for label in ("HAQ", "random", "greedy", "ARQ"):
+        if label in searches:
+            policies[label] = searches[label]["policy"]
+    table = {}
+    for label, pol in policies.items():
+        key = label.split(" ")[0] if not label.startswith("best") else "best_uniform"
+        if wanted is not None and key not in wanted:
+            continue
+        table[label] = certify_policy(key.replace("/", "_"), pol, lm, train, test, sigma, args, work / "certify")
+        if label in searches:
+            s = searches[label]
+            table[label] |= {"search_seconds": s["summary"].get("episode_seconds", s["reward_seconds"]),
+                             "evaluations": s["evaluations"], "search_reward": s["summary"]["best_reward"]}
+            if "rerank" in s["summary"]:
+                table[label]["rerank"] = s["summary"]["rerank"]
+        print(f"σ={sigma} {label}: " + json.dumps({k: v for k, v in table[label].items()
+                                                   if k not in ("test_indices", "certified_radius")}), flush=True)
+    floats = [work / label / "float.json" for label in searches if (work / label / "float.json").exists()]
+    return {"table": table, "irs_vs_full": per_reward,
+            "float_cache": json.loads(floats[0].read_text()) if floats else None, "paired_vs_arq": paired_vs(table)}
+
+
+def irs_vs_full(args, sigma, weights, work: Path, searches: dict) -> dict:
+    """A few episodes of the same DDPG search with full certification per reward: seconds and network evaluations
+    per reward against the IRS search's, and the ARQ search's wall time had every reward been full."""
     full_summary, full_rows, _ = search("ddpg", "full", args, sigma, weights, work / "ARQ-full-reward",
                                         episodes=args.full_episodes, rerank=False)
     arq_rows = [json.loads(x) for x in (work / "ARQ" / "search.jsonl").read_text().splitlines()]
@@ -199,24 +270,7 @@ def run_sigma(sigma, args, train, test) -> dict:
         arq_search_s - searches["ARQ"]["summary"]["reward_seconds"]
         + per_reward["full_seconds_per_reward"] * searches["ARQ"]["evaluations"])
     per_reward["float_cache_seconds"] = float_prep["seconds"]
-
-    b_uni = best_uniform(env)
-    policies = {"FP32": None, "W8A8": QuantPolicy.uniform(8), "W4A4": QuantPolicy.uniform(4),
-                f"best uniform (W{b_uni}A{b_uni})": QuantPolicy.uniform(b_uni)}
-    for label in ("HAQ", "random", "greedy", "ARQ"):
-        policies[label] = searches[label]["policy"]
-    table = {}
-    for label, pol in policies.items():
-        key = label.split(" ")[0] if not label.startswith("best") else "best_uniform"
-        table[label] = certify_policy(key.replace("/", "_"), pol, lm, train, test, sigma, args, work / "certify")
-        if label in searches:
-            s = searches[label]
-            table[label] |= {"search_seconds": s["summary"].get("episode_seconds", s["reward_seconds"]),
-                             "evaluations": s["evaluations"], "search_reward": s["summary"]["best_reward"]}
-            if "rerank" in s["summary"]:
-                table[label]["rerank"] = s["summary"]["rerank"]
-        print(f"σ={sigma} {label}: {json.dumps(table[label])}", flush=True)
-    return {"table": table, "irs_vs_full": per_reward, "float_cache": float_prep}
+    return per_reward
 
 
 def markdown(results: dict) -> str:
@@ -228,7 +282,14 @@ def markdown(results: dict) -> str:
             lines.append(f"| {label} | {r['bops_percent']:.2f} | {r['clean']:.3f} | {r['cert_0.25']:.3f} | "
                          f"{r['cert_0.5']:.3f} | {r['cert_0.75']:.3f} | {r['acr']:.3f} | "
                          f"{r.get('search_seconds', float('nan')):.0f} | {r.get('evaluations', '')} |")
+        for label, p in res.get("paired_vs_arq", {}).items():
+            lines.append(f"\nARQ − {label}: ACR {p['acr_difference']:+.4f} (95% CI {p['ci95'][0]:+.4f} … "
+                         f"{p['ci95'][1]:+.4f}, paired over {p['images']} test images; ARQ ahead on "
+                         f"{p['ours_ahead_on']}, behind on {p['other_ahead_on']}; one-sided p of {label} higher: "
+                         f"{p['p_other_higher']:.2f})")
         c = res["irs_vs_full"]
+        if not c:
+            continue
         lines.append(f"\nper reward: IRS {c['irs_seconds_per_reward']:.1f} s ({c['irs_samples_per_reward']:.0f} "
                      f"network evaluations) vs full certification {c['full_seconds_per_reward']:.1f} s "
                      f"({c['full_samples_per_reward']:.0f}): {c['time_ratio_full_over_irs']:.2f}× ; ARQ search "
