@@ -109,7 +109,7 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
     from arq_deploy.certify.smooth import Smooth
     from arq_deploy.export.qdq import float_onnx, save_onnx
     from arq_deploy.export.smoothing_graph import smoothing_graph
-    from arq_deploy.pipeline import pick
+    from arq_deploy.pipeline import load, pick
     from arq_deploy.runners import OrtRunner, TorchRunner
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -183,13 +183,10 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
         from arq_deploy.pipeline import export_and_validate
         from arq_deploy.search.policy import QuantPolicy
 
-        export_and_validate(lm, QuantPolicy.uniform(8), train, train, tmp / "w8a8.onnx", sigma=sigma,
-                            validate_images=200)
-        # the fake-quant torch model that export was made from (same calibration: 512 training images, seed 0)
-        from arq_deploy.pipeline import quantize_calibrated
-
-        qmodel, _ = quantize_calibrated(lm, QuantPolicy.uniform(8), train.x(pick(len(train), 512, 0)), sigma, 0)
-        paths[REF_W8A8] = cohen_reference(qmodel.eval(), sigma)
+        report = export_and_validate(lm, QuantPolicy.uniform(8), train, train, tmp / "w8a8.onnx", sigma=sigma,
+                                     validate_images=200)
+        # the fake-quant torch model that export was made from, as export saved it beside the ONNX (NAME.qmodel.pt)
+        paths[REF_W8A8] = cohen_reference(load("resnet20", report["torch_model"]).model.eval(), sigma)
         ti = TvmRunner(compile_onnx(tmp / "w8a8.onnx", "x86", tmp / "tvm-int", batch_size=400, single=False,
                                     integer=True))
         paths["TVM x86 arq W8A8 integer runner.counts b400"] = counts(ti)

@@ -127,7 +127,7 @@ class OrtRunner(SamplingMixin):
             providers = default_ort_providers()
         try:
             in_memory = not isinstance(model_path, (str, Path))
-            src, self.graph_rewrites = ort_source(model_path if in_memory else str(model_path), rewrite)
+            src, self.graph_rewrites = ort_source(model_path, rewrite)
             self.session = ort.InferenceSession(src, sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises several unrelated exception types
             what = "the model" if in_memory else model_path
