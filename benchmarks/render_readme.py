@@ -1,0 +1,333 @@
+"""Print the Markdown tables of benchmarks/README.md from the JSON files in benchmarks/results/.
+
+    python benchmarks/render_readme.py            # every table
+    python benchmarks/render_readme.py arq irs    # only the sections whose name contains one of these words
+
+Standard library only (no project imports), so it runs without the venv. Each table is preceded by the file it
+was read from and by what that file records about the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def n0(x) -> str:
+    return f"{x:,.0f}"
+
+
+def f2(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def f3(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def ratio(x) -> str:
+    return f"{x:.2f}×"
+
+
+def pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def cert(ca: dict, radii=("0", "0.25", "0.5")) -> str:
+    return " / ".join(f"{100 * ca[r]:.0f}" for r in radii) + " %"
+
+
+def rounded(obj, digits: int = 3):
+    """A JSON value with every float rounded (for evidence printed inline)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
+def source(name: str, machine: str) -> str:
+    return f"`benchmarks/results/{name}` ({machine})"
+
+
+# ------------------------------------------------------------------------------------------------------- sections
+def tvm_int8() -> str:
+    out = []
+    labels = {"ort_w8a8": "onnxruntime, our W8A8 export (u8 × u8 weights)", "ort_fp32": "onnxruntime fp32",
+              "ort_quantize_static_int8": "onnxruntime `quantize_static` int8 (its own u8 × s8 model)",
+              "tvm_float": "TVM float build", "tvm_int": "TVM integer build (`compile --integer`)",
+              "tvm_int_vpmaddwd": "TVM integer build, `--int-kernel vpmaddwd`",
+              "tvm_float_tuned": "TVM float build, MetaSchedule 48 trials",
+              "tvm_int_tuned": "TVM integer build, MetaSchedule 48 trials"}
+    for name in ("tvm_int8_bench.json", "tvm_int8_bench_tuned.json"):
+        d = load(name)
+        m = d["machine"]
+        mach = f"CPU {m['cpu']}, {m['cores']} cores"
+        if m.get("simd"):
+            mach += ", flags " + ", ".join(m["simd"])
+        if d.get("int_kernel"):
+            mach += f"; integer kernel {d['int_kernel']}"
+        mach += f"; load average before {d['load_average']['before'][0]}"
+        ips, agree = d["images_per_s"], d["top1_agreement_with_ort_w8a8"]
+        rows = [[labels.get(k, k), n0(v), ratio(v / ips["tvm_float"]), pct(agree.get(k))] for k, v in ips.items()]
+        out.append(source(name, mach) + f", {d['model']}, batch {d['batch']}, {d['rounds']} interleaved rounds:\n\n"
+                   + table(["path", "img/s", "vs TVM float", f"top-1 agreement with onnxruntime W8A8 "
+                            f"({d['agreement_images']:,} images)"], rows))
+    return "\n\n".join(out)
+
+
+def runtime() -> str:
+    d = load("runtime_bench.json")
+    rows = [[k, n0(v), ratio(d["ratio_vs_torch_eager"][k])] for k, v in d["samples_per_s"].items()]
+    return (source("runtime_bench.json", f"{d['machine']}, {d['cores']} cores") +
+            f", {d['model']}, σ = {d['sigma']}, batch {d['batch']}, {d['samples']:,} samples, best of "
+            f"{d['repeats']}:\n\n" + table(["path", "samples/s", "vs torch eager"], rows))
+
+
+def certify() -> str:
+    d = load("certify_bench.json")
+    w8 = d["ratio_vs_w8a8_reference"]
+    rows = [[k, n0(v), ratio(d["ratio_vs_reference"][k]), ratio(w8[k]) if k in w8 else "–"]
+            for k, v in d["samples_per_s"].items()]
+    c = d["certify"]
+    radii = list(c["certified_accuracy"])
+    text = (source("certify_bench.json", f"{d['machine']}, {d['cores']} cores, torch threads {d['torch_threads']}")
+            + f", {d['model']}, σ = {d['sigma']}, {d['samples_per_round']:,} samples per round, best of "
+            f"{d['repeats']}:\n\n" + table(["path", "samples/s", "vs fp32 reference", "vs W8A8 reference"], rows))
+    text += (f"\n\nCertification with `{c['path']}`: {c['images']} test images (every {c['step']}th), "
+             f"N0 = {c['n0']}, N = {c['n']:,}, α = {c['alpha']}: {c['seconds_per_image']:.2f} s per image "
+             f"(the fp32 reference loop, estimated: {c['reference_seconds_estimate'] / c['images']:.1f} s); "
+             f"certified accuracy at r = {' / '.join(radii)}: "
+             f"{' / '.join(str(round(100 * c['certified_accuracy'][r])) for r in radii)} %, ACR {c['acr']:.3f}, "
+             f"abstain {100 * c['abstain_rate']:.0f}%.")
+    rows = []
+    for name in ("certify_bench.json", "certify_bench_fp32_run1.json", "certify_bench_fp32_run2.json"):
+        e = load(name)
+        r = e["ratio_vs_reference"]
+        fp32 = {k: v for k, v in r.items() if k.startswith("ORT fp32") and "RandomNormal" not in k}
+        with_rw = max((k for k in fp32 if "no shortcut rewrite" not in k), key=fp32.get)
+        without = max((k for k in fp32 if "no shortcut rewrite" in k), key=fp32.get)
+        ref = next(v for k, v in e["samples_per_s"].items() if k.startswith("reference: torch eager fp32"))
+        rows.append([f"`{name}`", n0(ref), f"{with_rw}: {ratio(fp32[with_rw])}", f"{without}: {ratio(fp32[without])}"])
+    text += "\n\nThe fp32 onnxruntime paths in three runs (seeded noise in every row; the in-graph RandomNormal row, " \
+            "which is not reproducible, left out):\n\n" + table(
+                ["file", "reference samples/s", "best fp32 path (vs reference)", "best without the shortcut rewrite"],
+                rows)
+    return text
+
+
+def bops() -> str:
+    d = load("bops_vs_latency.json")
+    h = d["host"]
+    fp = next(m for m in d["models"] if m["name"] == "fp32")
+    rows = []
+    for m in d["models"]:
+        ti = m["tvm-int"]["images_per_s"]
+        rows.append([m["name"], f"{100 * m['bops_fraction']:.2f}", n0(m["onnxruntime"]["images_per_s"]),
+                     n0(m["tvm"]["images_per_s"]), f"{n0(ti)} ({ti / fp['tvm']['images_per_s']:.2f}×)",
+                     " / ".join(f"{m[b]['latency_p50_ms']:.2f}" for b in ("onnxruntime", "tvm", "tvm-int"))])
+    text = (source("bops_vs_latency.json", f"{h['machine']}, {h['cpus']} CPUs, Python {h['python']}; no CPU model "
+                   "recorded") + f", ResNet-20 gauss0.25, σ = {d['sigma']}, {d['rounds']} interleaved rounds, "
+            f"{d['aggregation']}:\n\n" +
+            table(["policy", "BOPs %", "onnxruntime img/s", "TVM float img/s",
+                   f"TVM integer img/s (vs TVM float fp32)", "p50 ms at batch 1: onnxruntime / TVM float / TVM integer"],
+                  rows))
+    rows = []
+    for b, s in d["spearman"].items():
+        rows.append([b] + [f"{s[k]['rho']:+.2f} (p = {s[k]['p_value']:.2f}, n = {s[k]['n']})"
+                           for k in ("per_image_quantized", "latency_quantized")])
+    text += "\n\nSpearman's ρ between BOPs and time over the quantized policies:\n\n" + table(
+        ["backend", "ρ, ms per image at batch 256", "ρ, p50 latency at batch 1"], rows)
+    return text
+
+
+ARQ_ROWS = ["FP32", "W8A8", "W4A4", "best uniform (W3A3)", "HAQ", "random", "greedy", "ARQ"]
+
+
+def _arq_rows(t: dict) -> list[list]:
+    rows = []
+    for name in [r for r in ARQ_ROWS if r in t] + [r for r in t if r not in ARQ_ROWS]:
+        r = t[name]
+        rr = r.get("rerank")
+        rows.append([name, f"{r['bops_percent']:.2f}", f2(r["clean"]), f2(r["cert_0.25"]), f2(r["cert_0.5"]),
+                     f2(r["cert_0.75"]), f3(r["acr"]), n0(r["search_seconds"]) if "search_seconds" in r else "–",
+                     r.get("evaluations", "–"), rr["chosen_episode"] if rr else "–", r["certify_runtime"]])
+    return rows
+
+
+def arq() -> str:
+    out = []
+    hdr = ["row", "BOPs %", "clean", "r = 0.25", "r = 0.5", "r = 0.75", "ACR", "search s", "distinct policies",
+           "re-ranked: kept episode", "certified by"]
+    for name in ("arq_table.json", "arq_table_rerank_sigma025.json"):
+        d = load(name)
+        s = d["settings"]
+        out.append(source(name, d["machine"]) + f"; {d['wall_seconds'] / 60:.0f} min in all; budget "
+                   f"{100 * s['budget']:.1f}% BOPs, {s['episodes']} episodes ({s['warmup']} warm-up), rewards on "
+                   f"{s['val_images']} training images, fine-tuning {s['finetune_epochs']} epochs at LR "
+                   f"{s['finetune_lr']}, re-ranking {s.get('rerank_top', 0) or 'off'}, certified on "
+                   f"{s['test_images']} test images at N = {s['test_n']:,}:")
+        for sg, v in d["sigmas"].items():
+            out.append(f"σ = {sg}:\n\n" + table(hdr, _arq_rows(v["table"])))
+        rows = []
+        for sg, v in d["sigmas"].items():
+            c = v["irs_vs_full"]
+            rows.append([sg, f"{c['irs_seconds_per_reward']:.1f}", f"{c['full_seconds_per_reward']:.1f}",
+                         f"{c['irs_samples_per_reward']:,.0f} / {c['full_samples_per_reward']:,.0f}",
+                         ratio(c["time_ratio_full_over_irs"]), n0(c["arq_search_seconds"]),
+                         n0(c["arq_search_seconds_with_full_reward_estimate"]), n0(c["float_cache_seconds"])])
+        out.append("Cost of a reward, IRS against full certification (same inputs, "
+                   f"{d['sigmas'][next(iter(d['sigmas']))]['irs_vs_full']['episodes_compared']} episodes compared):\n\n"
+                   + table(["σ", "IRS s/reward", "full s/reward", "quantized-network evaluations IRS / full",
+                            "full ÷ IRS time", "ARQ search s", "the same with full rewards (estimate)",
+                            "float cache s"], rows))
+    return "\n\n".join(out)
+
+
+def paired() -> str:
+    name = "arq_table_sigma025_paired.json"
+    d = load(name)
+    s = d["settings"]
+    out = [source(name, d["machine"]) + f"; rows {s['rows']}, {s['test_images']} test images at N = "
+           f"{s['test_n']:,}, re-ranking top {s['rerank_top']} on {s['rerank_images']} images:"]
+    for sg, v in d["sigmas"].items():
+        p = v["paired_vs_arq"]
+        rows = []
+        for name_, r in v["table"].items():
+            q = p.get(name_)
+            rows.append([name_, f"{r['bops_percent']:.2f}", f3(r["clean"]), f3(r["cert_0.25"]), f3(r["cert_0.5"]),
+                         f3(r["cert_0.75"]), f3(r["acr"]),
+                         f"{q['acr_difference']:+.3f} ({q['ci95'][0]:+.3f} … {q['ci95'][1]:+.3f})" if q else "–",
+                         f"{q['p_other_higher']:.2f}" if q else "–",
+                         f"{q['ours_ahead_on']} / {q['other_ahead_on']}" if q else "–"])
+        out.append(f"σ = {sg}:\n\n" + table(["row", "BOPs %", "clean", "r = 0.25", "r = 0.5", "r = 0.75", "ACR",
+                                              "ARQ − row, paired (95% CI)", "p (row higher)",
+                                              "images ARQ ahead / behind"], rows))
+    return "\n\n".join(out)
+
+
+def irs() -> str:
+    out = []
+    d = load("irs_bench.json")
+    rows = []
+    for sg, v in d["sigmas"].items():
+        for mname in ("W8A8", "mixed"):
+            m = v[mname]
+            rows.append([sg, f"{mname} ({100 * m['bops_fraction']:.2f}% BOPs)", f"{m['full']['s_per_image']:.2f}",
+                         f"{m['irs']['s_per_image']:.2f}", ratio(m["speedup"]),
+                         f"{100 * m['full']['certified_accuracy']['0']:.0f}% / "
+                         f"{100 * m['irs']['certified_accuracy']['0']:.0f}%",
+                         f"{m['full']['acr']:.3f} / {m['irs']['acr']:.3f}", pct(m["irs"]["cost"]["irs_fraction"])])
+    out.append(source("irs_bench.json", f"{d['runtime']}; no machine recorded") +
+               f", {d['images']} test images, N0 = {d['n0']}, N = {d['n']:,}, n_p = {d['n_p']:,}, α = α_ζ = "
+               f"{d['alpha']}; IRS bounded the two-sided disparity P[f ≠ f_q] (the file has no `disparity` key):\n\n" +
+               table(["σ", "quantized model", "full CERTIFY s/image", "IRS s/image", "speed-up",
+                      "certified r = 0 (full / IRS)", "ACR (full / IRS)", "inputs on the IRS path"], rows))
+    for name in ("irs_bench_sigma050_w8a8.json", "irs_bench_sigma050_w8a8_labels.json"):
+        d = load(name)
+        v = d["sigmas"]["0.5"]
+        w = v["W8A8"]
+        rows = [["float model (certified once)", f"{v['float']['s_per_image']:.2f}", cert(v["float"]["certified_accuracy"]),
+                 f3(v["float"]["acr"]), "–", "–"],
+                ["full CERTIFY of W8A8", f"{w['full']['s_per_image']:.2f}", cert(w["full"]["certified_accuracy"]),
+                 f3(w["full"]["acr"]), "–", "–"]]
+        for k, r in w.items():
+            if not k.startswith("irs"):
+                continue
+            sp = r.get("speedup", w.get("speedup"))
+            spl = r.get("speedup_with_float_labels")
+            rows.append([f"IRS, n_p = {r.get('n_p', d['n_p']):,}", f"{r['s_per_image']:.2f}",
+                         cert(r["certified_accuracy"]), f3(r["acr"]), f"{r['cost']['mean_zeta_upper']:.3f}",
+                         ratio(sp) + (f" ({ratio(spl)} paying for f's labels)" if spl else "")])
+        out.append(source(name, f"{d['runtime']}; no machine recorded") +
+                   f", σ = 0.5, {d['images']} test images, N = {d['n']:,}, disparity {d['disparity']}:\n\n" +
+                   table(["run", "s/image", "certified r = 0 / 0.25 / 0.5", "ACR", "mean ζ̄ upper bound",
+                          "speed-up over full CERTIFY"], rows))
+    return "\n\n".join(out)
+
+
+def equal_acr() -> str:
+    out = []
+    for name in ("irs_bench_sigma050_equal_acr.json", "irs_bench_sigma050_equal_acr_fallback.json",
+                 "irs_bench_sigma050_equal_acr_interleaved.json", "irs_bench_sigma050_equal_acr_100img.json"):
+        d = load(name)
+        v = d["sigmas"]["0.5"]
+        w = v["W8A8"]
+        f = v["float"]
+        rows = []
+        for k, r in w.items():
+            if not k.startswith("irs"):
+                continue
+            e = r["equal_acr"]
+            fb = r["fallback_n"]
+            rows.append([f"n_p = {r['n_p']:,}, " + (f"fallback at N = {fb:,}" if fb else "no fallback"),
+                         f3(r["acr"]), cert(r["certified_accuracy"]), n0(e["baseline_n"]),
+                         cert(e["certified_accuracy"]), f"{e['certified_accuracy_max_abs_diff_pp']:.1f} pp",
+                         n0(r["cost"]["quant_samples_per_input"]),
+                         f"{ratio(e['speedup'])} ({ratio(e['speedup_with_float_labels'])})"])
+        base = ", ".join(f"N = {int(n):,}: ACR {b['acr']:.3f}, {b['s_per_image']:.2f} s/image"
+                         for n, b in w["baseline"].items())
+        out.append(source(name, f"{d['runtime']}; no machine recorded") +
+                   f": σ = 0.5, W8A8, {d['images']} test images; float model certified at N = {f['n']:,} "
+                   f"({f['s_per_image']:.1f} s/image, {cert(f['certified_accuracy'])}, ACR {f['acr']:.3f}); "
+                   f"baseline (CERTIFY of W8A8 from scratch) {base}:\n\n" +
+                   table(["IRS", "ACR", "certified r = 0 / 0.25 / 0.5", "baseline N at that ACR",
+                          "baseline certified there", "largest gap", "f_q samples per image (IRS)",
+                          "speed-up at equal ACR (paying for f's labels)"], rows))
+    return "\n\n".join(out)
+
+
+def robustness() -> str:
+    d = load("robustness_study.json")
+    s = d["settings"]
+    rows = []
+    for name, m in d["models"].items():
+        a = m["adversarial"]
+        rows.append([name, m["kind"], m["bits"], f2(m["clean"]), f3(m["corruption_mean"]),
+                     f2(m["mce"]) if "mce" in m else "1.00 (reference)", f3(m["mnr"]), f3(m["acc_s_acc_s"]),
+                     f"{a['fgsm@2/255']:.2f} · {a['fgsm@8/255']:.2f}", f"{a['pgd@2/255']:.2f} · {a['pgd@8/255']:.2f}"])
+    text = (source("robustness_study.json", f"{s['threads']} threads; no machine recorded") +
+            f": {len(d['models'])} models; {d['test_images']} test images, {d['corruption_images']} for corruptions "
+            f"(severities {s['severities']}), {s['train_images']:,} training images, QAT and adversarial training "
+            f"{s['qat_epochs']} epoch (QAT LR {s['qat_lr']}, PGD-{s['pgd_train_steps']} for training):\n\n" +
+            table(["model", "kind", "bits", "clean", "corruption mean", "mCE vs float", "mNR", "ACC_s",
+                   "FGSM 2/255 · 8/255", "PGD 2/255 · 8/255"], rows))
+    rows = [[k, t["claim"], "yes" if t["reproduced"] else "no", "`" + json.dumps(rounded(t["evidence"]), ensure_ascii=False) + "`"]
+            for k, t in d["trends"].items()]
+    text += "\n\nPublished trends, as the study scores them:\n\n" + table(["", "claim", "reproduced", "evidence"],
+                                                                          rows)
+    g = d["gradient_masking"]
+    gm = g if isinstance(g, list) else [g]
+    text += "\n\nGradient-masking check: " + "; ".join(
+        f"{x['model']}: {'passed' if x['passed'] else 'failed'} ({'; '.join(x.get('reasons', []))})" for x in gm)
+    return text
+
+
+SECTIONS = {"tvm_int8": tvm_int8, "runtime": runtime, "certify": certify, "bops": bops, "arq": arq,
+            "arq_paired": paired, "irs": irs, "irs_equal_acr": equal_acr, "robustness": robustness}
+
+
+def main(argv: list[str]) -> None:
+    for name, fn in SECTIONS.items():
+        if argv and not any(w in name for w in argv):
+            continue
+        print(f"<!-- {name} -->\n{fn()}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
