@@ -29,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnxscript import TapeBuilder, ir
 
-from arq_deploy.errors import ModelFormatError, UnsupportedOpError
-from arq_deploy.fileio import atomic_path
+from arq_deploy.core.artifact import onnx_arq_metadata
+from arq_deploy.core.errors import ModelFormatError, UnsupportedOpError
+from arq_deploy.core.fileio import atomic_path
+from arq_deploy.export.quantize.quant import quant_layers, set_quant_enabled
 
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -41,8 +43,6 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 def float_onnx(model, input_shape, opset: int | None = None) -> onnx.ModelProto:
     """torch.onnx.export (dynamo) with a dynamic batch dimension; input 'input' N×C×H×W, output 'logits'."""
     import torch
-
-    from arq_deploy.search.quant import set_quant_enabled
 
     model = copy.deepcopy(model).eval()
     set_quant_enabled(model, False)
@@ -71,81 +71,55 @@ class _quiet:
         self._cm.__exit__(*exc)
 
 
-def _const(name: str, arr: np.ndarray) -> TensorProto:
-    return numpy_helper.from_array(np.asarray(arr), name)
+def _init(op: TapeBuilder, name: str, arr: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """An initializer (dtype INT4 packs an int8 array into native 4-bit values)."""
+    return op.initializer(ir.tensor(np.asarray(arr), dtype=dtype, name=name))
 
 
-def _int4_tensor(name: str, q: np.ndarray) -> TensorProto:
-    return helper.make_tensor(name, TensorProto.INT4, q.shape, q.astype(np.int8).flatten().tolist())
+def _layer_node(g: ir.Graph, layer: str, weight: np.ndarray) -> ir.Node:
+    """The Conv/Gemm/MatMul node whose weight initializer is `layer.weight` (or equals the weight's values)."""
+    candidates = [n for n in g if n.op_type in QUANT_OPS and len(n.inputs) > 1 and n.inputs[1] is not None]
+    for n in candidates:
+        if n.inputs[1].name == f"{layer}.weight":
+            return n
+    for n in candidates:
+        t = n.inputs[1].const_value
+        if t is not None and _same_weight(t.numpy(), weight):
+            return n
+    raise UnsupportedOpError(f"layer {layer}: no Conv/Gemm/MatMul node with its weight in the exported graph")
 
 
-class _Graph:
-    """Index over an ONNX graph for the surgery: initializers by name, consumers, nodes to insert before a node."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.g = model.graph
-        self.inits = {t.name: t for t in self.g.initializer}
-        self.before: dict[int, list] = {}
-
-    def replace_init(self, name: str, tensor: TensorProto):
-        self.g.initializer.remove(self.inits[name])
-        tensor.name = name
-        self.g.initializer.append(tensor)
-        self.inits[name] = tensor
-
-    def add_init(self, tensor: TensorProto):
-        self.g.initializer.append(tensor)
-        self.inits[tensor.name] = tensor
-
-    def find_layer_node(self, layer: str, weight: np.ndarray):
-        """The Conv/Gemm/MatMul node whose weight initializer is `layer.weight` (or equals the weight's values)."""
-        by_name = f"{layer}.weight"
-        candidates = [(i, n) for i, n in enumerate(self.g.node) if n.op_type in QUANT_OPS and len(n.input) > 1]
-        for i, n in candidates:
-            if n.input[1] == by_name:
-                return i, n
-        for i, n in candidates:
-            t = self.inits.get(n.input[1])
-            if t is not None and _same_weight(numpy_helper.to_array(t), weight, n):
-                return i, n
-        raise UnsupportedOpError(f"layer {layer}: no Conv/Gemm/MatMul node with its weight in the exported graph")
-
-    def finish(self):
-        nodes = list(self.g.node)
-        del self.g.node[:]
-        for i, n in enumerate(nodes):
-            self.g.node.extend(self.before.get(i, []))
-            self.g.node.append(n)
-
-
-def _same_weight(arr: np.ndarray, w: np.ndarray, node) -> bool:
+def _same_weight(arr: np.ndarray, w: np.ndarray) -> bool:
     return (arr.shape == w.shape and np.array_equal(arr, w)) or (arr.shape == w.T.shape and np.array_equal(arr, w.T))
 
 
-def _weight_axis(node, arr_shape, w_shape) -> tuple[int, bool]:
+def _weight_axis(node: ir.Node) -> tuple[int, bool]:
     """(channel axis of the stored weight, whether the stored weight is the module weight transposed)."""
     if node.op_type == "Conv":
         return 0, False
     if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return (0, False) if trans_b else (1, True)
+        return (0, False) if node.attributes.get_int("transB", 0) else (1, True)
     return 1, True  # MatMul: x @ W^T stored as [in, out]
 
 
 def insert_qdq(model: onnx.ModelProto, qmodel, int4_weights: bool = False) -> onnx.ModelProto:
     """Rewrite `model` (float export of `qmodel`) in place into a QDQ graph using qmodel's quantizers."""
-    from arq_deploy.search.quant import quant_layers
-
-    gr = _Graph(model)
+    graph_ir = ir.serde.deserialize_model(model)
+    g = graph_ir.graph
     for name, mod in quant_layers(qmodel).items():
-        w = mod.weight.detach().cpu().numpy()
-        idx, node = gr.find_layer_node(name, w)
-        _quantize_weight(gr, node, name, mod, w, int4_weights)
-        if len(node.input) > 2 and node.input[2]:
-            _quantize_bias(gr, node, name, mod)
-        gr.before.setdefault(idx, []).extend(_activation_qdq(gr, node, name, mod))
-    gr.finish()
+        node = _layer_node(g, name, mod.weight.detach().cpu().numpy())
+        op, (weight, bias) = TapeBuilder(), (list(node.inputs[1:3]) + [None])[:2]
+        node.replace_input_with(1, _weight_dq(op, node, name, mod, int4_weights))
+        if bias is not None:
+            node.replace_input_with(2, _bias_dq(op, name, mod))
+        node.replace_input_with(0, _activation_qdq(op, node.inputs[0], name, mod))
+        g.insert_before(node, op.nodes)
+        for v in op.initializers:
+            g.register_initializer(v)
+        for v in (weight, bias):  # the float weight and bias, once nothing else reads them
+            if v is not None and v.is_initializer() and not (v.uses() or v.is_graph_input() or v.is_graph_output()):
+                del g.initializers[v.name]
+    model.CopyFrom(ir.serde.serialize_model(graph_ir))
     return model
 
 
@@ -160,108 +134,53 @@ def _unsigned_container(mod) -> bool:
     return mod.w_bits == 8 and mod.a_bits == 8
 
 
-def _quantize_weight(gr: _Graph, node, name: str, mod, w: np.ndarray, int4: bool):
-    axis, transposed = _weight_axis(node, None, w.shape)
+def _weight_dq(op: TapeBuilder, node: ir.Node, name: str, mod, int4: bool) -> ir.Value:
+    """DequantizeLinear(W_q, s_w, z_w, axis=out) of each weight piece ('weight', then 'weight_tail' for PWLQ, or
+    'weight_p{k}'), summed by Adds when there are several."""
+    axis, transposed = _weight_axis(node)
     pieces = mod.weight_pieces()
-    if len(pieces) > 1:
-        return _quantize_weight_pieces(gr, node, name, mod, pieces, axis, transposed, int4)
-    q = mod.weight_int().cpu().numpy()
-    if transposed:
-        q = q.T
-    qname = f"{name}.weight_q"
-    scale = mod.weight_scale().detach().cpu().numpy().astype(np.float32)
-    gr.add_init(_const(f"{name}.weight_scale", scale))
-    if int4 and mod.w_bits <= 4:
-        gr.add_init(_int4_tensor(qname, q))
-        zp_t = _int4_tensor(f"{name}.weight_zp", np.zeros_like(scale, dtype=np.int8))
-    elif _unsigned_container(mod):
-        gr.add_init(_const(qname, (q.astype(np.int16) + 128).astype(np.uint8)))
-        zp_t = _const(f"{name}.weight_zp", np.full_like(scale, 128, dtype=np.uint8))
-    else:
-        gr.add_init(_const(qname, q.astype(np.int8)))
-        zp_t = _const(f"{name}.weight_zp", np.zeros_like(scale, dtype=np.int8))
-    gr.add_init(zp_t)
-    dq = helper.make_node("DequantizeLinear", [qname, f"{name}.weight_scale", f"{name}.weight_zp"],
-                          [f"{name}.weight_dq"], name=f"{name}/weight_dq", axis=axis)
-    _drop_if_unused(gr, node.input[1], node)
-    node.input[1] = f"{name}.weight_dq"
-    gr.before.setdefault(_node_index(gr, node), []).append(dq)
-
-
-def _quantize_weight_pieces(gr: _Graph, node, name: str, mod, pieces, axis: int, transposed: bool, int4: bool):
-    """Σ_k DequantizeLinear(W_k, s_k, 0, axis) -> Add -> node weight (pieces k: '' (first), 'tail', ...)."""
-    outs, nodes = [], []
+    total = None
     for k, (q, scale) in enumerate(pieces):
         tag = "weight" if k == 0 else ("weight_tail" if len(pieces) == 2 else f"weight_p{k}")
         q = q.cpu().numpy().T if transposed else q.cpu().numpy()
         scale = scale.detach().cpu().numpy().astype(np.float32)
-        native4 = int4 and mod.w_bits <= 4
-        gr.add_init(_int4_tensor(f"{name}.{tag}_q", q) if native4 else _const(f"{name}.{tag}_q", q.astype(np.int8)))
-        zeros = np.zeros_like(scale, dtype=np.int8)
-        gr.add_init(_int4_tensor(f"{name}.{tag}_zp", zeros) if native4 else _const(f"{name}.{tag}_zp", zeros))
-        gr.add_init(_const(f"{name}.{tag}_scale", scale))
-        ins = [f"{name}.{tag}_q", f"{name}.{tag}_scale", f"{name}.{tag}_zp"]
-        nodes.append(helper.make_node("DequantizeLinear", ins, [f"{name}.{tag}_dq"], name=f"{name}/{tag}_dq",
-                                      axis=axis))
-        outs.append(f"{name}.{tag}_dq")
-    total = outs[0]
-    for k, o in enumerate(outs[1:], 1):
-        total_k = f"{name}.weight_sum" if k == len(outs) - 1 else f"{name}.weight_sum{k}"
-        nodes.append(helper.make_node("Add", [total, o], [total_k], name=f"{name}/weight_add{k}"))
-        total = total_k
-    _drop_if_unused(gr, node.input[1], node)
-    node.input[1] = total
-    gr.before.setdefault(_node_index(gr, node), []).extend(nodes)
+        dtype = ir.DataType.INT4 if int4 and mod.w_bits <= 4 else None
+        if dtype is None and len(pieces) == 1 and _unsigned_container(mod):
+            q, zp = (q.astype(np.int16) + 128).astype(np.uint8), np.full_like(scale, 128, dtype=np.uint8)
+        else:
+            q, zp = q.astype(np.int8), np.zeros_like(scale, dtype=np.int8)
+        dq = op.DequantizeLinear(_init(op, f"{name}.{tag}_q", q, dtype), _init(op, f"{name}.{tag}_scale", scale),
+                                 _init(op, f"{name}.{tag}_zp", zp, dtype), axis=axis,
+                                 _outputs=[f"{name}.{tag}_dq"], _name=f"{name}/{tag}_dq")
+        if total is not None:
+            suffix = "" if k == len(pieces) - 1 else str(k)
+            dq = op.Add(total, dq, _outputs=[f"{name}.weight_sum{suffix}"], _name=f"{name}/weight_add{k}")
+        total = dq
+    return total
 
 
-def _quantize_bias(gr: _Graph, node, name: str, mod):
-    bq = mod.bias_int()
+def _bias_dq(op: TapeBuilder, name: str, mod) -> ir.Value:
+    """int32 bias at scale s_a·s_w per channel -> DequantizeLinear."""
     scale = mod.bias_scale().detach().cpu().numpy().astype(np.float32)
-    gr.add_init(_const(f"{name}.bias_q", bq.cpu().numpy().astype(np.int32)))
-    gr.add_init(_const(f"{name}.bias_scale", scale))
-    gr.add_init(_const(f"{name}.bias_zp", np.zeros_like(scale, dtype=np.int32)))
-    dq = helper.make_node("DequantizeLinear", [f"{name}.bias_q", f"{name}.bias_scale", f"{name}.bias_zp"],
-                          [f"{name}.bias_dq"], name=f"{name}/bias_dq", axis=0)
-    _drop_if_unused(gr, node.input[2], node)
-    node.input[2] = f"{name}.bias_dq"
-    gr.before.setdefault(_node_index(gr, node), []).append(dq)
+    return op.DequantizeLinear(_init(op, f"{name}.bias_q", mod.bias_int().cpu().numpy().astype(np.int32)),
+                               _init(op, f"{name}.bias_scale", scale),
+                               _init(op, f"{name}.bias_zp", np.zeros_like(scale, dtype=np.int32)), axis=0,
+                               _outputs=[f"{name}.bias_dq"], _name=f"{name}/bias_dq")
 
 
-def _activation_qdq(gr: _Graph, node, name: str, mod) -> list:
-    x = node.input[0]
+def _activation_qdq(op: TapeBuilder, x: ir.Value, name: str, mod) -> ir.Value:
+    """x -> QuantizeLinear(uint8) -> [Clip to the b-bit levels when a_bits < 8] -> DequantizeLinear."""
     s, z = mod.act_qparams()
-    gr.add_init(_const(f"{name}.input_scale", np.array(s, np.float32)))
-    gr.add_init(_const(f"{name}.input_zp", np.array(z, np.uint8)))
-    nodes, q = [], f"{name}.input_q"
-    if mod.a_bits < 8:  # clamp the uint8 levels to the b-bit range [0, 2^b - 1] (fake_quant's clamp, in integers)
-        q = f"{name}.input_q8"
-        gr.add_init(_const(f"{name}.input_lo", np.array(0, np.uint8)))
-        gr.add_init(_const(f"{name}.input_hi", np.array(mod.a_qmax, np.uint8)))
-    nodes.append(helper.make_node("QuantizeLinear", [x, f"{name}.input_scale", f"{name}.input_zp"], [q],
-                                  name=f"{name}/input_q"))
-    if mod.a_bits < 8:
-        nodes.append(helper.make_node("Clip", [q, f"{name}.input_lo", f"{name}.input_hi"], [f"{name}.input_q"],
-                                      name=f"{name}/input_clip"))
-    nodes.append(helper.make_node("DequantizeLinear", [f"{name}.input_q", f"{name}.input_scale", f"{name}.input_zp"],
-                                  [f"{name}.input_dq"], name=f"{name}/input_dq"))
-    node.input[0] = f"{name}.input_dq"
-    return nodes
-
-
-def _node_index(gr: _Graph, node) -> int:
-    for i, n in enumerate(gr.g.node):
-        if n is node:
-            return i
-    raise RuntimeError("node vanished from graph")
-
-
-def _drop_if_unused(gr: _Graph, init_name: str, node) -> None:
-    """Remove the float initializer once the node no longer reads it (and nothing else does)."""
-    if init_name not in gr.inits:
-        return
-    users = sum(1 for n in gr.g.node for i in n.input if i == init_name)
-    if users <= 1:
-        gr.g.initializer.remove(gr.inits.pop(init_name))
+    scale = _init(op, f"{name}.input_scale", np.array(s, np.float32))
+    zp = _init(op, f"{name}.input_zp", np.array(z, np.uint8))
+    clip = mod.a_bits < 8
+    q = op.QuantizeLinear(x, scale, zp, _outputs=[f"{name}.input_q8" if clip else f"{name}.input_q"],
+                          _name=f"{name}/input_q")
+    if clip:  # clamp the uint8 levels to the b-bit range [0, 2^b - 1] (fake_quant's clamp, in integers)
+        q = op.Clip(q, _init(op, f"{name}.input_lo", np.array(0, np.uint8)),
+                    _init(op, f"{name}.input_hi", np.array(mod.a_qmax, np.uint8)),
+                    _outputs=[f"{name}.input_q"], _name=f"{name}/input_clip")
+    return op.DequantizeLinear(q, scale, zp, _outputs=[f"{name}.input_dq"], _name=f"{name}/input_dq")
 
 
 def set_metadata(model: onnx.ModelProto, meta: dict) -> None:
@@ -277,8 +196,7 @@ def set_metadata(model: onnx.ModelProto, meta: dict) -> None:
 
 
 def read_metadata(model: onnx.ModelProto) -> dict:
-    """The model's `arq.*` metadata, JSON values parsed (arq_deploy.artifact.onnx_arq_metadata)."""
-    from arq_deploy.artifact import onnx_arq_metadata
+    """The model's `arq.*` metadata, JSON values parsed (arq_deploy.core.artifact.onnx_arq_metadata)."""
 
     return onnx_arq_metadata(model)
 
