@@ -8,7 +8,7 @@ import pytest
 
 
 def test_help_is_fast_and_imports_no_heavy_library():
-    code = ("import sys, arq_deploy.cli; "
+    code = ("import sys, arq_deploy.app.cli; "
             "print(sorted(m for m in ('torch', 'tvm', 'onnxruntime', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -100,8 +100,15 @@ def test_export_then_certify_from_the_cli(cli, digits_model, tmp_path):
     rows = [l for l in (tmp_path / "c.tsv").read_text().splitlines() if l and not l.startswith(("#", "idx"))]
     assert len(rows) == 9
     summary = json.loads((tmp_path / "c.summary.json").read_text())["summary"]
-    assert 0 <= summary["acr"] and summary["count"] == 9
-    assert (tmp_path / "c.png").stat().st_size > 1000
+    certs = check_certificates_match_the_library(rows, tmp_path / "m.onnx", sigma=0.25, n0=20, n=200, alpha=0.001,
+                                                 skip=60, seed=0, batch_size=500)
+    assert summary["count"] == 9 and summary["acr"] == pytest.approx(sum(c.radius for c in certs if c.correct) / 9)
+    assert summary["certified_accuracy"]["0"] == sum(c.correct for c in certs) / 9
+    assert f"9 images: ACR {summary['acr']:.3f}" in out
+    # the noise-trained digits model certifies most of these 9 images (measured: 7 correct, 2 abstentions, ACR 0.265;
+    # the radius is capped at 0.25·Φ⁻¹(0.001^(1/200)) = 0.456 at this N)
+    assert sum(c.correct for c in certs) >= 5 and summary["acr"] >= 0.15, summary
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc, out2, err = cli(*args)  # resume: nothing new to do, same result
     assert rc == 0 and out2 == out
     rows2 = [l for l in (tmp_path / "c.tsv").read_text().splitlines() if l and not l.startswith(("#", "idx"))]
@@ -110,6 +117,37 @@ def test_export_then_certify_from_the_cli(cli, digits_model, tmp_path):
     args[3] = "0.5"
     assert_one_line_error(*cli(*args))
     assert (tmp_path / "c.tsv").read_text().count("\n") == len(rows) + 2
+
+
+def check_certificates_match_the_library(rows, model, sigma, n0, n, alpha, skip, seed, batch_size):
+    """The CLI's log rows are CERTIFY (Cohen et al.) of the same model, run in process with `Smooth.certify` on the
+    same digits test images, per-input seeds `input_seed(seed, idx)` and N: identical, since the noise is seeded.
+    Each row also obeys CERTIFY's formulas, checked with scipy directly: p̲_A is the α-quantile of
+    Beta(count_A, n − count_A + 1), and the radius is σ·Φ⁻¹(p̲_A) where p̲_A > 1/2 (else an abstention, radius 0)."""
+    from scipy.stats import beta, norm
+
+    from arq_deploy.certify.smooth import ABSTAIN, Certificate, Smooth
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.runtime.noise import input_seed
+    from arq_deploy.targets.backends import open_runner
+
+    certs = [Certificate.from_row(r) for r in rows]
+    ds = load_dataset("digits", "test")
+    assert [c.idx for c in certs] == list(range(0, len(ds), skip))
+    runner, _ = open_runner(model, batch_size=batch_size)
+    smooth = Smooth(runner, ds.num_classes, sigma, batch_size=batch_size)
+    for c in certs:
+        ref = smooth.certify(ds.x([c.idx])[0], n0, n, alpha, seed=input_seed(seed, c.idx),
+                             label=int(ds.labels[c.idx]), idx=c.idx)
+        assert (c.label, c.prediction, c.count_a, c.pa_lower, c.radius, c.n0, c.n) == \
+            (ref.label, ref.prediction, ref.count_a, ref.pa_lower, ref.radius, ref.n0, ref.n), (c, ref)
+        want = beta.ppf(alpha, c.count_a, n - c.count_a + 1) if c.count_a else 0.0
+        assert c.pa_lower == pytest.approx(want, rel=1e-9, abs=1e-12)
+        if c.pa_lower > 0.5:
+            assert c.prediction != ABSTAIN and c.radius == pytest.approx(sigma * norm.ppf(c.pa_lower), rel=1e-9)
+        else:
+            assert c.prediction == ABSTAIN and c.radius == 0.0
+    return certs
 
 
 def test_train_cli_qat(cli, digits_model, tmp_path):
@@ -162,7 +200,12 @@ def test_certify_incremental_from_float_log(cli, digits_model, tmp_path):
     f_acr = json.loads((tmp_path / "f.summary.json").read_text())["summary"]["acr"]
     assert 0 < summary["summary"]["acr"] <= f_acr + 1e-9
     assert summary["meta"]["float_labels"] == str(tmp_path / "f.tsv") + ".labels"
-    assert summary["meta"]["cost"]["float_samples_per_input"] > 0  # the first run computes f's labels ...
+    f_rows = [l.split("\t") for l in (tmp_path / "f.tsv").read_text().splitlines()
+              if l and not l.startswith(("#", "idx"))]
+    f_certified = sum(r[2] != "-1" for r in f_rows)  # inputs the float model did not abstain on: IRS draws n_p there
+    assert f_certified > 0 and summary["meta"]["cost"]["count"] == len(f_rows)
+    # the first run computes f's labels on the n_p samples of every input f certified ...
+    assert summary["meta"]["cost"]["float_samples_per_input"] == pytest.approx(400 * f_certified / len(f_rows))
     rc, _, err = cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv", "--float-model",
                      tmp_path / "f.onnx", "--n-p", "400", "--out", tmp_path / "qi2.tsv")
     assert rc == 0, err
@@ -175,7 +218,7 @@ def test_certify_incremental_from_float_log(cli, digits_model, tmp_path):
                                "--out", tmp_path / "bad.tsv"), "--float-model")
     assert_one_line_error(*cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv",
                                "--float-model", tmp_path / "f.onnx", "--fallback-n", "-1", "--out",
-                               tmp_path / "bad.tsv"), "fallback_n")
+                               tmp_path / "bad.tsv"), "--fallback-n")
     assert not (tmp_path / "bad.tsv").exists()
     # --fallback-n: the fallback CERTIFY's N, recorded in the log's meta; the irs-path rows are the same
     rc, _, err = cli("certify", tmp_path / "q.onnx", "--incremental-from", tmp_path / "f.tsv", "--float-model",

@@ -13,14 +13,28 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from arq_deploy.certify.incremental import (ABSTAINED, FULL, INCREMENTAL_COLUMN_LINE, IRS, CacheEntry, FloatCache,
-                                            FloatLabelStore, IncrementalCertificate, fill_label_store, IncrementalLog, certify_incremental,
-                                            certify_incremental_dataset, check_irs_params, cost_summary,
-                                            incremental_meta)
+from arq_deploy.certify.incremental import (
+    ABSTAINED,
+    FULL,
+    INCREMENTAL_COLUMN_LINE,
+    IRS,
+    CacheEntry,
+    FloatCache,
+    FloatLabelStore,
+    IncrementalCertificate,
+    IncrementalLog,
+    certify_incremental,
+    certify_incremental_dataset,
+    check_irs_params,
+    cost_summary,
+    fill_label_store,
+    incremental_meta,
+)
 from arq_deploy.certify.results import CertifyLog, certify_dataset
-from arq_deploy.certify.smooth import ABSTAIN, Smooth, input_seed
+from arq_deploy.certify.smooth import ABSTAIN, Smooth
 from arq_deploy.certify.stats import cp_upper, summarize
-from arq_deploy.errors import CertificationInputError
+from arq_deploy.core.errors import CertificationInputError
+from arq_deploy.runtime.noise import input_seed
 
 SHAPE = (1, 4, 4)
 D = 16
@@ -150,7 +164,7 @@ def test_identical_models_give_float_bound_minus_zeta():
 
 def irs_labels(runner, x, sigma, n_p, seed):
     """runner's classes on x + σε_i, ε_i the "irs" stream of seed, recomputed directly in float64."""
-    from arq_deploy.certify.smooth import noise_batches
+    from arq_deploy.runtime.noise import noise_batches
 
     eps = np.concatenate(list(noise_batches(SHAPE, n_p, seed, "irs", 1000)))
     z = (x[None] + np.float32(sigma) * eps).reshape(n_p, -1).astype(np.float64)
@@ -529,7 +543,9 @@ def test_float_label_store_refuses_other_runs_and_survives_a_partial_row(toy, fl
     again = FloatLabelStore(path, cache, "b1")
     assert list(again.get(4, 4)) == [0, 1, 1, 0] and again.get(4, 5) is None and again.get(5, 1) is None
     again.put(6, np.array([1]))
-    assert FloatLabelStore(path, cache, "b1").get(6, 1) is not None  # the cut partial row did not swallow it
+    reread = FloatLabelStore(path, cache, "b1")  # the cut partial row swallowed neither the row after it nor the
+    assert list(reread.get(6, 1)) == [1] and list(reread.get(4, 4)) == [0, 1, 1, 0]  # one before, and left no
+    assert reread.get(5, 1) is None  # row 5 behind
     with pytest.raises(CertificationInputError, match="float_backend"):
         FloatLabelStore(path, cache, "b2")
     other_meta = tmp_path / "other.tsv"

