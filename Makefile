@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 ARCH := $(shell uname -m)
-# torch 2.14.1 + torchvision 0.29.1 are the pair that loads together on x86_64 (see docs/TOOLCHAIN notes in README)
+# torch 2.14.1 + torchvision 0.29.1 are the pair that loads together on x86_64 (other pairs fail to import torchvision's operators)
 TORCH_PINS := $(if $(filter x86_64,$(ARCH)),torch==2.14.1 torchvision==0.29.1,torch torchvision)
 PYTEST_ARGS ?=
 # aarch64-under-qemu environment for the ARM tests (tests/test_targets_arm.py; see docs/targets.md)

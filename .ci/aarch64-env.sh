@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up DIR (default .aarch64) to run cross-compiled aarch64 artifacts under qemu-user on an x86-64 Debian/Ubuntu
-# machine (used by `make aarch64-env`; read by arq_deploy.targets.qemu):
+# machine (used by `make aarch64-env`; read by arq_deploy.runtime.qemu):
 #   1. Debian packages: qemu-user-static (runs aarch64 programs), gcc/g++-aarch64-linux-gnu (links the libraries);
 #   2. DIR/root: Debian's arm64 Python and the libraries it needs, unpacked from .debs fetched with a private apt
 #      state for arm64 (the host's dpkg and its package lists are not touched; no multiarch install);

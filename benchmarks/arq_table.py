@@ -74,20 +74,20 @@ def args_parser():
 
 
 def search(method, reward, args, sigma, weights, out, episodes=None, rerank=True):
-    from arq_deploy.search.driver import run_search_command
+    from arq_deploy.core.config import ModelSource, SearchRunConfig
+    from arq_deploy.search.driver import run_search
 
     if method == "greedy" and (Path(out) / "summary.json").exists():  # greedy has no episode log to resume from
         return json.loads((Path(out) / "summary.json").read_text()), [], 0.0
 
     t0 = time.perf_counter()
-    summary = run_search_command(
-        model_name="resnet20", weights=weights, input_shape=None, data=args.cifar, sigma=sigma, budget=args.budget,
-        latency_budget_ms=None, target=None, latency_table=None, episodes=episodes or args.episodes, method=method,
-        reward_kind=reward, val_images=args.val_images, calib_images=256, n0=100, n=args.n, n_p=args.n_p,
-        alpha=0.001, alpha_zeta=0.001, warmup=args.warmup, min_bits=2, max_bits=8, warm_start=None, seed=args.seed,
-        out=out, progress=True, greedy_grid=[int(b) for b in args.greedy_grid.split(",")],
-        cache_dir=Path(out).parent / "float-cache", rerank_top=args.rerank_top if rerank and method != "greedy" else 0,
-        rerank_images=args.rerank_images)
+    cfg = SearchRunConfig(
+        model=ModelSource("resnet20", weights), out=str(out), data=args.cifar, sigma=sigma, budget=args.budget,
+        episodes=episodes or args.episodes, method=method, reward_kind=reward, val_images=args.val_images,
+        calib_images=256, n0=100, n=args.n, n_p=args.n_p, warmup=args.warmup, seed=args.seed,
+        greedy_grid=tuple(int(b) for b in args.greedy_grid.split(",")), cache_dir=str(Path(out).parent / "float-cache"),
+        rerank_top=args.rerank_top if rerank and method != "greedy" else 0, rerank_images=args.rerank_images)
+    summary = run_search(cfg, progress=True)
     rows = [json.loads(x) for x in (Path(out) / "search.jsonl").read_text().splitlines()] \
         if (Path(out) / "search.jsonl").exists() else []
     return summary, rows, time.perf_counter() - t0
@@ -97,14 +97,14 @@ def certify_runner(name, onnx_path: Path, quantized: bool, args, work: Path, tes
     """The runtime that certifies a row: with --certify-backend tvm, a quantized policy runs as a TVM integer build
     (`compile --integer`, ParallelTvmSampler: one 1-thread VM per core), about 3x onnxruntime on the same QDQ graph
     here; the float model stays in onnxruntime fp32 (faster than TVM fp32 on this CPU). Returns (runner, info)."""
-    from arq_deploy.runners import OrtRunner
+    from arq_deploy.runtime.runners import OrtRunner
 
     ort_runner = OrtRunner(str(onnx_path), batch_size=500)
     if args.certify_backend == "onnxruntime" or not quantized:
         return ort_runner, {"certify_runtime": "onnxruntime"}
-    from arq_deploy.certify.sampling import ParallelTvmSampler
-    from arq_deploy.targets.tvm_build import compile_onnx
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.sampling import ParallelTvmSampler
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
 
     t0 = time.perf_counter()
     art = compile_onnx(onnx_path, "x86", work / f"{name}-tvm-int", batch_size=100, single=False, integer=True)
@@ -121,9 +121,10 @@ def certify_policy(name, policy, lm, train, test, sigma, args, work: Path) -> di
     from arq_deploy.certify.results import CertifyLog, certify_dataset
     from arq_deploy.certify.smooth import Smooth
     from arq_deploy.certify.stats import summarize
+    from arq_deploy.export.pipeline import export_and_validate
+    from arq_deploy.export.pipeline import train as run_train
     from arq_deploy.export.qdq import float_onnx, save_onnx
-    from arq_deploy.pipeline import export_and_validate, train as run_train
-    from arq_deploy.search.layers import extract_layer_specs
+    from arq_deploy.export.quantize.layers import extract_layer_specs
 
     work.mkdir(parents=True, exist_ok=True)
     onnx_path = work / f"{name}.onnx"
@@ -197,11 +198,11 @@ def paired_vs(table: dict, ours: str = "ARQ") -> dict:
 
 
 def run_sigma(sigma, args, train, test) -> dict:
-    from arq_deploy.pipeline import load
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import load
+    from arq_deploy.export.quantize.layers import extract_layer_specs
     from arq_deploy.search.baselines import best_uniform
     from arq_deploy.search.env import BopsCost, QuantEnv
-    from arq_deploy.search.layers import extract_layer_specs
-    from arq_deploy.search.policy import QuantPolicy
 
     weights = str(Path(args.shared) / "models" / f"resnet20-gauss{sigma:.2f}.pt")
     lm = load("resnet20", weights)
@@ -300,8 +301,8 @@ def markdown(results: dict) -> str:
 
 def main(argv=None):
     args = args_parser().parse_args(argv)
-    from arq_deploy.data import load_dataset
-    from arq_deploy.fileio import write_json
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.fileio import write_json
 
     args.cifar = str(Path(args.shared) / "cifar10" / "cifar-10-batches-py")
     train, test = load_dataset(args.cifar, "train"), load_dataset(args.cifar, "test")

@@ -49,12 +49,12 @@ def mixed_policies(specs) -> dict[str, dict]:
 
 def build_models(args, tmp: Path) -> list[dict]:
     """Export float + every policy (policy JSON -> QDQ ONNX) and compile each for TVM x86."""
-    from arq_deploy.data import load_dataset
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate, load
     from arq_deploy.export.qdq import float_onnx, save_onnx
-    from arq_deploy.pipeline import export_and_validate, load
-    from arq_deploy.search.layers import extract_layer_specs
-    from arq_deploy.search.policy import QuantPolicy
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.export.quantize.layers import extract_layer_specs
+    from arq_deploy.targets.backends import compile_onnx
 
     shared = Path(args.shared)
     cifar = str(shared / "cifar10" / "cifar-10-batches-py")
@@ -93,8 +93,8 @@ def build_models(args, tmp: Path) -> list[dict]:
 
 
 def runners(models: list[dict]) -> dict[tuple[str, str], object]:
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
     out = {}
     for m in models:
@@ -106,7 +106,7 @@ def runners(models: list[dict]) -> dict[tuple[str, str], object]:
 
 def measure_all(runs: dict, args) -> dict[tuple[str, str], dict]:
     """Interleaved rounds of bench.measure: per (model, backend) the median batch-1 p50 and the best throughput."""
-    from arq_deploy.bench import measure
+    from arq_deploy.targets.bench import measure
 
     lat: dict = {k: [] for k in runs}
     thr: dict = {k: [] for k in runs}
@@ -161,7 +161,7 @@ def plot(models: list[dict], res: dict, path: Path, batch: int) -> None:
     axes[0].set_title("batch 1", fontsize=9)
     fig.suptitle("ResNet-20: BOPs vs measured latency (same run, this machine)")
     fig.tight_layout()
-    from arq_deploy.fileio import atomic_path
+    from arq_deploy.core.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -208,8 +208,8 @@ def main(argv=None):
     if not (Path(args.shared) / "models" / "resnet20-gauss0.25.pt").is_file():
         sys.exit(f"error: {args.shared}/models/resnet20-gauss0.25.pt not found (give --shared DIR)")
 
-    from arq_deploy.bench import host_info
-    from arq_deploy.fileio import write_json
+    from arq_deploy.core.fileio import write_json
+    from arq_deploy.core.host import host_info
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="arq-bops-") as d:

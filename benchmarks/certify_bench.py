@@ -2,15 +2,15 @@
 
 Reference: a Cohen-et-al.-style loop (their `Smooth._sample_noise`): torch eager fp32, the image repeated to a batch of
 400, `torch.randn_like` noise, argmax counted per batch. Every other row is a path of this toolkit on the same model
-(ResNet-20 gauss0.25), sampling the seeded Philox stream of `certify.smooth.noise_batches` (so its counts are
+(ResNet-20 gauss0.25), sampling the seeded Philox stream of `runtime.noise.noise_batches` (so its counts are
 reproducible), except the row marked "RandomNormal in graph" (measured only: its noise cannot be replayed):
   loop    `Smooth.sample_counts` over a Runner (noise made in the main thread, then the forward pass)
-  counts  `runner.counts` (noise made one or two batches ahead in a background thread: `certify.sampling`)
+  counts  `runner.counts` (noise made one or two batches ahead in a background thread: `runtime.noise`)
   graph   the smoothing graph (`export.smoothing_graph`): x, noise, σ in; counts out, one call per batch
-  parallel  `certify.sampling.ParallelOrtSampler`: one onnxruntime session with 1 intra-op thread, called from 2
+  parallel  `runtime.sampling.ParallelOrtSampler`: one onnxruntime session with 1 intra-op thread, called from 2
           threads at once, each drawing its own batches' noise (batch-level instead of intra-op parallelism);
           `ParallelTvmSampler` likewise with 2 TVM VMs on 1-thread pools
-The onnxruntime runners load a float graph with its option-A shortcuts as 1×1 convolutions (`export.graph_opt`,
+The onnxruntime runners load a float graph with its option-A shortcuts as 1×1 convolutions (`runtime.graph_opt`,
 exact); rows marked "no shortcut rewrite" load the exported graph as it is. Paths exist
 for onnxruntime fp32, onnxruntime int8 (`quantize_static`, QDQ per channel, calibrated on noisy images), TVM x86 fp32
 and the toolkit's W8A8 export (noisy-calibrated) in a TVM integer build (`compile --integer`), plus onnxruntime session
@@ -78,7 +78,7 @@ def cohen_reference(model, sigma: float, batch: int = 400):
 def forward_only(onnx_path, batch: int, sigma: float):
     """An upper bound for every fp32 onnxruntime sampler: the same session run on one noisy batch made once (no
     noise drawn, no argmax or counting per call). What a sampler loses against it is its sampling overhead."""
-    from arq_deploy.runners import OrtRunner
+    from arq_deploy.runtime.runners import OrtRunner
 
     runner = OrtRunner(onnx_path, batch_size=batch)
     made: dict = {}
@@ -104,13 +104,19 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
     import onnx
     import torch
 
-    from arq_deploy.certify.sampling import (OrtInGraphNoise, OrtSmoothingGraph, ParallelOrtSampler,
-                                             ParallelTvmSampler, TvmSmoothingGraph, ort_session_options)
     from arq_deploy.certify.smooth import Smooth
+    from arq_deploy.export.pipeline import load, pick
     from arq_deploy.export.qdq import float_onnx, save_onnx
     from arq_deploy.export.smoothing_graph import smoothing_graph
-    from arq_deploy.pipeline import load, pick
-    from arq_deploy.runners import OrtRunner, TorchRunner
+    from arq_deploy.runtime.runners import OrtRunner, TorchRunner
+    from arq_deploy.runtime.sampling import (
+        OrtInGraphNoise,
+        OrtSmoothingGraph,
+        ParallelOrtSampler,
+        ParallelTvmSampler,
+        TvmSmoothingGraph,
+        ort_session_options,
+    )
 
     sys.path.insert(0, str(Path(__file__).parent))
     from runtime_bench import ort_quantize_static
@@ -132,7 +138,7 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
     def with_options(path, b, **opts):
         import onnxruntime as ort
 
-        from arq_deploy.export.graph_opt import ort_source
+        from arq_deploy.runtime.graph_opt import ort_source
 
         r = OrtRunner(path, batch_size=b)
         r.session = ort.InferenceSession(ort_source(path)[0], sess_options=ort_session_options(**opts),
@@ -150,7 +156,7 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
         graph = smoothing_graph(model)
         for b in batches:
             paths[f"ORT {prec} smoothing graph b{b}"] = counts(OrtSmoothingGraph(graph, batch_size=b))
-        if prec == "fp32":  # the same paths without export.graph_opt's shortcut rewrite (the runners' default)
+        if prec == "fp32":  # the same paths without runtime.graph_opt's shortcut rewrite (the runners' default)
             for b in batches:
                 paths[f"ORT {prec} runner.counts b{b} no shortcut rewrite"] = counts(
                     OrtRunner(onnx_path, batch_size=b, rewrite=False))
@@ -168,8 +174,8 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
         paths[f"ORT {prec} RandomNormal in graph b400 (not reproducible)"] = \
             lambda x, n, sg, s, p="estimation", g=ing: g.counts(x, n)
     if tvm:
-        from arq_deploy.targets.tvm_build import compile_onnx
-        from arq_deploy.tvm_runner import TvmRunner
+        from arq_deploy.runtime.tvm_runner import TvmRunner
+        from arq_deploy.targets.backends import compile_onnx
 
         tr = TvmRunner(compile_onnx(tmp / "fp32.onnx", "x86", tmp / "tvm-fp32", batch_size=100, single=False))
         paths["TVM x86 fp32 loop (Smooth.sample_counts) b100"] = loop(tr, 100)
@@ -180,8 +186,8 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
         paths["TVM x86 fp32 smoothing graph b100"] = counts(tg)
         # the toolkit's own W8A8 export of the same model (calibrated on noisy images), TVM integer build
         # (compile --integer: vpdpbusd with VNNI, else vpmaddwd)
-        from arq_deploy.pipeline import export_and_validate
-        from arq_deploy.search.policy import QuantPolicy
+        from arq_deploy.core.policy import QuantPolicy
+        from arq_deploy.export.pipeline import export_and_validate
 
         report = export_and_validate(lm, QuantPolicy.uniform(8), train, train, tmp / "w8a8.onnx", sigma=sigma,
                                      validate_images=200)
@@ -205,8 +211,8 @@ def build_paths(lm, tmp: Path, train, sigma: float, batches: list[int], tvm: boo
 
 def certify_images(counter, x_all, labels, indices, sigma, n0, n, alpha):
     from arq_deploy.certify.smooth import Smooth
-    from arq_deploy.certify.smooth import input_seed
     from arq_deploy.certify.stats import summarize
+    from arq_deploy.runtime.noise import input_seed
 
     smooth = Smooth(counter, 10, sigma, batch_size=400)
     certs = []
@@ -251,8 +257,8 @@ def main():
 
     import torch
 
-    from arq_deploy.data import load_dataset
-    from arq_deploy.pipeline import load
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.export.pipeline import load
 
     shared = Path(args.shared)
     cifar = str(shared / "cifar10" / "cifar-10-batches-py")

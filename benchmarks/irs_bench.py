@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 MIXED = {"conv1": [8, 8], "layer1.0.conv1": [4, 4], "layer1.1.conv2": [2, 8], "layer2.0.conv1": [4, 6],
          "layer2.2.conv2": [2, 6], "layer3.0.conv1": [4, 8], "layer3.1.conv1": [6, 4], "linear": [8, 8]}
 
@@ -88,17 +87,24 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "irs_bench.json"))
     args = ap.parse_args()
 
-    from arq_deploy.certify.incremental import (DISPARITY, FloatCache, FloatLabelStore, IncrementalLog,
-                                                certify_incremental_dataset, cost_summary, fill_label_store,
-                                                incremental_meta)
+    from arq_deploy.certify.incremental import (
+        DISPARITY,
+        FloatCache,
+        FloatLabelStore,
+        IncrementalLog,
+        certify_incremental_dataset,
+        cost_summary,
+        fill_label_store,
+        incremental_meta,
+    )
     from arq_deploy.certify.results import CertifyLog, certify_dataset
     from arq_deploy.certify.smooth import Smooth
-    from arq_deploy.data import load_dataset
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.fileio import sha256_file, write_json
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate, load
     from arq_deploy.export.qdq import float_onnx, save_onnx
-    from arq_deploy.fileio import sha256_file, write_json
-    from arq_deploy.pipeline import export_and_validate, load
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.search.policy import QuantPolicy
+    from arq_deploy.runtime.runners import OrtRunner
 
     policies = {"W8A8": QuantPolicy.uniform(8),
                 "mixed": QuantPolicy.from_dict({"format": "arq-deploy/policy", "version": 1, "default": [6, 6],

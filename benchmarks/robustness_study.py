@@ -1,4 +1,4 @@
-"""Robustness of quantized ResNet-20s on CIFAR-10: quantizers × bit-widths × pipelines (issue 7's study).
+"""Robustness of quantized ResNet-20s on CIFAR-10: quantizers × bit-widths × pipelines.
 
 Do the published trends reproduce (RobustMQ, Xiao et al. 2023; "Investigating the Impact of Quantization on
 Adversarial Robustness", 2024)?
@@ -68,9 +68,9 @@ class Evaluator:
     """Precomputed corrupted / systematic test images, evaluated for any torch model."""
 
     def __init__(self, test, args):
-        from arq_deploy.certify.corruptions import CORRUPTIONS, corrupt
-        from arq_deploy.certify.systematic import VARIATIONS, apply_variation
-        from arq_deploy.pipeline import pick
+        from arq_deploy.certify.checks.corruptions import CORRUPTIONS, corrupt
+        from arq_deploy.certify.checks.systematic import VARIATIONS, apply_variation
+        from arq_deploy.export.pipeline import pick
 
         idx = pick(len(test), args.test_images, args.seed)
         self.x, self.y = test.x(idx), test.labels[idx].astype(np.int64)
@@ -96,8 +96,8 @@ class Evaluator:
     def evaluate(self, model, float_rows=None) -> dict:
         import torch
 
-        from arq_deploy.certify import robust_metrics as rm
-        from arq_deploy.certify.attacks import AttackConfig, attack_batch
+        from arq_deploy.certify.checks import robust_metrics as rm
+        from arq_deploy.certify.checks.attacks import AttackConfig, attack_batch
 
         model.eval()
         t0 = time.perf_counter()
@@ -139,9 +139,9 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    from arq_deploy.data import load_dataset
-    from arq_deploy.pipeline import load, pick, quantize_calibrated, train
-    from arq_deploy.search.policy import QuantPolicy
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import load, pick, quantize_calibrated, train
 
     shared = Path(args.shared)
     cifar = str(shared / "cifar10" / "cifar-10-batches-py")
@@ -203,9 +203,9 @@ def main():
 
 def masking_check(results, ev, fresh, tr, args) -> dict:
     """The gradient-masking check on the lowest-bit PTQ model (most rounding): are its attack numbers trustworthy?"""
-    from arq_deploy.certify.attacks import gradient_masking_check
-    from arq_deploy.pipeline import pick, quantize_calibrated
-    from arq_deploy.search.policy import QuantPolicy
+    from arq_deploy.certify.checks.attacks import gradient_masking_check
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import pick, quantize_calibrated
 
     b = min(r["bits"] for r in results.values())
     calib_x = tr.x(pick(len(tr), 512, args.seed + 1))
@@ -279,7 +279,7 @@ def judge(results, bits) -> dict:
 
 
 def write(args, results, trends, masking, ev):
-    from arq_deploy.fileio import write_json
+    from arq_deploy.core.fileio import write_json
 
     slim = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in results.items()}
     settings = {k: v for k, v in vars(args).items() if k != "out"}

@@ -64,13 +64,13 @@ def main():
 
     import torch
 
-    from arq_deploy.data import load_dataset
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate, load, pick
     from arq_deploy.export.qdq import float_onnx, save_onnx
-    from arq_deploy.pipeline import export_and_validate, load, pick
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.search.policy import QuantPolicy
-    from arq_deploy.targets.tvm_build import compile_onnx
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
 
     shared = Path(args.shared)
     cifar = str(shared / "cifar10" / "cifar-10-batches-py")

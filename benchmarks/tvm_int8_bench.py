@@ -28,10 +28,10 @@ import numpy as np
 
 def export_models(shared: Path, work: Path) -> tuple[Path, Path, object]:
     """ResNet-20 (pretrained) as a W8A8 QDQ export and as a float ONNX; returns (w8a8, float, test set)."""
-    from arq_deploy.data import load_dataset
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate, load
     from arq_deploy.export.qdq import float_onnx, save_onnx
-    from arq_deploy.pipeline import export_and_validate, load
-    from arq_deploy.search.policy import QuantPolicy
 
     cifar = shared / "cifar10" / "cifar-10-batches-py"
     lm = load("resnet20", str(shared / "models" / "resnet20-12fca82f.th"))
@@ -44,8 +44,9 @@ def export_models(shared: Path, work: Path) -> tuple[Path, Path, object]:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from arq_deploy.pipeline import pick
     from runtime_bench import ort_quantize_static
+
+    from arq_deploy.export.pipeline import pick
 
     ort_quantize_static(fp32, train.x(pick(len(train), 512, 0)), work / "r20_ort_int8.onnx")  # the strongest peer
     return w8a8, fp32, test
@@ -53,7 +54,7 @@ def export_models(shared: Path, work: Path) -> tuple[Path, Path, object]:
 
 def build_all(w8a8: Path, work: Path, batch: int, trials: int) -> dict[str, tuple[Path, float]]:
     """{name: (artifact dir, compile seconds)} for the TVM builds."""
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     variants = {"tvm_float": {}, "tvm_int": {"integer": True}}
     if host_kernel() == "vpdpbusd":  # the AVX2-era kernel beside it, on the same machine
@@ -125,9 +126,9 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "tvm_int8_bench.json"))
     args = ap.parse_args()
 
-    from arq_deploy.fileio import write_json
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.core.fileio import write_json
+    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:

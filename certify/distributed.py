@@ -28,8 +28,11 @@ from typing import Sequence
 import numpy as np
 
 from arq_deploy.certify.results import CertifyLog, _accuracy_text, _check_run_matches_meta, _progress
-from arq_deploy.certify.smooth import Certificate, Smooth, check_params, input_seed
-from arq_deploy.errors import ArqError, CertificationInputError, UnknownNameError
+from arq_deploy.certify.smooth import Certificate, Smooth
+from arq_deploy.core.errors import ArqError, CertificationInputError, UnknownNameError
+from arq_deploy.core.validation import check_params
+from arq_deploy.runtime.noise import input_seed
+from arq_deploy.runtime.tvm_runner import TvmRunner
 
 CONNECT_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 180.0  # for the workers to start and load their runners
@@ -79,12 +82,11 @@ def build_runner(spec: dict, threads: int | None = None, use_gpu: bool = False):
     """
     spec = check_runner_spec(spec)
     if spec["kind"] == "onnxruntime":
-        from arq_deploy.runners import OrtRunner
+        from arq_deploy.runtime.runners import OrtRunner
 
         providers = spec.get("providers") or (None if use_gpu else ["CPUExecutionProvider"])
         return OrtRunner(spec["path"], batch_size=int(spec.get("batch_size", 500)), providers=providers,
                          threads=threads)
-    from arq_deploy.tvm_runner import TvmRunner
 
     return TvmRunner(spec["artifact"], threads=threads)
 
@@ -130,6 +132,18 @@ def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
         raise RayConnectionError(f"cannot reach a Ray cluster at {address}: {reason} (after at most {timeout:g} s); "
                                  "check the address, or use --ray local") from None
+
+
+def check_address(address: str) -> None:
+    """RayConnectionError now, before any file is written, when `address` (or RAY_ADDRESS for "auto") names a
+    cluster that cannot be reached; "local" always works."""
+    if not isinstance(address, str) or not address.strip():
+        raise RayConnectionError(f"Ray address must be 'auto', 'local' or HOST:PORT, got {address!r}")
+    address = address.strip()
+    if address == "auto":
+        _existing_cluster()
+    elif address != "local":
+        _check_reachable(address)
 
 
 def _existing_cluster() -> str | None:

@@ -43,12 +43,20 @@ from typing import Sequence
 
 import numpy as np
 
-from arq_deploy.certify.results import (COLUMN_LINE, CertifyLog, _check_run_matches_meta, _truncate_partial_line,
-                                       read_headed_lines)
-from arq_deploy.certify.smooth import (ABSTAIN, COLUMNS, Certificate, Smooth, _check_alpha, _check_count,
-                                       check_params, input_seed, noise_batches)
+from arq_deploy.certify.results import (
+    COLUMN_LINE,
+    CertifyLog,
+    _check_run_matches_meta,
+    _truncate_partial_line,
+    read_headed_lines,
+)
+from arq_deploy.certify.smooth import ABSTAIN, COLUMNS, Certificate, Smooth
 from arq_deploy.certify.stats import cp_upper, radius
-from arq_deploy.errors import CertificationInputError
+from arq_deploy.core.errors import CertificationInputError
+from arq_deploy.core.fileio import write_text
+from arq_deploy.core.progress import progress_bar
+from arq_deploy.core.validation import check_alpha, check_params
+from arq_deploy.runtime.noise import check_count, input_seed, noise_batches
 
 IRS, FULL, ABSTAINED = "irs", "full", "abstain"
 NOISE_PURPOSE = "irs"
@@ -174,7 +182,6 @@ class FloatLabelStore:
     FORMAT = "int16-le-base64"
 
     def __init__(self, path: str | os.PathLike, cache: FloatCache, float_backend: str):
-        from arq_deploy.fileio import write_text
 
         self.path = Path(path)
         m = cache.meta
@@ -246,7 +253,7 @@ def fill_label_store(store: FloatLabelStore, float_runner, cache: FloatCache, x_
     """Compute f's labels on the first n_p ζ samples of each input in `indices` that the float run did not abstain on
     and the store lacks (the labels `certify_incremental` would compute), ahead of the incremental runs. Returns the
     number of f forward passes made."""
-    n_p = _check_count("n_p", n_p)
+    n_p = check_count("n_p", n_p)
     drawn = 0
     for i in sorted({int(i) for i in indices}):
         if cache.entry(i).prediction == ABSTAIN or store.get(i, n_p) is not None:
@@ -310,9 +317,9 @@ class IncrementalCertificate(Certificate):
 
 def check_irs_params(n_p, alpha_zeta) -> tuple[int, float]:
     """Validate n_p (an integer >= 1) and α_ζ (in (0, 1))."""
-    n_p = _check_count("n_p", n_p)
+    n_p = check_count("n_p", n_p)
     try:
-        alpha_zeta = _check_alpha(alpha_zeta)
+        alpha_zeta = check_alpha(alpha_zeta)
     except CertificationInputError:
         raise CertificationInputError(
             f"alpha_zeta (failure probability of the disparity bound) must lie strictly between 0 and 1, "
@@ -426,7 +433,7 @@ def _fallback_n(cache: FloatCache, fallback_n: int | None) -> int | None:
         return None
     if isinstance(fallback_n, int) and not isinstance(fallback_n, bool) and fallback_n == 0:
         return 0
-    fallback_n = _check_count("fallback_n", fallback_n)
+    fallback_n = check_count("fallback_n", fallback_n)
     return None if fallback_n == int(cache.meta["n"]) else fallback_n
 
 
@@ -507,7 +514,6 @@ def certify_incremental_dataset(float_runner, quant_runner, cache: FloatCache, x
     wanted_set = set(wanted)
     done = {c.idx: c for c in log.certificates() if c.idx in wanted_set}
     todo = [i for i in wanted if i not in done]
-    from arq_deploy.progress import progress_bar
 
     with progress_bar("certify (IRS)", len(wanted), enabled=progress) as (bar, task):
         bar.update(task, completed=len(done), info=_progress_text(done))

@@ -18,10 +18,12 @@ from typing import Sequence
 
 import numpy as np
 
-from arq_deploy.certify.smooth import COLUMNS, Certificate, Smooth, check_params, input_seed
+from arq_deploy.certify.smooth import COLUMNS, Certificate, Smooth
 from arq_deploy.certify.stats import Summary
-from arq_deploy.errors import CertificationInputError
-from arq_deploy.fileio import atomic_path, write_json, write_text
+from arq_deploy.core.errors import CertificationInputError
+from arq_deploy.core.fileio import atomic_path, write_json, write_text
+from arq_deploy.core.validation import check_params
+from arq_deploy.runtime.noise import input_seed
 
 COLUMN_LINE = "\t".join(COLUMNS)
 

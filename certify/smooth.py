@@ -8,27 +8,26 @@ CERTIFY picks c_A from n0 noisy samples, then bounds p_A = P[f(x + σε) = c_A] 
 Clopper-Pearson bound p̲_A on n *fresh* samples. If p̲_A > 1/2, then with probability ≥ 1 − α over the sampling,
 g(x + δ) = c_A for every ‖δ‖₂ < R = σ·Φ⁻¹(p̲_A); otherwise it abstains.
 
-Noise is reproducible: sample i of stream (seed, purpose) is drawn from the chunk ⌊i / CHUNK⌋, whose Philox key is a
-hash of (seed, purpose, chunk index). It therefore depends on neither the batch size nor anything drawn before.
+Noise is reproducible: ε comes from the seeded stream of `arq_deploy.runtime.noise` (Philox, keyed by a hash of
+(seed, purpose, chunk index)), so it depends on neither the batch size nor anything drawn before.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 from scipy.stats import binomtest
 
 from arq_deploy.certify.stats import cp_lower, radius
-from arq_deploy.errors import CertificationInputError
+from arq_deploy.core.errors import CertificationInputError
+from arq_deploy.core.validation import check_alpha, check_count, check_params
+from arq_deploy.runtime.noise import noise_batches
 
 ABSTAIN = -1
-CHUNK = 100  # noise samples per Philox key
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "pa_lower", "count_a", "n0", "n")
 
 
@@ -78,69 +77,6 @@ class Certificate:
         return cert
 
 
-def _digest_int(text: str, nbytes: int) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=nbytes).digest(), "little")
-
-
-def _check_seed(seed) -> int:
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise CertificationInputError(f"seed must be an integer, got {seed!r}")
-    return int(seed)
-
-
-def input_seed(base_seed: int, idx: int) -> int:
-    """The seed for input `idx` of a run seeded with `base_seed`: a 63-bit hash of (base_seed, idx).
-
-    Depends on nothing else, so certifying idx alone, inside a dataset run, or after a resume gives the same result.
-    """
-    return _digest_int(f"arq-input:{_check_seed(base_seed)}:{_check_seed(idx)}", 8) >> 1
-
-
-def _chunk_noise(shape: tuple[int, ...], seed: int, purpose: str, chunk: int) -> np.ndarray:
-    """CHUNK × shape standard normal float32 draws from Philox keyed by a 128-bit hash of (seed, purpose, chunk)."""
-    key = _digest_int(f"arq-noise:{seed}:{purpose}:{chunk}", 16)
-    rng = np.random.Generator(np.random.Philox(key=key))
-    return rng.standard_normal((CHUNK, *shape), dtype=np.float32)
-
-
-def noise_batches(shape: tuple[int, ...], num: int, seed: int, purpose: str, batch_size: int) -> Iterator[np.ndarray]:
-    """Yield ε_0 … ε_{num−1} ~ N(0, I) (float32, each of `shape`) in batches of `batch_size` (the last may be short).
-
-    ε_i is row i mod CHUNK of `_chunk_noise(shape, seed, purpose, i // CHUNK)`, so the concatenation of the batches
-    is the same array for every batch_size.
-    """
-    seed = _check_seed(seed)
-    buffer: list[np.ndarray] = []
-    buffered = 0
-    for chunk in range(math.ceil(num / CHUNK)):
-        block = _chunk_noise(shape, seed, purpose, chunk)[: num - chunk * CHUNK]
-        buffer.append(block)
-        buffered += len(block)
-        while buffered >= batch_size:
-            joined = np.concatenate(buffer) if len(buffer) > 1 else buffer[0]
-            yield joined[:batch_size]
-            buffer, buffered = [joined[batch_size:]], buffered - batch_size
-    if buffered:
-        yield np.concatenate(buffer)
-
-
-def _check_count(name: str, value) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise CertificationInputError(f"{name} (number of noise samples) must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _check_alpha(alpha) -> float:
-    if not isinstance(alpha, numbers.Real) or not (math.isfinite(alpha) and 0.0 < alpha < 1.0):
-        raise CertificationInputError(f"alpha (failure probability) must lie strictly between 0 and 1, got {alpha!r}")
-    return float(alpha)
-
-
-def check_params(n0, n, alpha) -> tuple[int, int, float]:
-    """Validate CERTIFY's (n0, n, alpha) and return them as (int, int, float)."""
-    return _check_count("n0", n0), _check_count("n", n), _check_alpha(alpha)
-
-
 class Smooth:
     """The smoothed classifier g of `runner` with Gaussian noise level σ (`sigma`, in units of pixels in [0, 1])."""
 
@@ -155,7 +91,7 @@ class Smooth:
         self.runner = runner
         self.num_classes = int(num_classes)
         self.sigma = float(sigma)
-        self.batch_size = _check_count("batch_size", batch_size)
+        self.batch_size = check_count("batch_size", batch_size)
         self.input_shape = tuple(int(d) for d in runner.input_shape)
 
     def _check_x(self, x) -> np.ndarray:
@@ -172,7 +108,7 @@ class Smooth:
         ε_i comes from the noise stream (seed, purpose); see `noise_batches`.
         """
         x = self._check_x(x)
-        num = _check_count("num", num)
+        num = check_count("num", num)
         fast = getattr(self.runner, "counts", None)
         if fast is not None:  # the runner samples itself (same noise stream, noise made ahead of the forward pass)
             return np.asarray(fast(x, num, self.sigma, seed, purpose), dtype=np.int64)
@@ -209,7 +145,7 @@ class Smooth:
         """PREDICT: with top two counts n_A ≥ n_B of n samples, return c_A if the two-sided binomial test of
         n_A ~ Binomial(n_A + n_B, 1/2) rejects at level α, else ABSTAIN. P[returns a class ≠ g(x)] ≤ α.
         """
-        n, alpha = _check_count("n", n), _check_alpha(alpha)
+        n, alpha = check_count("n", n), check_alpha(alpha)
         counts = self.sample_counts(x, n, seed, "prediction")
         top2 = np.argsort(-counts, kind="stable")[:2]
         n_a, n_b = int(counts[top2[0]]), int(counts[top2[1]])

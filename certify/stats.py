@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 from scipy.stats import beta, norm
 
-from arq_deploy.errors import CertificationInputError
+from arq_deploy.core.errors import CertificationInputError
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -1,3 +1,3 @@
-from arq_deploy.cli import main
+from arq_deploy.app.cli import main
 
 main()

@@ -34,7 +34,6 @@ from onnxscript import TapeBuilder, ir
 from arq_deploy.core.artifact import onnx_arq_metadata
 from arq_deploy.core.errors import ModelFormatError, UnsupportedOpError
 from arq_deploy.core.fileio import atomic_path
-from arq_deploy.export.quantize.quant import quant_layers, set_quant_enabled
 
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -43,6 +42,8 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 def float_onnx(model, input_shape, opset: int | None = None) -> onnx.ModelProto:
     """torch.onnx.export (dynamo) with a dynamic batch dimension; input 'input' N×C×H×W, output 'logits'."""
     import torch
+
+    from arq_deploy.export.quantize.quant import set_quant_enabled  # torch: loaded only where a model is exported
 
     model = copy.deepcopy(model).eval()
     set_quant_enabled(model, False)
@@ -104,6 +105,8 @@ def _weight_axis(node: ir.Node) -> tuple[int, bool]:
 
 def insert_qdq(model: onnx.ModelProto, qmodel, int4_weights: bool = False) -> onnx.ModelProto:
     """Rewrite `model` (float export of `qmodel`) in place into a QDQ graph using qmodel's quantizers."""
+    from arq_deploy.export.quantize.quant import quant_layers  # torch: loaded only where a model is exported
+
     graph_ir = ir.serde.deserialize_model(model)
     g = graph_ir.graph
     for name, mod in quant_layers(qmodel).items():

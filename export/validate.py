@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from arq_deploy.errors import ExportMismatchError
+from arq_deploy.core.errors import ExportMismatchError
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from arq_deploy.errors import ArqError
-from arq_deploy.fileio import atomic_path
+from arq_deploy.core.errors import ArqError
+from arq_deploy.core.fileio import atomic_path
 
 AGENT_FORMAT, AGENT_VERSION = "arq-deploy/ddpg-agent", 1
 _STD_NORMAL = NormalDist()

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from arq_deploy.errors import PolicyError
-from arq_deploy.search.policy import LayerBits, QuantPolicy
+from arq_deploy.core.errors import PolicyError
+from arq_deploy.core.policy import LayerBits, QuantPolicy
 
 
 def uniform(names: Sequence[str], bits: int) -> QuantPolicy:

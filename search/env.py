@@ -28,9 +28,9 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from arq_deploy.errors import PolicyError
-from arq_deploy.search.layers import LayerSpec
-from arq_deploy.search.policy import MAX_BITS, MIN_BITS, LayerBits, QuantPolicy
+from arq_deploy.core.errors import PolicyError
+from arq_deploy.core.policy import MAX_BITS, MIN_BITS, LayerBits, QuantPolicy
+from arq_deploy.export.quantize.layers import LayerSpec
 
 FEATURES = ("index", "is_conv", "is_depthwise", "is_linear", "in_channels", "out_channels", "kernel", "stride",
             "groups", "feature_size", "params", "macs", "prev_action")

@@ -14,7 +14,7 @@ For each quantizable layer l (Conv2d or Linear, from `extract_layer_specs`) of t
      an 8-bit container;
   4. each variant (and the float layer) is run at batch 1 by onnxruntime (`--backend onnxruntime`, this machine)
      or compiled with TVM for the target (`compile_onnx`, batch 1) and run here or on a device over TVM RPC
-     (`--remote HOST:PORT`), timed with `arq_deploy.bench.measure`: `warmup` untimed calls, then the **median** of
+     (`--remote HOST:PORT`), timed with `arq_deploy.targets.bench.measure`: `warmup` untimed calls, then the **median** of
      `repeats` timed calls on one seeded uniform input.
 
 The table (`LatencyTable` JSON) holds entries[l]["w{w}a{a}"] = median ms of the pair's variant, `source[l][pair]` =
@@ -35,7 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
-from arq_deploy.errors import ArqError, UnsupportedOpError
+from arq_deploy.core.errors import ArqError, UnsupportedOpError
+from arq_deploy.core.host import host_info, machine_arch
+from arq_deploy.core.policy import QuantPolicy
+from arq_deploy.core.progress import progress_bar
+from arq_deploy.export.qdq import check, float_onnx, insert_qdq, save_onnx
+from arq_deploy.export.quantize.layers import extract_layer_specs
+from arq_deploy.export.quantize.quant import calibrate, calibration_batches, fold_batchnorm, quantize_model
+from arq_deploy.search.env import LatencyTable
+from arq_deploy.targets.backends import open_runner
+from arq_deploy.targets.bench import measure
+from arq_deploy.targets.registry import get_target
 
 BACKENDS = ("auto", "onnxruntime", "tvm")
 PAIRS = [(w, a) for w in range(2, 9) for a in range(2, 9)]
@@ -53,7 +63,6 @@ def check_setup(target_name: str, backend: str = "auto", remote: str | None = No
 
     Timing a cross-compiled (e.g. aarch64) build under qemu-user measures the emulator, not the device, so a target
     of another architecture needs --remote (TVM RPC to the board). A remote is checked to answer before any work."""
-    from arq_deploy.targets.registry import get_target, machine_arch
 
     t = get_target(target_name)  # UnknownNameError lists the targets
     if backend not in BACKENDS:
@@ -68,13 +77,13 @@ def check_setup(target_name: str, backend: str = "auto", remote: str | None = No
     if remote and backend != "tvm":
         raise ArqError("--remote runs TVM-compiled layers on the device: use --backend tvm (or leave it to auto)")
     if t.kind == "gpu" and not remote:
-        from arq_deploy.runners import cuda_driver_present
+        from arq_deploy.runtime.runners import cuda_driver_present
 
         if not cuda_driver_present():
             raise ArqError(f"target {t.name!r} is a GPU and this machine has no NVIDIA driver: measure on the "
                            f"device (--remote HOST:PORT) or on a machine with that GPU")
     if remote:
-        from arq_deploy.rpc_runner import check_reachable
+        from arq_deploy.runtime.rpc_runner import check_reachable
 
         check_reachable(remote)
     return t, backend
@@ -162,10 +171,6 @@ def variant_label(model) -> str:
 
 def quantized_layer_graphs(prefix, layer, x, float_graph) -> dict:
     """{(w, a): (QDQ ONNX ModelProto, signature)} for every pair, calibrated on the layer's recorded inputs x."""
-    from arq_deploy.export.qdq import check, insert_qdq
-    from arq_deploy.search.layers import extract_layer_specs
-    from arq_deploy.search.policy import QuantPolicy
-    from arq_deploy.search.quant import calibrate, quantize_model
 
     model = _wrap(prefix, layer)
     shape = tuple(x.shape[1:])
@@ -183,7 +188,7 @@ def quantized_layer_graphs(prefix, layer, x, float_graph) -> dict:
 # ------------------------------------------------------------------------------------------------ timing one graph
 
 class Timer:
-    """Times ONNX graphs on one target/backend with `arq_deploy.bench.measure` (batch 1, median of `repeats`)."""
+    """Times ONNX graphs on one target/backend with `arq_deploy.targets.bench.measure` (batch 1, median of `repeats`)."""
 
     def __init__(self, target, backend: str, remote: str | None, repeats: int, warmup: int, seed: int, workdir):
         self.target, self.backend, self.remote = target, backend, remote
@@ -192,14 +197,12 @@ class Timer:
         self.count = 0
 
     def __call__(self, graph) -> dict:
-        from arq_deploy.bench import measure, open_runner
-        from arq_deploy.export.qdq import save_onnx
 
         self.count += 1
         path = self.workdir / f"g{self.count}.onnx"
         save_onnx(graph, path)
         if self.backend == "tvm":
-            from arq_deploy.targets.tvm_build import compile_onnx
+            from arq_deploy.targets.backends import compile_onnx
 
             path = compile_onnx(path, self.target, self.workdir / f"a{self.count}", batch_size=1, single=False)
         runner, _ = open_runner(path, self.target.name, self.remote)
@@ -230,12 +233,6 @@ def measure_table(lm, target_name: str, backend: str = "auto", remote: str | Non
                   warmup: int = 5, seed: int = 0, sigma: float = 0.0, end_to_end: bool = True,
                   progress: bool = True):
     """The `LatencyTable` of model `lm` (a `LoadedModel`) on a target (see the module docstring)."""
-    from arq_deploy.bench import host_info
-    from arq_deploy.export.qdq import float_onnx
-    from arq_deploy.progress import progress_bar
-    from arq_deploy.search.env import LatencyTable
-    from arq_deploy.search.layers import extract_layer_specs
-    from arq_deploy.search.quant import fold_batchnorm
 
     for what, v, lo in (("--repeats", repeats, 1), ("--warmup", warmup, 0)):
         if v < lo:
@@ -296,11 +293,6 @@ def _measure_layer(graphs: dict, timer) -> tuple[dict, dict, dict]:
 def _end_to_end(lm, folded, entries, float_ms, timer, sigma, seed, bar, task) -> dict:
     """The whole model measured end to end (float and uniform policies) next to the sum of its layers' entries."""
     import torch
-
-    from arq_deploy.export.qdq import check, float_onnx, insert_qdq
-    from arq_deploy.search.layers import extract_layer_specs
-    from arq_deploy.search.policy import QuantPolicy
-    from arq_deploy.search.quant import calibrate, calibration_batches, quantize_model
 
     specs = extract_layer_specs(lm.model, lm.input_shape)
     fgraph = float_onnx(folded, lm.input_shape)

@@ -23,7 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from arq_deploy.errors import PolicyError
+from arq_deploy.core.errors import PolicyError
+from arq_deploy.core.fileio import write_json
+from arq_deploy.core.policy import QuantPolicy
+from arq_deploy.search.reward import RewardEvaluator
+from arq_deploy.search.runner import read_rows
 
 
 def top_candidates(rows: list[dict], k: int) -> list[dict]:
@@ -50,7 +54,6 @@ def fresh_indices(n_train: int, exclude, images: int, seed: int) -> np.ndarray:
 
 def make_rerank_evaluator(search_reward, train_ds, images: int):
     """A RewardEvaluator with the search's reward settings and calibration images on fresh validation images."""
-    from arq_deploy.search.reward import RewardEvaluator
 
     cfg = dataclasses.replace(search_reward.cfg, images=int(images))
     idx = fresh_indices(len(train_ds), np.concatenate([search_reward.val_idx, search_reward.calib_idx]), images,
@@ -61,9 +64,6 @@ def make_rerank_evaluator(search_reward, train_ds, images: int):
 def rerank(search, train_ds, k: int, images: int, cache_dir: str | Path | None = None) -> dict:
     """Re-score the top-k policies of a finished `Search` on `images` fresh training images; write rerank.json and
     the chosen policy.json. Returns the rerank record."""
-    from arq_deploy.fileio import write_json
-    from arq_deploy.search.policy import QuantPolicy
-    from arq_deploy.search.runner import read_rows
 
     if k < 1 or images < 1:
         raise PolicyError(f"--rerank-top and --rerank-images must be >= 1, got {k} and {images}")

@@ -27,7 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
-from arq_deploy.errors import PolicyError
+from arq_deploy.certify.incremental import away_from, zeta_labels
+from arq_deploy.certify.results import CertifyLog, certify_dataset
+from arq_deploy.certify.smooth import ABSTAIN, Smooth
+from arq_deploy.certify.stats import cp_upper, radius, summarize
+from arq_deploy.core.errors import PolicyError
+from arq_deploy.core.fileio import atomic_path
+from arq_deploy.export.pipeline import quantize_calibrated
+from arq_deploy.export.qdq import float_onnx, insert_qdq
+from arq_deploy.export.quantize.layers import extract_layer_specs
+from arq_deploy.runtime.noise import input_seed
+from arq_deploy.runtime.runners import OrtRunner, TorchRunner
 
 KINDS = ("irs", "full", "accuracy")
 
@@ -91,7 +101,6 @@ class RewardEvaluator:
 
     def __init__(self, lm, train_ds, config: RewardConfig, progress: bool = False, indices=None):
         """indices: explicit (validation, calibration) index arrays of train_ds instead of the seeded split."""
-        from arq_deploy.search.layers import extract_layer_specs
 
         self.lm, self.cfg, self.progress = lm, config, progress
         self.specs = extract_layer_specs(lm.model, lm.input_shape)
@@ -115,21 +124,15 @@ class RewardEvaluator:
     def float_runner(self):
         """f, in the reward's backend: the float model's ONNX graph in onnxruntime (3-6x torch eager on a CPU for
         the CIFAR ResNets), or torch. Its certificates and IRS labels are computed once per search."""
-        from arq_deploy.runners import OrtRunner, TorchRunner
 
         if self.cfg.backend == "torch":
             return TorchRunner(self.lm.model, self.lm.input_shape, self.lm.num_classes, batch_size=self.cfg.batch_size)
-        from arq_deploy.export.qdq import float_onnx
 
         graph = float_onnx(self.lm.model, self.lm.input_shape).SerializeToString()
         return OrtRunner(graph, batch_size=self.cfg.batch_size)
 
     def prepare(self, cache_dir: str | Path) -> dict:
         """Certify f on the validation inputs and cache its IRS-noise labels; returns a summary of f's certificates."""
-        from arq_deploy.certify.results import CertifyLog, certify_dataset
-        from arq_deploy.certify.stats import summarize
-        from arq_deploy.certify.smooth import Smooth
-        from arq_deploy.fileio import atomic_path
 
         cache_dir = Path(cache_dir).resolve()
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +173,6 @@ class RewardEvaluator:
 
     def irs_needed(self, i: int) -> bool:
         """Whether the IRS reward runs f_q on input i (f certified it correctly)."""
-        from arq_deploy.certify.smooth import ABSTAIN
 
         cert = self.float_certs[i]
         return cert.prediction != ABSTAIN and cert.prediction == self.y_val[i]
@@ -178,8 +180,6 @@ class RewardEvaluator:
     # ------------------------------------------------------------ evaluation
 
     def quantized_runner(self, policy):
-        from arq_deploy.pipeline import quantize_calibrated
-        from arq_deploy.runners import OrtRunner, TorchRunner
 
         if self.cfg.backend == "torch":
             qmodel, _ = quantize_calibrated(self.lm, policy, self.x_calib, self.cfg.sigma, self.cfg.seed)
@@ -189,9 +189,6 @@ class RewardEvaluator:
     def quantized_onnx(self, policy) -> bytes:
         """The serialized QDQ ONNX graph of the policy's calibrated model (what onnxruntime runs)."""
         import copy
-
-        from arq_deploy.export.qdq import float_onnx, insert_qdq
-        from arq_deploy.pipeline import quantize_calibrated
 
         qmodel, _ = quantize_calibrated(self.lm, policy, self.x_calib, self.cfg.sigma, self.cfg.seed)
         if self._float_graph is None:
@@ -224,8 +221,6 @@ class RewardEvaluator:
 
     def _irs(self, runner, per_image: dict | None = None) -> tuple[float, dict]:
         """per_image: {i: k_i} computed elsewhere (Ray actors); else k_i is computed here with runner."""
-        from arq_deploy.certify.incremental import away_from
-        from arq_deploy.certify.stats import cp_upper, radius
 
         c, radii, ks, samples = self.cfg, [], [], 0
         for i, cert in enumerate(self.float_certs):
@@ -242,7 +237,6 @@ class RewardEvaluator:
         return acr, info | {"mean_disagreement": float(np.mean(ks)) / c.n_p if ks else 0.0}
 
     def _full(self, runner, per_image: dict | None = None) -> tuple[float, dict]:
-        from arq_deploy.certify.smooth import Smooth, input_seed
 
         c = self.cfg
         if per_image is not None:
@@ -266,8 +260,6 @@ class RewardEvaluator:
 
 def irs_noise_labels(runner, x: np.ndarray, n_p: int, sigma: float, seed: int, i: int, batch_size: int) -> np.ndarray:
     """argmax of runner on x + σε_j, j < n_p, with IRS's noise stream of input i (int16, n_p); x: C×H×W."""
-    from arq_deploy.certify.incremental import zeta_labels
-    from arq_deploy.certify.smooth import input_seed
 
     return zeta_labels(runner, x, sigma, n_p, input_seed(seed, i), batch_size=batch_size).astype(np.int16)
 

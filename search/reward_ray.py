@@ -24,7 +24,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from arq_deploy.errors import ArqError
+from arq_deploy.certify.distributed import RayConnectionError, _check_reachable, connect
+from arq_deploy.certify.incremental import away_from
+from arq_deploy.certify.smooth import Smooth
+from arq_deploy.core.errors import ArqError
+from arq_deploy.runtime.noise import input_seed
+from arq_deploy.runtime.runners import OrtRunner
+from arq_deploy.search.reward import RewardConfig, irs_noise_labels
 
 START_TIMEOUT_S = 180.0
 
@@ -34,7 +40,6 @@ class _ShardWorker:
 
     def __init__(self, cfg: dict, idx: list[int], x: np.ndarray, y: np.ndarray, work: list[bool],
                  labels_path: str | None, num_classes: int, threads: int):
-        from arq_deploy.search.reward import RewardConfig
 
         self.cfg = RewardConfig.from_dict(cfg)
         self.idx, self.x, self.y, self.work = list(idx), x, y, list(work)
@@ -45,15 +50,12 @@ class _ShardWorker:
         return len(self.idx)
 
     def evaluate(self, onnx_bytes: bytes) -> dict:
-        from arq_deploy.runners import OrtRunner
 
         runner = OrtRunner(onnx_bytes, batch_size=self.cfg.batch_size, providers=["CPUExecutionProvider"],
                            threads=self.threads)
         return {"irs": self._irs, "full": self._full, "accuracy": self._accuracy}[self.cfg.kind](runner)
 
     def _irs(self, runner) -> dict:
-        from arq_deploy.certify.incremental import away_from
-        from arq_deploy.search.reward import irs_noise_labels
 
         c, out = self.cfg, {}
         for j, i in enumerate(self.idx):
@@ -64,7 +66,6 @@ class _ShardWorker:
         return out
 
     def _full(self, runner) -> dict:
-        from arq_deploy.certify.smooth import Smooth, input_seed
 
         c = self.cfg
         smooth = Smooth(runner, self.num_classes, c.sigma, batch_size=c.batch_size)
@@ -95,7 +96,6 @@ class RewardPool:
 
     def check(self) -> "RewardPool":
         """RayConnectionError now when the address is malformed or nothing listens there (no connection made)."""
-        from arq_deploy.certify.distributed import RayConnectionError, _check_reachable
 
         if not isinstance(self.address, str) or not self.address.strip():
             raise RayConnectionError(f"--ray must be 'auto', 'local' or HOST:PORT, got {self.address!r}")
@@ -104,7 +104,6 @@ class RewardPool:
         return self
 
     def connect(self) -> "RewardPool":
-        from arq_deploy.certify.distributed import connect
 
         self.started = connect(self.address, num_cpus=self.num_cpus)
         return self

@@ -25,8 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from arq_deploy.errors import PolicyError
-from arq_deploy.fileio import write_json
+from arq_deploy import __version__
+from arq_deploy.core.errors import PolicyError
+from arq_deploy.core.fileio import atomic_path, write_json
+from arq_deploy.core.policy import QuantPolicy
+from arq_deploy.core.progress import progress_bar
+from arq_deploy.export.quantize.layers import extract_layer_specs
+from arq_deploy.search.agent import DDPGAgent
+from arq_deploy.search.env import BopsCost, LatencyCost, LatencyTable, QuantEnv, bits_to_action
+from arq_deploy.search.reward import RewardEvaluator, save_json_line
 
 METHODS = ("ddpg", "random", "greedy")
 
@@ -110,7 +117,6 @@ class Search:
             write_json(path, mine)
 
     def _make_agent(self, agent_config):
-        from arq_deploy.search.agent import DDPGAgent
 
         if self.agent_path.exists():
             return DDPGAgent.load(self.agent_path)
@@ -163,9 +169,6 @@ class Search:
 
     def run(self) -> dict:
         """Run (or resume) to `episodes`; returns the summary (best policy, reward, cost, timings)."""
-        from arq_deploy.progress import progress_bar
-        from arq_deploy.search.policy import QuantPolicy
-        from arq_deploy.search.reward import save_json_line
 
         rows = read_rows(self.log)
         for r in rows:  # a repeated policy costs nothing, also across a resume
@@ -224,8 +227,6 @@ def plot_search(rows: list[dict], out: Path, names: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from arq_deploy.fileio import atomic_path
-
     if not rows:
         return
     rewards = np.array([r["reward"] for r in rows])
@@ -261,10 +262,6 @@ def make_search(lm, train_ds, out: str | Path, search: SearchConfig, reward, age
                 ) -> "Search":
     """Check everything that can be wrong before any expensive work (budget, warm start, latency table, layers), then
     set up the run directory. `reward`: a `RewardConfig`. Returns a `Search`; call `.prepare()` then `.run()`."""
-    from arq_deploy import __version__
-    from arq_deploy.search.env import BopsCost, LatencyCost, LatencyTable, QuantEnv, bits_to_action
-    from arq_deploy.search.layers import extract_layer_specs
-    from arq_deploy.search.reward import RewardEvaluator
 
     specs = extract_layer_specs(lm.model, lm.input_shape)
     if not specs:
@@ -282,7 +279,7 @@ def make_search(lm, train_ds, out: str | Path, search: SearchConfig, reward, age
         budget = search.budget * cost.total_w32a32
     warm = None
     if warm_start is not None:
-        from arq_deploy.search.policy import QuantPolicy
+        from arq_deploy.core.policy import QuantPolicy
 
         pol = warm_start if isinstance(warm_start, QuantPolicy) else QuantPolicy.load(warm_start)
         pol.validate(specs)  # unknown layers -> PolicyError naming them

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from arq_deploy.errors import ArqError, UnknownNameError
+from arq_deploy.core.errors import ArqError, UnknownNameError
 
 
 class ProbeUnavailableError(ArqError):

@@ -7,7 +7,7 @@ Fallback for everything else, e.g. direct convolutions): every fused PrimFunc ge
 code generator writes one `__global__` kernel per PrimFunc. The host side (the Relax VM's calls, kernel launches)
 is LLVM code for the target's host CPU, cross-compiled for a Jetson's aarch64 host.
 
-The artifact (see `arq_deploy.artifact`) holds
+The artifact (see `arq_deploy.core.artifact`) holds
   * `model.so` (and `model_b1.so`): the host library; TVM embeds the kernels' CUDA C source in it;
   * `model.cu` (`model_b1.cu`): that CUDA source, as a file to read, diff, or compile on the device;
   * `model.fatbin` (`model_b1.fatbin`) where nvcc exists and supports the architecture: the same source compiled
@@ -31,8 +31,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from arq_deploy.errors import ArqError, UnsupportedOpError
-from arq_deploy.targets.registry import Target, machine_arch, resolve_tvm_target
+from arq_deploy.core.errors import ArqError, UnsupportedOpError
+from arq_deploy.core.host import machine_arch
+from arq_deploy.export.qdq import load_onnx
+from arq_deploy.targets import tvm_frontend
+from arq_deploy.targets.registry import Target, resolve_tvm_target
 
 PIPELINE = "arq-cuda-dlight-v1"
 FATBIN_MODES = ("auto", "require", "no")
@@ -43,19 +46,17 @@ def compile_gpu(onnx_path: Path, t: Target, out_dir: Path, *, batch_size: int, o
                 single: bool = True, fatbin: str = "auto") -> Path:
     """Build a GPU target's artifact in out_dir (atomically; see the module docstring). Returns out_dir.
 
-    batch_size, single, opt_level: as in `arq_deploy.targets.tvm_build.compile_onnx` (which dispatches here).
+    batch_size, single, opt_level: as in `arq_deploy.targets.tvm_build.compile_onnx` (`arq_deploy.targets.backends.compile_onnx` dispatches here).
     fatbin: "auto" (compile with nvcc where it exists and supports the architecture, else record why not),
         "require" (ArqError when no fatbin can be built), "no" (CUDA source only).
     """
-    from arq_deploy.export.qdq import load_onnx
-    from arq_deploy.targets import tvm_build as tb
 
     if t.kind != "gpu" or t.tvm_target.get("kind") != "cuda":
         raise ArqError(f"target {t.name!r} is not a CUDA target")
     if fatbin not in FATBIN_MODES:
         raise ValueError(f"fatbin must be one of {FATBIN_MODES}, got {fatbin!r}")
     if t.host_arch != machine_arch():
-        tb.require_cross_compiler(t)
+        tvm_frontend.require_cross_compiler(t)
     arch = t.cuda_arch
     toolkit = nvcc_info()
     why_not = _why_no_fatbin(toolkit, arch, fatbin)
@@ -63,39 +64,39 @@ def compile_gpu(onnx_path: Path, t: Target, out_dir: Path, *, batch_size: int, o
         raise ArqError(f"target {t.name!r}: cannot build a fatbin: {why_not}")
 
     model = load_onnx(onnx_path)
-    inp, out = tb.io_spec(model, batch_size)
+    inp, out = tvm_frontend.io_spec(model, batch_size)
     import tvm  # noqa: F401
 
     t0 = time.perf_counter()
-    tb.check_supported(model)
+    tvm_frontend.check_supported(model)
     tvm_target = resolve_tvm_target(t)
     shapes = {"model.so": inp["shape"]}
     if single and batch_size > 1:
         shapes["model_b1.so"] = [1, *inp["shape"][1:]]
     libs, sources, out_shape = {}, {}, out["shape"]
     for fname, shape in shapes.items():
-        mod = tb.import_onnx(model, inp["name"], shape, onnx_path)
+        mod = tvm_frontend.import_onnx(model, inp["name"], shape, onnx_path)
         if fname == "model.so":
-            out_shape = tb._output_shape(mod["main"]) or out_shape
+            out_shape = tvm_frontend._output_shape(mod["main"]) or out_shape
         libs[fname] = build_cuda(mod, tvm_target, opt_level=opt_level)
         sources[fname] = cuda_source(libs[fname])
     build_s = time.perf_counter() - t0
 
-    with tb._staging_dir(out_dir) as tmp:
+    with tvm_frontend._staging_dir(out_dir) as tmp:
         files = _write_cuda_files(tmp, sources, arch, tvm_target, toolkit, why_not)
         kwargs = {"cc": t.cross_compiler} if t.cross_compiler else {}
         try:
             for fname, lib in libs.items():
                 lib.export_library(str(tmp / fname), **kwargs)
         except Exception as e:  # compiler missing or failing: TVM raises several types
-            tb.require_cross_compiler(t)
-            raise ArqError(f"linking the host library for target {t.name!r} failed: {tb._first_line(e)}") from None
+            tvm_frontend.require_cross_compiler(t)
+            raise ArqError(f"linking the host library for target {t.name!r} failed: {tvm_frontend._first_line(e)}") from None
         shutil.copyfile(onnx_path, tmp / "model.onnx")
         info = _manifest_info(t, tvm_target, inp, out, out_shape, batch_size, libs, opt_level, build_s, model,
                               onnx_path)
         info["cuda"] = {**files, "arch": arch, "toolkit": toolkit, "ran_here": False,
                         "note": _NOTE.format(arch=arch)}
-        from arq_deploy.artifact import load_artifact, write_manifest
+        from arq_deploy.core.artifact import load_artifact, write_manifest
 
         write_manifest(tmp, info)
         load_artifact(tmp)
@@ -117,10 +118,9 @@ def build_cuda(mod, tvm_target: dict, *, opt_level: int = 3):
         with tvm.transform.PassContext(opt_level=opt_level):
             return tvm.compile(mod, target=tgt, relax_pipeline=gpu_pipeline(tgt))
     except Exception as e:
-        from arq_deploy.targets.tvm_build import _first_line
 
         raise UnsupportedOpError(f"TVM failed to build the model for CUDA {tvm_target.get('arch')}: "
-                                 f"{_first_line(e)}") from None
+                                 f"{tvm_frontend._first_line(e)}") from None
 
 
 def gpu_pipeline(tgt):

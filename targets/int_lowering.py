@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from arq_deploy.targets import int_kernels
+
 BIAS_RTOL = 1e-6
 _INT_RANGE = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767)}
 
@@ -392,7 +394,6 @@ def emit_layer(bb, ly: _Layer, x_q, kernel=None, report: dict | None = None):
 def _use_kernel(ly: _Layer, x_q, kernel) -> bool:
     if kernel is None:
         return False
-    from arq_deploy.targets import int_kernels
 
     a = ly.attrs
     pad = [int(v) for v in a.padding]

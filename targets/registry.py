@@ -14,14 +14,14 @@ Registering twice raises; `get_target` names the known targets when it fails.
 
 from __future__ import annotations
 
-import os
 import platform
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from arq_deploy.errors import ArqError, UnknownNameError
+from arq_deploy.core.errors import ArqError, UnknownNameError
+from arq_deploy.core.host import host_cores
 
 HOST = "host"
 """Placeholder for a value of the build machine: `mcpu` (LLVM's host CPU name), `mattr` (the host's feature flags that
@@ -137,17 +137,6 @@ def with_cuda_arch(target: Target, arch: str, name: str | None = None) -> Target
 def list_targets() -> list[Target]:
     """All registered targets, sorted by name."""
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
-
-
-def machine_arch() -> str:
-    """This machine's CPU architecture as a triple's first part: 'x86_64', 'aarch64', ..."""
-    m = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
-
-
-def host_cores() -> int:
-    """All cores of this machine (os.cpu_count)."""
-    return os.cpu_count() or 1
 
 
 def resolve_tvm_target(target: Target | str) -> dict:

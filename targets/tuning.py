@@ -35,7 +35,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from arq_deploy.errors import ArqError
+from arq_deploy.core.errors import ArqError
 
 BUILDER_TIMEOUT_S = 300
 TRIALS_PER_ITER = 16

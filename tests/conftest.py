@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ARQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CIFAR = SHARED / "cifar10" / "cifar-10-batches-py"
 MODELS = SHARED / "models"
-# the mixed 2/4/6/8-bit ResNet-20 acceptance policy (issue 2), shared by the acceptance, integer-lowering and ARM tests
+# the mixed 2/4/6/8-bit ResNet-20 acceptance policy, shared by the acceptance, integer-lowering and ARM tests
 R20_MIXED_POLICY = {"format": "arq-deploy/policy", "version": 1, "default": [6, 6],
                     "layers": {"conv1": [8, 8], "layer1.0.conv1": [4, 4], "layer1.1.conv2": [2, 8],
                                "layer2.0.conv1": [4, 6], "layer2.2.conv2": [2, 6], "layer3.0.conv1": [4, 8],
@@ -33,7 +33,7 @@ def models_dir():
 
 @pytest.fixture(scope="session")
 def digits():
-    from arq_deploy.data import load_dataset
+    from arq_deploy.core.data import load_dataset
 
     return load_dataset("digits", "train"), load_dataset("digits", "test")
 
@@ -41,9 +41,9 @@ def digits():
 @pytest.fixture(scope="session")
 def digits_model(digits, tmp_path_factory):
     """A digits CNN trained briefly with σ=0.25 noise, and its checkpoint path."""
-    from arq_deploy.pipeline import load, save_checkpoint, train
-
     import torch
+
+    from arq_deploy.export.pipeline import load, save_checkpoint, train
 
     train_ds, _ = digits
     torch.manual_seed(0)  # the random init: the same model whichever tests ran first
@@ -74,9 +74,9 @@ def digits_ort(digits, digits_model, tmp_path_factory):
     """The digits model's W8A8 export on onnxruntime and every 6th test image: (runner, x, labels, indices)."""
     import numpy as np
 
-    from arq_deploy.pipeline import export_and_validate
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.search.policy import QuantPolicy
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate
+    from arq_deploy.runtime.runners import OrtRunner
 
     train_ds, test_ds = digits
     lm, _ = digits_model

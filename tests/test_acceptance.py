@@ -3,9 +3,9 @@
 import json
 
 import pytest
-
-from arq_deploy.search.policy import QuantPolicy
 from conftest import R20_MIXED_POLICY
+
+from arq_deploy.core.policy import QuantPolicy
 
 
 def test_demo_fast_end_to_end(cli, tmp_path):
@@ -30,11 +30,11 @@ def test_demo_fast_end_to_end(cli, tmp_path):
 def test_resnet20_mixed_policy_onnxruntime_and_tvm_agree_with_torch(models_dir, cifar_dir, tmp_path):
     """Issue 2's acceptance: a policy with 2-, 4- and 6-bit layers exports, and onnxruntime and TVM both agree with
     the torch fake-quant model on >= 99% of the 1,000 lossless test images."""
-    from arq_deploy.data import load_dataset
-    from arq_deploy.pipeline import export_and_validate, load, pick, quantize_calibrated
-    from arq_deploy.runners import OrtRunner, TorchRunner
-    from arq_deploy.targets.tvm_build import compile_onnx
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.export.pipeline import export_and_validate, load, pick, quantize_calibrated
+    from arq_deploy.runtime.runners import OrtRunner, TorchRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
 
     policy = QuantPolicy.from_dict(R20_MIXED_POLICY)
     lm = load("resnet20", str(models_dir / "resnet20-12fca82f.th"))

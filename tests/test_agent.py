@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from arq_deploy.errors import ArqError
+from arq_deploy.core.errors import ArqError
 from arq_deploy.search.agent import AgentConfigError, DDPGAgent, DDPGConfig, truncated_normal
 
 TARGETS = np.array([0.2, 0.8, 0.5, 0.3, 0.9])

@@ -8,9 +8,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from arq_deploy.artifact import MANIFEST, hash_files, load_artifact, write_manifest
-from arq_deploy.errors import ArtifactIntegrityError
-from arq_deploy.runners import OrtRunner
+from arq_deploy.core.artifact import MANIFEST, hash_files, load_artifact, write_manifest
+from arq_deploy.core.errors import ArtifactIntegrityError
+from arq_deploy.core.policy import QuantPolicy
+from arq_deploy.runtime.runners import OrtRunner
 
 BATCH, SHAPE, K = 4, (3, 8, 8), 5
 
@@ -32,7 +33,7 @@ def tiny_model() -> onnx.ModelProto:
     m = helper.make_model(helper.make_graph(nodes, "tiny", [x], [y], inits),
                           opset_imports=[helper.make_opsetid("", 17)],
                           ir_version=10)  # onnx 1.23 defaults to IR 14, which onnxruntime 1.31 cannot load
-    for k, v in {"policy": json.dumps({"conv": {"w_bits": 4, "a_bits": 8}}), "sigma": "0.5", "num_classes": str(K),
+    for k, v in {"policy": QuantPolicy.for_layers(["conv"], [(4, 8)]).to_json(), "sigma": "0.5", "num_classes": str(K),
                  "mean": "[0.5, 0.5, 0.5]", "std": "[0.25, 0.25, 0.25]", "bops": "1000", "bops_fraction": "0.015",
                  "model": "tiny"}.items():
         m.metadata_props.add(key=f"arq.{k}", value=v)
@@ -42,7 +43,7 @@ def tiny_model() -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     d = tmp_path_factory.mktemp("art")
     onnx.save(tiny_model(), str(d / "tiny.onnx"))
@@ -62,7 +63,7 @@ def test_load_artifact_and_properties(built):
     assert art.path == path and art.target_name == "x86"
     assert art.input_shape == SHAPE and art.batch_size == BATCH and art.num_classes == K
     assert art.library_path.is_file() and art.onnx_path.read_bytes() == src.read_bytes()
-    assert art.policy == {"conv": {"w_bits": 4, "a_bits": 8}} and art.sigma == 0.5 and art.bops == 1000
+    assert art.policy == QuantPolicy.for_layers(["conv"], [(4, 8)]) and art.sigma == 0.5 and art.bops == 1000
     assert art.mean == [0.5] * 3 and art.std == [0.25] * 3 and art.arq["model"] == "tiny"
     assert art.arq["bops_fraction"] == 0.015 and art.arq["num_classes"] == K
     m = art.manifest
@@ -72,7 +73,7 @@ def test_load_artifact_and_properties(built):
 
 
 def test_runner_on_artifact_matches_onnxruntime(built):
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
     src, path = built
     x = np.random.default_rng(1).random((11, *SHAPE), dtype=np.float32)
@@ -91,7 +92,7 @@ def test_tampered_file_is_named(art_copy, name):
 
 
 def test_runner_refuses_tampered_library(art_copy):
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
     with open(art_copy / "model.so", "ab") as f:
         f.write(b"\0")
@@ -101,7 +102,7 @@ def test_runner_refuses_tampered_library(art_copy):
 
 def test_runner_rechecks_the_library_it_loads(art_copy):
     """A library changed between load_artifact and loading is caught (the runner hashes the bytes it loads)."""
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
     art = load_artifact(art_copy)
     with open(art_copy / "model_b1.so", "ab") as f:
@@ -112,8 +113,8 @@ def test_runner_rechecks_the_library_it_loads(art_copy):
 
 def test_rebuilt_artifact_runs_the_new_library(built, tmp_path):
     """dlopen hands back an already-loaded library for the same path: a runner must still run the rebuilt one."""
-    from arq_deploy.targets.tvm_build import compile_onnx
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
 
     src, _ = built
     other = tiny_model()

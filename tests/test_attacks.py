@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from arq_deploy.certify import attacks as A
-from arq_deploy.errors import ArqError, UnknownNameError
-from arq_deploy.resultlog import ResultLogMismatchError
+from arq_deploy.certify.checks import attacks as A
+from arq_deploy.core.errors import ArqError, UnknownNameError
+from arq_deploy.core.resultlog import ResultLogMismatchError
 
 SHAPE = (3, 8, 8)
 D = 3 * 8 * 8
@@ -184,13 +184,13 @@ def test_bad_input_is_refused_with_one_clear_line():
 
 
 def _TorchRunner(model):
-    from arq_deploy.runners import TorchRunner
+    from arq_deploy.runtime.runners import TorchRunner
 
     return TorchRunner(model, SHAPE, 2)
 
 
 def test_import_does_not_pull_in_torch():
-    code = "import sys, arq_deploy.certify.attacks as a; assert a.ATTACKS and 'torch' not in sys.modules"
+    code = "import sys, arq_deploy.certify.checks.attacks as a; assert a.ATTACKS and 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -202,9 +202,9 @@ def deployed(digits, digits_model, tmp_path_factory):
     """The digits CNN at W8A8 as a deployed pair: its torch fake-quant checkpoint (saved and loaded back, as
     `train --policy` writes it), the QDQ ONNX exported from exactly that model, onnxruntime on it, and 60 test images.
     Returns (torch model, OrtRunner, x, y, checkpoint path, onnx path)."""
-    from arq_deploy.pipeline import export_and_validate, load, pick, quantize_calibrated, save_checkpoint
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.search.policy import QuantPolicy
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate, load, pick, quantize_calibrated, save_checkpoint
+    from arq_deploy.runtime.runners import OrtRunner
 
     train_ds, test_ds = digits
     lm, _ = digits_model

@@ -5,11 +5,18 @@ import json
 import numpy as np
 import pytest
 
-from arq_deploy.certify.results import (COLUMN_LINE, CertifyLog, certified_accuracy_curve, certify_dataset,
-                                        plot_curve, write_summary)
-from arq_deploy.certify.smooth import ABSTAIN, Certificate, Smooth, input_seed
+from arq_deploy.certify.results import (
+    COLUMN_LINE,
+    CertifyLog,
+    certified_accuracy_curve,
+    certify_dataset,
+    plot_curve,
+    write_summary,
+)
+from arq_deploy.certify.smooth import ABSTAIN, Certificate, Smooth
 from arq_deploy.certify.stats import summarize
-from arq_deploy.errors import CertificationInputError
+from arq_deploy.core.errors import CertificationInputError
+from arq_deploy.runtime.noise import input_seed
 
 SHAPE = (1, 4, 4)
 SIGMA, N0, N, ALPHA, SEED = 0.5, 20, 200, 0.01, 3

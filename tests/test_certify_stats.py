@@ -8,7 +8,7 @@ from scipy.stats import norm
 
 from arq_deploy.certify.smooth import ABSTAIN, Certificate
 from arq_deploy.certify.stats import cp_lower, cp_upper, radius, summarize
-from arq_deploy.errors import CertificationInputError
+from arq_deploy.core.errors import CertificationInputError
 
 
 def binom_tail_ge(k: int, n: int, p: float) -> float:

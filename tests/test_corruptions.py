@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from arq_deploy.certify import corruptions as C
-from arq_deploy.certify import robust_metrics as M
-from arq_deploy.errors import ArqError, UnknownNameError
+from arq_deploy.certify.checks import corruptions as C
+from arq_deploy.certify.checks import robust_metrics as M
+from arq_deploy.core.errors import ArqError, UnknownNameError
 
 SEEDED = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "motion_blur", "snow",
           "frost", "fog", "spatter", "elastic_transform")

@@ -1,8 +1,8 @@
 """Energy probes: the integrator on known power traces, RAPL on a sysfs tree in its real file format (and the real
 sysfs), INA3221 on both Jetson sysfs layouts, the Pi 5 PMIC parser on captured `vcgencmd pmic_read_adc` text, NVML."""
 
-import math
 import ast
+import math
 import os
 import shutil
 import subprocess
@@ -12,10 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from arq_deploy.errors import ArqError, UnknownNameError
-from arq_deploy.targets.energy import (EnergyProbe, Ina3221Probe, NoProbe, NvmlProbe, ProbeUnavailableError,
-                                       RaplProbe, VcgencmdProbe, get_probe, integrate_power, parse_pmic_adc,
-                                       pmic_power_w, probe_names, register_probe)
+from arq_deploy.core.errors import ArqError, UnknownNameError
+from arq_deploy.targets.energy import (
+    EnergyProbe,
+    Ina3221Probe,
+    NoProbe,
+    NvmlProbe,
+    ProbeUnavailableError,
+    RaplProbe,
+    VcgencmdProbe,
+    get_probe,
+    integrate_power,
+    parse_pmic_adc,
+    pmic_power_w,
+    probe_names,
+    register_probe,
+)
 
 # `vcgencmd pmic_read_adc` on a Raspberry Pi 5 (firmware 2024+): currents and voltages of the PMIC's rails, each
 # with its own ADC index, then the input voltage and the RTC battery, which have no current reading.

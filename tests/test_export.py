@@ -5,12 +5,12 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from arq_deploy.errors import ExportMismatchError, ModelFormatError
+from arq_deploy.core.errors import ExportMismatchError, ModelFormatError
+from arq_deploy.core.policy import QuantPolicy
+from arq_deploy.export.pipeline import export_and_validate
 from arq_deploy.export.qdq import load_onnx, read_metadata
-from arq_deploy.pipeline import export_and_validate
-from arq_deploy.runners import OrtRunner
-from arq_deploy.search.layers import extract_layer_specs
-from arq_deploy.search.policy import QuantPolicy
+from arq_deploy.export.quantize.layers import extract_layer_specs
+from arq_deploy.runtime.runners import OrtRunner
 
 MIXED_BITS = [(8, 8), (2, 8), (4, 4), (6, 6), (8, 8)]
 
@@ -119,8 +119,8 @@ def test_malformed_onnx(tmp_path):
 @pytest.mark.shared_data
 def test_resnet20_w8a8_export_accuracy(models_dir, cifar_dir, tmp_path):
     """Issue 2's acceptance: W8A8 ResNet-20 through onnxruntime keeps >= 90.5% on the 1,000 lossless images."""
-    from arq_deploy.data import load_dataset
-    from arq_deploy.pipeline import load
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.export.pipeline import load
 
     lm = load("resnet20", str(models_dir / "resnet20-12fca82f.th"))
     res = export_and_validate(lm, QuantPolicy.uniform(8), load_dataset(str(cifar_dir), "train"),

@@ -1,4 +1,4 @@
-"""Training modes (search/finetune.py) through pipeline.train and `arq-deploy train`: PGD examples, PGD adversarial
+"""Training modes (export/quantize/finetune.py) through pipeline.train and `arq-deploy train`: PGD examples, PGD adversarial
 training, robust distillation, QAT in an adversarial mode, checkpoint metadata, and bad input."""
 
 import json
@@ -8,9 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arq_deploy.pipeline import export_and_validate, load, save_checkpoint, train
-from arq_deploy.search.finetune import (MODES, StepContext, TrainConfig, TrainConfigError, distill_kl, parse_pixels,
-                                        pgd_attack, training_loss)
+from arq_deploy.export.pipeline import export_and_validate, load, save_checkpoint, train
+from arq_deploy.export.quantize.finetune import (
+    MODES,
+    StepContext,
+    TrainConfig,
+    TrainConfigError,
+    distill_kl,
+    parse_pixels,
+    pgd_attack,
+    training_loss,
+)
 
 EPS = 0.1  # digits pixels have 17 grey levels (steps of 1/16): 0.1 is a bit more than one level
 
@@ -118,8 +126,8 @@ def test_distillation_lowers_its_loss_and_leaves_the_teacher_alone(init_ckpt, di
 
 
 def test_qat_in_pgd_mode_reloads_as_fake_quant_and_exports(init_ckpt, digits, tmp_path):
-    from arq_deploy.search.policy import parse_bits
-    from arq_deploy.search.quant import quant_layers
+    from arq_deploy.core.policy import parse_bits
+    from arq_deploy.export.quantize.quant import quant_layers
 
     lm = load(None, init_ckpt)
     model, hist = train(lm, digits[0], 0.0, 1, lr=0.01, batch_size=64, policy=parse_bits("W4A8"), mode="pgd",
@@ -157,7 +165,7 @@ def invoke(*args):
     by tests/test_cli.py) -> (exit code, stdout, stderr)."""
     from click.testing import CliRunner
 
-    from arq_deploy.cli import main
+    from arq_deploy.app.cli import main
 
     res = CliRunner().invoke(main, [str(a) for a in args])
     return res.exit_code, res.stdout, res.stderr

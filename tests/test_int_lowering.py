@@ -10,10 +10,9 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import R20_MIXED_POLICY
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
-
-from conftest import R20_MIXED_POLICY
 
 S_X, S_Y = np.float32(0.02), np.float32(0.05)
 
@@ -323,11 +322,11 @@ DIGITS_MIXED = {"conv1": [8, 8], "conv2": [4, 6], "conv3": [6, 4], "conv4": [4, 
 
 @pytest.mark.parametrize("policy", ["W8A8", "mixed"])
 def test_digits_integer_build_agrees_with_onnxruntime(policy, digits, digits_model, tmp_path):
-    from arq_deploy.pipeline import export_and_validate, load
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.search.policy import QuantPolicy
-    from arq_deploy.targets.tvm_build import compile_onnx
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate, load
+    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
 
     train_ds, test_ds = digits
     _, ckpt = digits_model
@@ -357,16 +356,16 @@ def test_digits_integer_build_agrees_with_onnxruntime(policy, digits, digits_mod
 @pytest.mark.parametrize("policy", ["W8A8", "mixed"])
 def test_resnet20_integer_build_agrees_with_onnxruntime(policy, models_dir, cifar_dir, tmp_path):
     """ResNet-20 W8A8 and the mixed 2/4/6/8-bit acceptance policy on the 1,000 lossless test images: the integer
-    and the float build each agree with onnxruntime on at least 99.9% (issue 4's goal). onnxruntime runs the
+    and the float build each agree with onnxruntime on at least 99.9%. onnxruntime runs the
     Clip-blocked sub-8-bit layers in float, so the runtimes differ by float rounding; with tie-free activation
-    scales (search/quantizers.tie_free_widening) only rare near-ties remain. (Measured, mixed: integer 99.9%,
+    scales (export/quantize/quantizers.tie_free_widening) only rare near-ties remain. (Measured, mixed: integer 99.9%,
     float 100%; before tie-free scales both were 99.7%, from exact ties in one channel.)"""
-    from arq_deploy.data import load_dataset
-    from arq_deploy.pipeline import export_and_validate, load
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.search.policy import QuantPolicy
-    from arq_deploy.targets.tvm_build import compile_onnx
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate, load
+    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
 
     pol = QuantPolicy.uniform(8) if policy == "W8A8" else QuantPolicy.from_dict(R20_MIXED_POLICY)
     lm = load("resnet20", str(models_dir / "resnet20-12fca82f.th"))
@@ -388,7 +387,7 @@ def test_resnet20_integer_build_agrees_with_onnxruntime(policy, models_dir, cifa
 
 def test_cli_compile_integer(cli, tmp_path):
     """`arq-deploy compile --integer` writes an artifact whose manifest records the lowering, and it runs exactly."""
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
     model, params = qdq_graph("conv", out_q=False, relu=True)
     g = model.graph
@@ -415,7 +414,7 @@ def test_a_kernel_the_target_lacks_is_a_clear_error(cli, tmp_path):
     an unknown --int-kernel is a one-line CLI error that writes no artifact."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    from arq_deploy.errors import ArqError
+    from arq_deploy.core.errors import ArqError
     from arq_deploy.targets.tvm_build import build
 
     model, _ = qdq_graph("conv", out_q=False)

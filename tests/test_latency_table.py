@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from arq_deploy.errors import ArqError, UnknownNameError
+from arq_deploy.core.errors import ArqError, UnknownNameError
 from arq_deploy.search.env import LatencyCost, LatencyTable
 from arq_deploy.search.latency import PAIRS, check_setup, pair_key
 
@@ -19,7 +19,7 @@ def table(digits_model):
 
 
 def test_table_covers_every_layer_and_pair_from_three_measured_variants(table, digits_model):
-    from arq_deploy.search.layers import extract_layer_specs
+    from arq_deploy.export.quantize.layers import extract_layer_specs
 
     lm, _ = digits_model
     names = [s.name for s in extract_layer_specs(lm.model, lm.input_shape)]
@@ -46,7 +46,7 @@ def test_table_covers_every_layer_and_pair_from_three_measured_variants(table, d
 
 
 def test_table_round_trips_and_old_tables_still_load(table, tmp_path):
-    from arq_deploy.fileio import write_json
+    from arq_deploy.core.fileio import write_json
 
     write_json(tmp_path / "t.json", table.to_dict())
     again = LatencyTable.load(tmp_path / "t.json")
@@ -91,7 +91,7 @@ def test_cli_errors_are_one_line_and_write_nothing(cli, tmp_path, args, msg):
 
 
 def test_latency_budget_search_end_to_end(cli, table, digits_model, tmp_path):
-    from arq_deploy.search.layers import extract_layer_specs
+    from arq_deploy.export.quantize.layers import extract_layer_specs
 
     lm, ckpt = digits_model
     path = tmp_path / "table.json"

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from arq_deploy.errors import UnknownNameError, WeightsMismatchError
-from arq_deploy.models import MODELS, build_model, load_model
+from arq_deploy.core.errors import UnknownNameError, WeightsMismatchError
+from arq_deploy.core.models import MODELS, build_model, load_model
 
 
 @pytest.mark.shared_data
@@ -11,7 +11,7 @@ from arq_deploy.models import MODELS, build_model, load_model
                                                ("resnet32", "resnet32-d509ac18.th", 0.89),
                                                ("resnet56", "resnet56-4bfd9763.th", 0.89)])
 def test_published_checkpoints_load_and_classify(models_dir, cifar_dir, name, file, min_acc):
-    from arq_deploy.data import load_dataset
+    from arq_deploy.core.data import load_dataset
 
     model, meta = load_model(name, models_dir / file)
     ds = load_dataset(str(cifar_dir), "test")
@@ -23,7 +23,7 @@ def test_published_checkpoints_load_and_classify(models_dir, cifar_dir, name, fi
 
 @pytest.mark.shared_data
 def test_gauss_checkpoint_meta_and_noisy_accuracy(models_dir, cifar_dir):
-    from arq_deploy.data import load_dataset
+    from arq_deploy.core.data import load_dataset
 
     model, meta = load_model("resnet20", models_dir / "resnet20-gauss0.25.pt")
     assert meta["sigma"] == 0.25

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from arq_deploy.errors import PolicyError
-from arq_deploy.models import build_model
-from arq_deploy.search.layers import LayerSpec, extract_layer_specs, total_macs
-from arq_deploy.search.policy import LayerBits, QuantPolicy, parse_bits
+from arq_deploy.core.errors import PolicyError
+from arq_deploy.core.models import build_model
+from arq_deploy.core.policy import LayerBits, QuantPolicy, parse_bits
+from arq_deploy.export.quantize.layers import LayerSpec, extract_layer_specs, total_macs
 
 
 @pytest.fixture(scope="module")

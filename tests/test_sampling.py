@@ -1,4 +1,4 @@
-"""Fast sampling (certify/sampling.py) and the smoothing graph (export/smoothing_graph.py) against Smooth.sample_counts.
+"""Fast sampling (deploy/runtime/sampling.py) and the smoothing graph (export/smoothing_graph.py) against Smooth.sample_counts.
 
 A small fixed random CNN (3×8×8 -> 5 classes, last layer scaled so logits are well separated) exported to ONNX, run by
 torch, onnxruntime and TVM: the same seed gives the same counts on every backend, batch size and path.
@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from arq_deploy.certify.sampling import (OrtInGraphNoise, OrtSmoothingGraph, TvmSmoothingGraph,
-                                         counts_loop, noise_stream)
-from arq_deploy.certify.smooth import Smooth, noise_batches
-from arq_deploy.errors import ArqError, CertificationInputError
+from arq_deploy.certify.smooth import Smooth
+from arq_deploy.core.errors import ArqError, CertificationInputError
+from arq_deploy.runtime.noise import counts_loop, noise_batches, noise_stream
+from arq_deploy.runtime.sampling import OrtInGraphNoise, OrtSmoothingGraph, TvmSmoothingGraph
 
 SHAPE, K, SIGMA = (3, 8, 8), 5, 0.5
 
@@ -38,7 +38,7 @@ def small(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runners(small):
-    from arq_deploy.runners import OrtRunner, TorchRunner
+    from arq_deploy.runtime.runners import OrtRunner, TorchRunner
 
     net, _, d, _ = small
     return {"torch": TorchRunner(net, SHAPE, K, batch_size=64), "ort": OrtRunner(d / "small.onnx", batch_size=64)}
@@ -47,8 +47,8 @@ def runners(small):
 @pytest.fixture(scope="module")
 def tvm_runner(small):
     pytest.importorskip("tvm")
-    from arq_deploy.targets.tvm_build import compile_onnx
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
 
     _, _, d, _ = small
     return TvmRunner(compile_onnx(d / "small.onnx", "x86", d / "tvm", batch_size=50, single=False))
@@ -83,7 +83,7 @@ def test_counts_equal_smooth_on_every_backend_and_batch_size(small, runners, tvm
 def test_parallel_samplers_equal_the_loop(small, runners, tvm_runner):
     """2 workers × 1 thread (onnxruntime sessions / TVM VMs), each drawing its own batches' noise: the same counts
     as the sequential loop, for a partial last batch too, and the same certificate."""
-    from arq_deploy.certify.sampling import ParallelOrtSampler, ParallelTvmSampler
+    from arq_deploy.runtime.sampling import ParallelOrtSampler, ParallelTvmSampler
 
     _, _, d, x = small
     want = runners["ort"].counts(x, 230, SIGMA, 13)
@@ -128,9 +128,9 @@ def test_smoothing_graph_counts_equal_the_loop(small, runners):
 
 
 def test_tvm_packed_smoothing_graph(small, tvm_runner):
-    from arq_deploy.export.smoothing_graph import smoothing_graph
     from arq_deploy.export.qdq import save_onnx
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.export.smoothing_graph import smoothing_graph
+    from arq_deploy.targets.backends import compile_onnx
 
     _, model, d, x = small
     g = smoothing_graph(model, packed=True, sigma=SIGMA)

@@ -12,11 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arq_deploy.errors import PolicyError
-from arq_deploy.search.env import (FEATURES, BopsCost, LatencyCost, LatencyTable, QuantEnv, action_to_bits,
-                                   action_wall, bits_to_action, check_budget, layer_features)
-from arq_deploy.search.layers import LayerSpec
-from arq_deploy.search.policy import QuantPolicy
+from arq_deploy.core.errors import PolicyError
+from arq_deploy.core.policy import QuantPolicy
+from arq_deploy.export.quantize.layers import LayerSpec
+from arq_deploy.search.env import (
+    FEATURES,
+    BopsCost,
+    LatencyCost,
+    LatencyTable,
+    QuantEnv,
+    action_to_bits,
+    action_wall,
+    bits_to_action,
+    check_budget,
+    layer_features,
+)
 
 
 def spec(i, name, kind="conv", cin=16, cout=16, k=3, s=1, groups=1, hw=8, macs=None):
@@ -199,35 +209,41 @@ def test_search_end_to_end_from_the_cli(cli, digits_model, tmp_path):
     assert rc == 2 and err.startswith("error:") and "another search" in err and "Traceback" not in err
 
 
-SEARCH_KW = dict(model_name=None, input_shape=None, data="digits", sigma=None, budget=0.02, latency_budget_ms=None,
-                 target=None, latency_table=None, method="ddpg", reward_kind="irs", val_images=16, calib_images=64,
-                 n0=50, n=300, n_p=64, alpha=0.001, alpha_zeta=0.001, warmup=1, min_bits=2, max_bits=8,
-                 warm_start=None, seed=5, progress=False)
+SEARCH = dict(data="digits", budget=0.02, method="ddpg", reward_kind="irs", val_images=16, calib_images=64, n0=50,
+              n=300, n_p=64, warmup=1, seed=5)
+
+
+def search(weights, out, model=None, input_shape=None, **changes) -> dict:
+    """`run_search` of a SearchRunConfig: SEARCH with `changes`, the model from `weights` (and `model`)."""
+    from arq_deploy.core.config import ModelSource, SearchRunConfig
+    from arq_deploy.search.driver import run_search
+
+    cfg = SearchRunConfig(model=ModelSource(model, str(weights), input_shape), out=str(out), **(SEARCH | changes))
+    return run_search(cfg, progress=False)
 
 
 def test_resumed_search_equals_an_uninterrupted_one(digits_model, tmp_path):
     """2 episodes, then continued to 3 with the agent file one episode behind (a kill between logging an episode
     and saving the agent): the agent replays the logged episode and the run equals an uninterrupted 4-episode one."""
     from arq_deploy.search.agent import DDPGAgent
-    from arq_deploy.search.driver import run_search_command
 
     _, ckpt = digits_model
-    a = run_search_command(weights=str(ckpt), episodes=4, out=tmp_path / "a", **SEARCH_KW)
-    run_search_command(weights=str(ckpt), episodes=2, out=tmp_path / "b", **SEARCH_KW)
+    a = search(ckpt, tmp_path / "a", episodes=4)
+    search(ckpt, tmp_path / "b", episodes=2)
     shutil.copy(tmp_path / "b" / "agent.pt", tmp_path / "agent-2.pt")
-    run_search_command(weights=str(ckpt), episodes=3, out=tmp_path / "b", **SEARCH_KW)
+    search(ckpt, tmp_path / "b", episodes=3)
     shutil.copy(tmp_path / "agent-2.pt", tmp_path / "b" / "agent.pt")
-    b = run_search_command(weights=str(ckpt), episodes=4, out=tmp_path / "b", **SEARCH_KW)
+    b = search(ckpt, tmp_path / "b", episodes=4)
     assert DDPGAgent.load(tmp_path / "b" / "agent.pt").episode == 4
     ra, rb = _rows(tmp_path / "a"), _rows(tmp_path / "b")
     assert [r["policy"] for r in rb] == [r["policy"] for r in ra]
     assert [r["reward"] for r in rb] == pytest.approx([r["reward"] for r in ra])
     assert b["best_policy"] == a["best_policy"]
     # random search in the same harness, also resumable
-    rnd = SEARCH_KW | {"method": "random"}
-    r1 = run_search_command(weights=str(ckpt), episodes=3, out=tmp_path / "r1", **rnd)
-    run_search_command(weights=str(ckpt), episodes=1, out=tmp_path / "r2", **rnd)
-    r2 = run_search_command(weights=str(ckpt), episodes=3, out=tmp_path / "r2", **rnd)
+    rnd = {"method": "random"}
+    r1 = search(ckpt, tmp_path / "r1", episodes=3, **rnd)
+    search(ckpt, tmp_path / "r2", episodes=1, **rnd)
+    r2 = search(ckpt, tmp_path / "r2", episodes=3, **rnd)
     assert [r["policy"] for r in _rows(tmp_path / "r1")] == [r["policy"] for r in _rows(tmp_path / "r2")]
     assert r1["best_reward"] == pytest.approx(r2["best_reward"])
 
@@ -256,7 +272,7 @@ def test_search_bad_input_fails_before_work(cli, digits_model, tmp_path):
     cases = [
         (["--budget", "0.0001"], "infeasible budget"),
         (["--latency-budget-ms", "2", "--target", "rpi4"], "latency table"),
-        (["--reward", "irs", "--n-p", "0"], "n_p must be >= 1"),
+        (["--reward", "irs", "--n-p", "0"], "--n-p (number of noise samples) must be an integer >= 1"),
     ]
     for extra, msg in cases:
         out = tmp_path / f"run{len(msg)}"
@@ -275,9 +291,8 @@ def test_search_runs_mobilenetv2_and_a_user_model_unchanged(digits_model, tmp_pa
     """Depthwise layers (CIFAR MobileNetV2) and a `package.module:factory` model go through the same harness."""
     import torch
 
-    from arq_deploy.data import Dataset
-    from arq_deploy.pipeline import load
-    from arq_deploy.search.driver import run_search_command
+    from arq_deploy.core.data import Dataset
+    from arq_deploy.export.pipeline import load
     from arq_deploy.search.reward import RewardConfig
     from arq_deploy.search.runner import SearchConfig, make_search
 
@@ -303,9 +318,8 @@ def test_search_runs_mobilenetv2_and_a_user_model_unchanged(digits_model, tmp_pa
     import usermod
 
     torch.save(usermod.make().state_dict(), tmp_path / "user.pt")
-    out = run_search_command(**SEARCH_KW | {"model_name": "usermod:make", "input_shape": (1, 8, 8), "sigma": 0.25,
-                                            "reward_kind": "accuracy", "method": "random"},
-                             weights=str(tmp_path / "user.pt"), episodes=2, out=tmp_path / "user")
+    out = search(tmp_path / "user.pt", tmp_path / "user", model="usermod:make", input_shape=(1, 8, 8), sigma=0.25,
+                 reward_kind="accuracy", method="random", episodes=2)
     assert out["episodes"] == 2 and set(out["best_policy"]) == {"0", "2", "6"}
 
 
@@ -313,16 +327,16 @@ def test_rerank_rescores_top_policies_on_fresh_images(digits_model, tmp_path):
     """--rerank-top: the top-k distinct policies are re-scored on training images outside the search's validation
     and calibration sets, the best re-scored one becomes policy.json, and its re-scored reward is what an
     independent evaluator on those images gives."""
-    from arq_deploy.data import load_dataset
-    from arq_deploy.errors import PolicyError
-    from arq_deploy.pipeline import load
-    from arq_deploy.search.driver import run_search_command
-    from arq_deploy.search.policy import QuantPolicy
+    from arq_deploy.core.config import ConfigError
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.errors import PolicyError
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import load
     from arq_deploy.search.reward import RewardConfig, RewardEvaluator, split_indices
 
     _, ckpt = digits_model
-    kw = SEARCH_KW | {"method": "random"}
-    s = run_search_command(weights=str(ckpt), episodes=5, out=tmp_path / "r", rerank_top=3, rerank_images=40, **kw)
+    kw = {"method": "random"}
+    s = search(ckpt, tmp_path / "r", episodes=5, rerank_top=3, rerank_images=40, **kw)
     rec = json.loads((tmp_path / "r" / "rerank.json").read_text())
     rows = _rows(tmp_path / "r")
     assert 1 <= len(rec["candidates"]) <= 3 and rec["images"] == 40
@@ -342,8 +356,7 @@ def test_rerank_rescores_top_policies_on_fresh_images(digits_model, tmp_path):
     ev = RewardEvaluator(lm, ds, cfg, indices=(np.array(sorted(fresh)), calib))
     ev.prepare(tmp_path / "indep")
     assert ev(chosen)[0] == pytest.approx(best["rerank_reward"])
-    with pytest.raises(PolicyError, match="rerank"):
-        run_search_command(weights=str(ckpt), episodes=1, out=tmp_path / "bad", rerank_top=-1, **kw)
+    with pytest.raises(ConfigError, match="--rerank-top"):
+        search(ckpt, tmp_path / "bad", episodes=1, rerank_top=-1, **kw)
     with pytest.raises(PolicyError, match="only"):
-        run_search_command(weights=str(ckpt), episodes=1, out=tmp_path / "big", rerank_top=1, rerank_images=10**6,
-                           **kw)
+        search(ckpt, tmp_path / "big", episodes=1, rerank_top=1, rerank_images=10**6, **kw)

@@ -8,12 +8,16 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from arq_deploy.search.policy import QuantPolicy  # noqa: E402
+from arq_deploy.core.policy import QuantPolicy  # noqa: E402
 
-KW = dict(model_name=None, input_shape=None, data="digits", sigma=None, budget=0.02, latency_budget_ms=None,
-          target=None, latency_table=None, method="ddpg", reward_kind="irs", val_images=16, calib_images=64,
-          n0=50, n=300, n_p=64, alpha=0.001, alpha_zeta=0.001, warmup=1, min_bits=2, max_bits=8,
-          warm_start=None, seed=5, progress=False)
+
+def search(weights, out, **changes) -> dict:
+    from arq_deploy.core.config import ModelSource, SearchRunConfig
+    from arq_deploy.search.driver import run_search
+
+    base = dict(data="digits", budget=0.02, val_images=16, calib_images=64, n0=50, n=300, n_p=64, warmup=1, seed=5)
+    return run_search(SearchRunConfig(model=ModelSource(weights=str(weights)), out=str(out), **(base | changes)),
+                      progress=False)
 
 
 @pytest.fixture(autouse=True)
@@ -33,12 +37,9 @@ def _strip(info):
 
 def test_ray_search_equals_the_sequential_one(digits_model, tmp_path):
     """3 DDPG episodes with the IRS reward, sequential and with 2 local Ray actors (sharing the float cache)."""
-    from arq_deploy.search.driver import run_search_command
-
     _, ckpt = digits_model
-    a = run_search_command(weights=str(ckpt), episodes=3, out=tmp_path / "seq", **KW)
-    b = run_search_command(weights=str(ckpt), episodes=3, out=tmp_path / "ray", cache_dir=tmp_path / "seq",
-                           ray_address="local", ray_workers=2, **KW)
+    a = search(ckpt, tmp_path / "seq", episodes=3)
+    b = search(ckpt, tmp_path / "ray", episodes=3, cache_dir=str(tmp_path / "seq"), ray_address="local", ray_workers=2)
     ra, rb = _rows(tmp_path / "seq"), _rows(tmp_path / "ray")
     assert [r["policy"] for r in rb] == [r["policy"] for r in ra]
     assert [r["reward"] for r in rb] == [r["reward"] for r in ra]  # exactly, not approximately
@@ -93,7 +94,7 @@ def test_unreachable_ray_fails_before_the_float_certification(cli, digits_model,
 
 
 def test_bad_worker_count_is_refused():
-    from arq_deploy.errors import ArqError
+    from arq_deploy.core.errors import ArqError
     from arq_deploy.search.reward_ray import RewardPool
 
     with pytest.raises(ArqError, match="--ray-workers must be >= 1"):

@@ -5,12 +5,11 @@ import json
 
 import numpy as np
 import pytest
-
-from arq_deploy.certify import systematic as S
-from arq_deploy.certify.robust_metrics import acc_s
-from arq_deploy.errors import ArqError, UnknownNameError
-
 from test_corruptions import _natural_image
+
+from arq_deploy.certify.checks import systematic as S
+from arq_deploy.certify.checks.robust_metrics import acc_s
+from arq_deploy.core.errors import ArqError, UnknownNameError
 
 X = _natural_image(n=3, seed=5)
 

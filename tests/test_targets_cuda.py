@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from arq_deploy.errors import ArqError, ArtifactIntegrityError
+from arq_deploy.core.errors import ArqError, ArtifactIntegrityError
 
 BATCH = 32
 EM_AARCH64, EM_X86_64 = 183, 62
@@ -34,8 +34,8 @@ def find_cuobjdump() -> str | None:
 
 @pytest.fixture(scope="module")
 def onnx_w8a8(digits, digits_model, tmp_path_factory):
-    from arq_deploy.pipeline import export_and_validate
-    from arq_deploy.search.policy import QuantPolicy
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate
 
     train_ds, test_ds = digits
     out = tmp_path_factory.mktemp("cuda") / "w8a8.onnx"
@@ -57,7 +57,7 @@ def toolkit():
 @pytest.fixture(scope="module")
 def cross_cc():
     from arq_deploy.targets.registry import get_target
-    from arq_deploy.targets.tvm_build import require_cross_compiler
+    from arq_deploy.targets.tvm_frontend import require_cross_compiler
 
     try:
         require_cross_compiler(get_target("jetson-orin-nano"))
@@ -69,7 +69,7 @@ def cross_cc():
 def source_only(onnx_w8a8, tmp_path_factory):
     """A `cuda` artifact built as on a machine without nvcc (nvcc hidden from the build)."""
     from arq_deploy.targets import gpu_build
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     mp = pytest.MonkeyPatch()
     mp.setattr(gpu_build, "find_nvcc", lambda: None)
@@ -108,8 +108,8 @@ def check_fatbin(art, arch: str) -> None:
 
 
 def test_jetson_orin_nano_artifact(onnx_w8a8, toolkit, cross_cc, tmp_path):
-    from arq_deploy.artifact import load_artifact
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.core.artifact import load_artifact
+    from arq_deploy.targets.backends import compile_onnx
 
     art = load_artifact(compile_onnx(onnx_w8a8, "jetson-orin-nano", tmp_path / "orin", batch_size=BATCH,
                                      single=False))
@@ -124,8 +124,8 @@ def test_jetson_orin_nano_artifact(onnx_w8a8, toolkit, cross_cc, tmp_path):
 
 
 def test_cuda_arch_override_and_batch_1_library(onnx_w8a8, toolkit, tmp_path):
-    from arq_deploy.artifact import load_artifact
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.core.artifact import load_artifact
+    from arq_deploy.targets.backends import compile_onnx
 
     art = load_artifact(compile_onnx(onnx_w8a8, "cuda-sm75", tmp_path / "t4", batch_size=BATCH))
     m = art.manifest
@@ -138,10 +138,10 @@ def test_cuda_arch_override_and_batch_1_library(onnx_w8a8, toolkit, tmp_path):
 
 def test_jetson_nano_sm53(onnx_w8a8, toolkit, cross_cc, tmp_path):
     """nvcc 13 dropped sm_53: the artifact carries the CUDA source and says why there is no fatbin."""
-    from arq_deploy.artifact import load_artifact
+    from arq_deploy.core.artifact import load_artifact
+    from arq_deploy.targets.backends import compile_onnx
     from arq_deploy.targets.gpu_build import compile_gpu
     from arq_deploy.targets.registry import get_target
-    from arq_deploy.targets.tvm_build import compile_onnx
 
     art = load_artifact(compile_onnx(onnx_w8a8, "jetson-nano", tmp_path / "nano", batch_size=BATCH, single=False))
     check_source(art)
@@ -158,7 +158,7 @@ def test_jetson_nano_sm53(onnx_w8a8, toolkit, cross_cc, tmp_path):
 
 
 def test_without_nvcc_the_cuda_source_is_still_built(source_only):
-    from arq_deploy.artifact import load_artifact
+    from arq_deploy.core.artifact import load_artifact
 
     art = load_artifact(source_only)
     cuda = art.manifest["cuda"]
@@ -170,7 +170,7 @@ def test_without_nvcc_the_cuda_source_is_still_built(source_only):
 
 
 def test_tampered_cuda_artifact_is_refused(source_only, tmp_path):
-    from arq_deploy.artifact import load_artifact
+    from arq_deploy.core.artifact import load_artifact
 
     bad = tmp_path / "bad"
     shutil.copytree(source_only, bad)
@@ -192,10 +192,10 @@ def test_tampered_cuda_artifact_is_refused(source_only, tmp_path):
 
 
 def test_cpu_runners_refuse_gpu_artifacts(source_only):
-    from arq_deploy.targets.qemu import QemuRunner
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.qemu import QemuRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
-    with pytest.raises(ArqError, match="TvmRunner runs CPU"):
+    with pytest.raises(ArqError, match="CUDA GPU"):  # TvmRunner runs a CUDA artifact only where a GPU is
         TvmRunner(source_only)
     with pytest.raises(ArqError, match="only CPU"):
         QemuRunner(source_only)

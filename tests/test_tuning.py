@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-from arq_deploy.errors import ArqError
+from arq_deploy.core.errors import ArqError
 
 
 def tiny_model(path):
@@ -33,8 +33,8 @@ def _tuning(art):
 
 
 def _agrees_with_onnxruntime(art, onnx_path):
-    from arq_deploy.runners import OrtRunner
-    from arq_deploy.tvm_runner import TvmRunner
+    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
 
     x = np.random.default_rng(1).random((20, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(TvmRunner(art)(x), OrtRunner(onnx_path)(x), rtol=1e-4, atol=1e-4)
@@ -42,7 +42,7 @@ def _agrees_with_onnxruntime(art, onnx_path):
 
 @pytest.mark.parametrize("trials", [-1, 2.5, "8"])
 def test_bad_trial_counts_are_clear_errors(trials, tmp_path):
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     with pytest.raises(ArqError, match="tune trials must be an integer >= 0"):
         compile_onnx(tiny_model(tmp_path / "m.onnx"), "x86", tmp_path / "art", tune_trials=trials)
@@ -58,7 +58,7 @@ def test_cli_negative_trials(cli, tmp_path):
 
 @pytest.mark.parametrize("target", ["cuda", "rpi4"])
 def test_tuning_only_for_host_cpu_targets(target, tmp_path):
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     with pytest.raises(ArqError, match="host CPU targets only|not installed"):
         compile_onnx(tiny_model(tmp_path / "m.onnx"), target, tmp_path / "art", tune_trials=4)
@@ -66,7 +66,7 @@ def test_tuning_only_for_host_cpu_targets(target, tmp_path):
 
 
 def test_database_path_that_is_a_file(tmp_path):
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     (tmp_path / "db").write_text("not a directory")
     with pytest.raises(ArqError, match="is a file"):
@@ -76,7 +76,7 @@ def test_database_path_that_is_a_file(tmp_path):
 
 def test_empty_database_without_trials_changes_nothing(tmp_path):
     """tuning_db with 0 trials: nothing to apply, no trials run, every function keeps the arq schedule."""
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     onnx_path = tiny_model(tmp_path / "m.onnx")
     art = compile_onnx(onnx_path, "x86", tmp_path / "art", batch_size=4, tuning_db=tmp_path / "db", single=False)
@@ -91,7 +91,7 @@ def test_empty_database_without_trials_changes_nothing(tmp_path):
 @pytest.mark.slow
 def test_tuning_creates_a_database_that_a_second_build_reuses(tmp_path):
     """A tiny budget tunes every task into the database; the same build again runs no trial and applies them all."""
-    from arq_deploy.targets.tvm_build import compile_onnx
+    from arq_deploy.targets.backends import compile_onnx
 
     onnx_path, db = tiny_model(tmp_path / "m.onnx"), tmp_path / "db"
     art1 = compile_onnx(onnx_path, "x86", tmp_path / "a1", batch_size=4, tune_trials=6, tuning_db=db, single=False)

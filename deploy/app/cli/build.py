@@ -1,0 +1,52 @@
+"""Build commands: `compile` (an ONNX model into a TVM artifact for a target) and `targets` (the registry)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command(name="compile")
+@click.argument("onnx_path", type=click.Path(dir_okay=False))
+@click.option("--target", default="x86", show_default=True, help="registered target (see `arq-deploy targets`)")
+@click.option("--batch-size", type=int, default=100, show_default=True, help="batch compiled into the library")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="artifact directory to write")
+@click.option("--tune-trials", type=int, default=0, show_default=True,
+              help="MetaSchedule tuning trials (host CPU targets), starting from the built-in schedules")
+@click.option("--tuning-db", type=click.Path(file_okay=False), default=None,
+              help="tuning database directory: records are applied and new ones added; reuse it across builds")
+@click.option("--integer", is_flag=True, help="compute QDQ conv/dense layers in integer arithmetic (int32 accumulate)")
+@click.option("--int-kernel", type=click.Choice(["auto", "vpdpbusd", "vpmaddwd", "sdot", "none"]), default="auto",
+              show_default=True,
+              help="SIMD conv kernel of --integer builds (auto: x86 vpdpbusd with VNNI, else vpmaddwd; AArch64 sdot)")
+def compile_cmd(onnx_path, target, batch_size, out, tune_trials, tuning_db, integer, int_kernel):
+    """Compile an ONNX model with TVM into an artifact directory (model library + manifest.json with hashes)."""
+    from arq_deploy.app.stages import compile_stage
+    from arq_deploy.core.config import CompileConfig
+
+    cfg = CompileConfig(onnx=onnx_path, out=out, target=target, batch_size=batch_size, tune_trials=tune_trials,
+                        tuning_db=tuning_db, integer=integer, int_kernel=int_kernel)
+    click.echo(f"wrote {compile_stage(cfg)}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="print every field of every target as JSON")
+def targets(as_json):
+    """List the registered compilation targets (cuda-smNN also names the cuda target for architecture sm_NN)."""
+    import json
+
+    from arq_deploy.targets.registry import list_targets, summary
+
+    if as_json:
+        click.echo(json.dumps([t.to_json() for t in list_targets()], indent=2))
+        return
+    rows = [summary(t) for t in list_targets()]
+    cols = ["name", "kind", "device", "host", "cross_compiler", "onnxruntime", "energy"]
+    width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols[:-1]}
+    click.echo("  ".join(c.ljust(width[c]) for c in cols[:-1]) + "  energy")
+    for r in rows:
+        click.echo("  ".join(r[c].ljust(width[c]) for c in cols[:-1]) + "  " + r["energy"])
+    click.echo("\ncuda-smNN (e.g. cuda-sm75, cuda-sm90) is the cuda target for another GPU architecture; "
+               "--json shows every field.")
+
+
+COMMANDS = (compile_cmd, targets)

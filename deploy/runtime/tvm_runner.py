@@ -1,0 +1,133 @@
+"""A Runner over a compiled TVM artifact (see `arq_deploy.targets.tvm_build` and `arq_deploy.core.artifact`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from arq_deploy.core.artifact import Artifact, load_artifact
+from arq_deploy.core.errors import ArqError, ArtifactIntegrityError, DeviceUnavailableError
+from arq_deploy.core.host import machine_arch
+from arq_deploy.runtime.runners import SamplingMixin, _batched, check_input
+
+# runtime.config_threadpool affinity mode: worker threads may run on any of the given cores (no pinning).
+_SHARE_ALL_CORES = -3
+
+
+def available_cores() -> list[int]:
+    """The cores this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def require_native(artifact: Artifact) -> None:
+    """ArqError when the artifact's library was compiled for another CPU architecture than this machine's."""
+    arch = str(artifact.manifest["target"].get("host_triple") or "").split("-")[0]
+    here = machine_arch()
+    if arch and arch != here:
+        raise ArqError(f"artifact {artifact.path} was cross-compiled for {arch} ({artifact.target_name!r}) and cannot "
+                       f"run on this {here} machine: run it on the device (--remote HOST:PORT), or here under "
+                       f"qemu-user with arq_deploy.runtime.qemu.QemuRunner (set up with `make aarch64-env`)")
+
+
+class TvmRunner(SamplingMixin):
+    """x: float32 N×C×H×W in [0, 1] -> float32 logits N×K, on a verified artifact's library with TVM's Relax VM.
+
+    The library's `main` has a fixed batch (the artifact's batch_size): inputs are cut into batches of that size and
+    the last partial batch is zero-padded, unless it has at most `single_max` images and the artifact has a batch-1
+    library (`library_b1`), which then runs them one by one (single-image latency without a padded batch).
+
+    `threads` (default: every core this process may use) sets TVM's CPU thread pool. TVM's own default is half the
+    logical cores on x86 (it assumes hyper-threading: one thread on a 2-core VM) and it pins the calling thread to
+    core 0; this runner asks for all cores without pinning, per calling thread (TVM's pool is thread-local).
+    """
+
+    def __init__(self, artifact: str | Path | Artifact, threads: int | None = None, single_max: int | None = None):
+        self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        kind = self.artifact.manifest["target"].get("kind", "cpu")
+        tvm_kind = self.artifact.tvm_target.get("kind", "llvm")
+        if (kind, tvm_kind) not in (("cpu", "llvm"), ("gpu", "cuda")):
+            raise ArqError(f"artifact {self.artifact.path} was built for {self.artifact.target_name!r} ({tvm_kind}); "
+                           f"TvmRunner runs CPU (llvm) and CUDA artifacts")
+        require_native(self.artifact)
+        import tvm
+
+        self.device = "cuda" if tvm_kind == "cuda" else "cpu"
+        dev = tvm.cuda(0) if self.device == "cuda" else tvm.cpu()
+        if not dev.exist:
+            raise DeviceUnavailableError(f"artifact {self.artifact.path} runs on a CUDA GPU, and TVM finds none here")
+
+        self.name = "tvm"
+        self.input_shape = self.artifact.input_shape
+        self.num_classes = self.artifact.num_classes
+        self.batch_size = self.artifact.batch_size
+        cores = available_cores()
+        self.threads = int(threads) if threads else len(cores)
+        self._cores = [str(c) for c in cores]
+        self._configured: set[int] = set()
+        self._tvm = tvm
+        self._dev = dev
+        self._vms = []  # keep the VMs (and their libraries) alive
+        self._main = self._load(self.artifact.library_path)
+        b1 = self.artifact.library_b1_path
+        self._single = self._load(b1) if b1 is not None else None
+        if self._single is None:
+            self.single_max = 0
+        else:
+            self.single_max = int(single_max) if single_max is not None else max(1, self.batch_size // 4)
+
+    def _load(self, path: Path):
+        """Load a library from a private copy whose bytes are checked against the manifest's sha256.
+
+        The copy has a fresh name, because dlopen returns the library already loaded under the same path: a library
+        rebuilt in place would otherwise silently run the old code. Checking the copied bytes also closes the gap
+        between `load_artifact`'s check and loading.
+        """
+        from tvm import relax
+
+        data = path.read_bytes()
+        rel = path.relative_to(self.artifact.path).as_posix()
+        if hashlib.sha256(data).hexdigest() != self.artifact.files.get(rel):
+            raise ArtifactIntegrityError(f"{self.artifact.path}: {rel} changed after the artifact was verified")
+        with tempfile.TemporaryDirectory(prefix="arq-tvm-") as d:
+            private = Path(d) / f"{uuid.uuid4().hex}-{path.name}"
+            private.write_bytes(data)
+            try:
+                vm = relax.VirtualMachine(self._tvm.runtime.load_module(str(private)), self._dev)
+            except Exception as e:  # a library for another CPU/ABI, missing symbols, ...
+                msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                raise ArqError(f"cannot load {path} on this machine: {msg}") from None
+        self._vms.append(vm)
+        return vm["main"]
+
+    def _configure_threads(self) -> None:
+        tid = threading.get_ident()
+        if self.device == "cpu" and tid not in self._configured:
+            self._tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, self.threads, self._cores)
+            self._configured.add(tid)
+
+    def _run(self, xb: np.ndarray) -> np.ndarray:
+        n = len(xb)
+        if n <= self.single_max and n < self.batch_size:
+            return np.concatenate([self._single(self._tvm.runtime.tensor(xb[i: i + 1], self._dev)).numpy()
+                                   for i in range(n)])
+        if n != self.batch_size:
+            xb = np.concatenate([xb, np.zeros((self.batch_size - n, *xb.shape[1:]), np.float32)])
+        out = self._main(self._tvm.runtime.tensor(xb, self._dev))
+        return out.numpy()[:n]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = check_input(x, self.input_shape)
+        self._configure_threads()
+        return _batched(self._run, x, self.batch_size, self.num_classes)
+
+    def _before_counts(self) -> None:
+        self._configure_threads()
