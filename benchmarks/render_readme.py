@@ -145,7 +145,7 @@ def bops() -> str:
                    "recorded") + f", ResNet-20 gauss0.25, σ = {d['sigma']}, {d['rounds']} interleaved rounds, "
             f"{d['aggregation']}:\n\n" +
             table(["policy", "BOPs %", "onnxruntime img/s", "TVM float img/s",
-                   f"TVM integer img/s (vs TVM float fp32)", "p50 ms at batch 1: onnxruntime / TVM float / TVM integer"],
+                   "TVM integer img/s (vs TVM float fp32)", "p50 ms at batch 1: onnxruntime / TVM float / TVM integer"],
                   rows))
     rows = []
     for b, s in d["spearman"].items():

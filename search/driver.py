@@ -62,6 +62,7 @@ def run_search(cfg: SearchRunConfig, progress: bool = True) -> dict:
     sha = sha256_file(cfg.model.weights) if cfg.model.weights and Path(cfg.model.weights).is_file() else None
     s = make_search(lm, train_ds, cfg.out, scfg, rcfg, acfg, warm_start=cfg.warm_start, latency_table=cfg.latency_table,
                     model_sha256=sha, progress=progress)
+    cfg.save(cfg.config_path)  # the run directory exists and every input was checked
     if pool is not None:
         pool.connect()  # before the float certification
     try:

@@ -201,6 +201,10 @@ def test_search_end_to_end_from_the_cli(cli, digits_model, tmp_path):
                  "float-cert.tsv"):
         assert (full / name).exists(), name
     assert all(r["bops_fraction"] <= 0.02 for r in rows)
+    from arq_deploy.core.config import SearchRunConfig
+
+    cfg = SearchRunConfig.load(full / "search.config.json")  # the config the command ran with
+    assert (cfg.episodes, cfg.budget, cfg.model.weights, cfg.out) == (3, 0.02, str(ckpt), str(full))
     best = max(rows, key=lambda r: r["reward"])
     pol = QuantPolicy.load(full / "policy.json")
     assert {n: [b.w_bits, b.a_bits] for n, b in pol.layers.items()} == best["policy"]
