@@ -10,6 +10,7 @@ of it, so a runner never executes a library that differs from the one that was b
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import platform
 from dataclasses import dataclass
@@ -164,6 +165,15 @@ class Artifact:
     def arq(self) -> dict:
         """The ONNX model's arq.* metadata (prefix stripped)."""
         return self.manifest.get("arq", {})
+
+    def read_verified(self, path: Path) -> bytes:
+        """The bytes of one of the artifact's files, checked against the manifest's sha256 now (a file changed after
+        `load_artifact` verified it raises ArtifactIntegrityError)."""
+        data = Path(path).read_bytes()
+        rel = Path(path).relative_to(self.path).as_posix()
+        if hashlib.sha256(data).hexdigest() != self.files.get(rel):
+            raise ArtifactIntegrityError(f"{self.path}: {rel} changed after the artifact was verified")
+        return data
 
     @property
     def policy(self) -> QuantPolicy | None:

@@ -12,7 +12,6 @@ artifact must have been compiled for the device's target (e.g. `arq-deploy compi
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import struct
 import threading
@@ -22,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from arq_deploy.core.artifact import Artifact, load_artifact
-from arq_deploy.core.errors import ArqError, ArtifactIntegrityError
-from arq_deploy.runtime.runners import SamplingMixin, _batched, check_input
+from arq_deploy.core.errors import ArqError
+from arq_deploy.runtime.runners import CompiledRunner, _batched, check_input
 
 DEFAULT_PORT = 9090
 # TVM's RPC handshake (tvm.rpc.base): a little-endian int32 magic, then a length-prefixed key; the server answers
@@ -90,7 +89,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-class RpcTvmRunner(SamplingMixin):
+class RpcTvmRunner(CompiledRunner):
     """x: float32 N×C×H×W in [0, 1] -> float32 logits N×K, computed on a remote device by a verified artifact.
 
     The same interface as `arq_deploy.runtime.tvm_runner.TvmRunner` (`__call__`, `counts`, `input_shape`, `num_classes`,
@@ -124,14 +123,7 @@ class RpcTvmRunner(SamplingMixin):
         self._dev = self._device()
         if threads:
             self.session.get_function("runtime.config_threadpool")(1, int(threads))
-        self._vms = []
-        self._main = self._load(self.artifact.library_path)
-        b1 = self.artifact.library_b1_path
-        self._single = self._load(b1) if b1 is not None else None
-        if self._single is None:
-            self.single_max = 0
-        else:
-            self.single_max = int(single_max) if single_max is not None else max(1, self.batch_size // 4)
+        self._load_libraries(single_max)
 
     def _device(self):
         kind = str(self.artifact.tvm_target.get("kind", "llvm"))
@@ -141,33 +133,21 @@ class RpcTvmRunner(SamplingMixin):
             raise ArqError(f"artifact {self.artifact.path} targets {kind!r}, a device this TVM cannot address: "
                            f"{_first_line(e)}") from None
 
-    def _load(self, path: Path):
-        """Upload a library whose bytes match the manifest's sha256 (under a fresh name) and load it remotely."""
+    def _load_vm(self, path: Path, data: bytes):
+        """Upload a library's verified bytes (under a fresh name) and load it remotely."""
         from tvm import relax
 
-        data = path.read_bytes()
-        rel = path.relative_to(self.artifact.path).as_posix()
-        if hashlib.sha256(data).hexdigest() != self.artifact.files.get(rel):
-            raise ArtifactIntegrityError(f"{self.artifact.path}: {rel} changed after the artifact was verified")
         remote_name = f"{uuid.uuid4().hex}-{path.name}"
         try:
             self.session.upload(bytearray(data), remote_name)
-            vm = relax.VirtualMachine(self.session.load_module(remote_name), self._dev)
+            return relax.VirtualMachine(self.session.load_module(remote_name), self._dev)
         except Exception as e:  # a library for another CPU/ABI, a missing CUDA driver on the device, ...
             raise ArqError(f"the device at {self.address} cannot load {path} (built for target "
                            f"{self.artifact.target_name!r}): {_first_line(e)}") from None
-        self._vms.append(vm)
-        return vm["main"]
 
     def _run(self, xb: np.ndarray) -> np.ndarray:
-        tensor = self._tvm.runtime.tensor
-        n = len(xb)
-        with self._lock:
-            if n <= self.single_max and n < self.batch_size:
-                return np.concatenate([self._single(tensor(xb[i: i + 1], self._dev)).numpy() for i in range(n)])
-            if n != self.batch_size:
-                xb = np.concatenate([xb, np.zeros((self.batch_size - n, *xb.shape[1:]), np.float32)])
-            return self._main(tensor(xb, self._dev)).numpy()[:n]
+        with self._lock:  # one RPC session: one call at a time
+            return super()._run(xb)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return _batched(self._run, check_input(x, self.input_shape), self.batch_size, self.num_classes)

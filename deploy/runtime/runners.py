@@ -55,6 +55,38 @@ class SamplingMixin:
         return counts_loop(self._run, x, n, sigma, seed, purpose, self.batch_size, self.num_classes)
 
 
+class CompiledRunner(SamplingMixin):
+    """What the TVM runners share: the artifact's library at its compiled batch size and its optional batch-1
+    library, loaded from bytes checked against the manifest (`_load_vm(path, data)` does the loading), and batches
+    cut to the compiled size, the last one zero-padded unless at most `single_max` images run one by one."""
+
+    def _load_libraries(self, single_max: int | None) -> None:
+        self._vms = []  # keep the VMs (and their libraries) alive
+        self._main = self._load(self.artifact.library_path)
+        b1 = self.artifact.library_b1_path
+        self._single = self._load(b1) if b1 is not None else None
+        if self._single is None:
+            self.single_max = 0
+        else:
+            self.single_max = int(single_max) if single_max is not None else max(1, self.batch_size // 4)
+
+    def _load(self, path: Path):
+        vm = self._load_vm(path, self.artifact.read_verified(path))
+        self._vms.append(vm)
+        return vm["main"]
+
+    def _run(self, xb: np.ndarray) -> np.ndarray:
+        def tensor(a):
+            return self._tvm.runtime.tensor(a, self._dev)
+
+        n = len(xb)
+        if n <= self.single_max and n < self.batch_size:
+            return np.concatenate([self._single(tensor(xb[i: i + 1])).numpy() for i in range(n)])
+        if n != self.batch_size:
+            xb = np.concatenate([xb, np.zeros((self.batch_size - n, *xb.shape[1:]), np.float32)])
+        return self._main(tensor(xb)).numpy()[:n]
+
+
 def _batched(fn, x: np.ndarray, batch_size: int, num_classes: int = 0) -> np.ndarray:
     """fn over consecutive slices of at most batch_size rows, concatenated as float32 (0 × num_classes if x is empty)."""
     outs = [fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import threading
@@ -12,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from arq_deploy.core.artifact import Artifact, load_artifact
-from arq_deploy.core.errors import ArqError, ArtifactIntegrityError, DeviceUnavailableError
+from arq_deploy.core.errors import ArqError, DeviceUnavailableError
 from arq_deploy.core.host import machine_arch
-from arq_deploy.runtime.runners import SamplingMixin, _batched, check_input
+from arq_deploy.runtime.runners import CompiledRunner, _batched, check_input
 
 # runtime.config_threadpool affinity mode: worker threads may run on any of the given cores (no pinning).
 _SHARE_ALL_CORES = -3
@@ -38,7 +37,7 @@ def require_native(artifact: Artifact) -> None:
                        f"qemu-user with arq_deploy.runtime.qemu.QemuRunner (set up with `make aarch64-env`)")
 
 
-class TvmRunner(SamplingMixin):
+class TvmRunner(CompiledRunner):
     """x: float32 N×C×H×W in [0, 1] -> float32 logits N×K, on a verified artifact's library with TVM's Relax VM.
 
     The library's `main` has a fixed batch (the artifact's batch_size): inputs are cut into batches of that size and
@@ -75,54 +74,31 @@ class TvmRunner(SamplingMixin):
         self._configured: set[int] = set()
         self._tvm = tvm
         self._dev = dev
-        self._vms = []  # keep the VMs (and their libraries) alive
-        self._main = self._load(self.artifact.library_path)
-        b1 = self.artifact.library_b1_path
-        self._single = self._load(b1) if b1 is not None else None
-        if self._single is None:
-            self.single_max = 0
-        else:
-            self.single_max = int(single_max) if single_max is not None else max(1, self.batch_size // 4)
+        self._load_libraries(single_max)
 
-    def _load(self, path: Path):
-        """Load a library from a private copy whose bytes are checked against the manifest's sha256.
+    def _load_vm(self, path: Path, data: bytes):
+        """Load a library from a private copy of its verified bytes.
 
         The copy has a fresh name, because dlopen returns the library already loaded under the same path: a library
-        rebuilt in place would otherwise silently run the old code. Checking the copied bytes also closes the gap
+        rebuilt in place would otherwise silently run the old code. Loading the checked bytes also closes the gap
         between `load_artifact`'s check and loading.
         """
         from tvm import relax
 
-        data = path.read_bytes()
-        rel = path.relative_to(self.artifact.path).as_posix()
-        if hashlib.sha256(data).hexdigest() != self.artifact.files.get(rel):
-            raise ArtifactIntegrityError(f"{self.artifact.path}: {rel} changed after the artifact was verified")
         with tempfile.TemporaryDirectory(prefix="arq-tvm-") as d:
             private = Path(d) / f"{uuid.uuid4().hex}-{path.name}"
             private.write_bytes(data)
             try:
-                vm = relax.VirtualMachine(self._tvm.runtime.load_module(str(private)), self._dev)
+                return relax.VirtualMachine(self._tvm.runtime.load_module(str(private)), self._dev)
             except Exception as e:  # a library for another CPU/ABI, missing symbols, ...
                 msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
                 raise ArqError(f"cannot load {path} on this machine: {msg}") from None
-        self._vms.append(vm)
-        return vm["main"]
 
     def _configure_threads(self) -> None:
         tid = threading.get_ident()
         if self.device == "cpu" and tid not in self._configured:
             self._tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, self.threads, self._cores)
             self._configured.add(tid)
-
-    def _run(self, xb: np.ndarray) -> np.ndarray:
-        n = len(xb)
-        if n <= self.single_max and n < self.batch_size:
-            return np.concatenate([self._single(self._tvm.runtime.tensor(xb[i: i + 1], self._dev)).numpy()
-                                   for i in range(n)])
-        if n != self.batch_size:
-            xb = np.concatenate([xb, np.zeros((self.batch_size - n, *xb.shape[1:]), np.float32)])
-        out = self._main(self._tvm.runtime.tensor(xb, self._dev))
-        return out.numpy()[:n]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = check_input(x, self.input_shape)
