@@ -9,7 +9,7 @@ import sys
 import click
 
 from arq_deploy import __version__
-from arq_deploy.app.cli import bench, build, certify, checks, model, report, search
+from arq_deploy.app.cli import bench, build, certify, checks, model, predict, report, search
 from arq_deploy.core.errors import ArqError
 
 
@@ -33,7 +33,7 @@ def main():
     """arq-deploy: quantize, export, compile and certify CNNs for edge hardware with certified robustness."""
 
 
-for _module in (model, build, certify, bench, search, checks, report):
+for _module in (model, build, certify, predict, bench, search, checks, report):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 
