@@ -145,10 +145,14 @@ class Smooth:
         """PREDICT: with top two counts n_A ≥ n_B of n samples, return c_A if the two-sided binomial test of
         n_A ~ Binomial(n_A + n_B, 1/2) rejects at level α, else ABSTAIN. P[returns a class ≠ g(x)] ≤ α.
         """
+        return self.predict_with_counts(x, n, alpha, seed)[0]
+
+    def predict_with_counts(self, x, n: int, alpha: float, seed: int = 0) -> tuple[int, np.ndarray]:
+        """`predict`'s answer and the class counts (int64, length K) it was decided on."""
         n, alpha = check_count("n", n), check_alpha(alpha)
         counts = self.sample_counts(x, n, seed, "prediction")
         top2 = np.argsort(-counts, kind="stable")[:2]
         n_a, n_b = int(counts[top2[0]]), int(counts[top2[1]])
         if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:
-            return ABSTAIN
-        return int(top2[0])
+            return ABSTAIN, counts
+        return int(top2[0]), counts

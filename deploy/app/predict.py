@@ -207,17 +207,6 @@ def class_names(meta: dict, num_classes: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(num_classes))
 
 
-class _CountingSmooth(Smooth):
-    """Smooth that keeps the class counts of its last sampling, so PREDICT's n_A, n_B can be reported without
-    sampling twice (the decision itself is `Smooth.predict`'s)."""
-
-    last_counts: np.ndarray | None = None
-
-    def sample_counts(self, x, num, seed, purpose="estimation"):
-        self.last_counts = super().sample_counts(x, num, seed, purpose)
-        return self.last_counts
-
-
 # ---------------------------------------------------------------------------------------------------- the stage
 def predict_stage(cfg: PredictConfig, emit: Callable[[dict], None] | None = None) -> list[dict]:
     """PREDICT each input (see the module doc); returns one dict per input and writes them as JSON lines to cfg.out
@@ -235,15 +224,12 @@ def predict_stage(cfg: PredictConfig, emit: Callable[[dict], None] | None = None
                            f"fixed and the metadata has no num_classes)")
         names = class_names(meta, num_classes)
         inputs = load_inputs(cfg.inputs, tuple(runner.input_shape))
-        smooth = _CountingSmooth(runner, num_classes, cfg.sigma, batch_size=cfg.batch_size)
+        smooth = Smooth(runner, num_classes, cfg.sigma, batch_size=cfg.batch_size)
         rows = []
         for i, inp in enumerate(inputs):
             start = time.perf_counter()
-            smooth.last_counts = None
-            pred = smooth.predict(inp.x, cfg.n, cfg.alpha, seed=input_seed(cfg.seed, i))
-            if smooth.last_counts is None:
-                raise RuntimeError("Smooth.predict no longer samples through sample_counts: report its counts")
-            top2 = sorted((int(c) for c in smooth.last_counts), reverse=True)[:2]
+            pred, counts = smooth.predict_with_counts(inp.x, cfg.n, cfg.alpha, seed=input_seed(cfg.seed, i))
+            top2 = sorted((int(c) for c in counts), reverse=True)[:2]
             abstain = pred == ABSTAIN
             row = {"input": inp.name, "prediction": None if abstain else int(pred),
                    "class": None if abstain else names[pred], "abstain": abstain, "counts_top2": top2,
