@@ -78,7 +78,7 @@ def test_report_gathers_results_and_embeds_plots(tmp_path):
     out = build_report(run)
     text = out.read_text()
     assert out == run / "report.html"
-    assert "0.4321" in text and "1.234" in text and "fog" in text
+    assert "0.432" in text and "1.234" in text and "fog" in text  # ACR with 3 decimals
     assert text.count("data:image/png;base64,") == 1
     assert "manifest.json" in text  # listed as an unrecognised file, not dropped
     empty = tmp_path / "empty"

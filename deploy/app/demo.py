@@ -113,5 +113,9 @@ def run_demo(out: Path, fast: bool = False) -> dict:
     result = {"sigma": SIGMA, "n0": n0, "n": n, "certified_inputs": len(cert_idx), "epochs": epochs, "rows": rows,
               "seconds": round(time.perf_counter() - t_start, 1)}
     write_json(out / "demo.json", result)
+    from arq_deploy.app.report import build_report
+
+    report = build_report(out)
     console.print(f"done in {result['seconds']} s; results in {out}/demo.json")
+    console.print(f"report: {report}")
     return result
