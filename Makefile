@@ -14,7 +14,11 @@ export ARQ_AARCH64_ENV := $(abspath $(AARCH64_ENV))
 AARCH64_SETUP = $(MAKE) --no-print-directory aarch64-env || { if [ -n "$$CI" ]; then exit 1; fi; \
 	echo "warning: make aarch64-env failed: the ARM (qemu) tests will be skipped"; }
 
-.PHONY: install demo test test-all clean aarch64-env
+# Debian's chromium for the report's browser tests (tests/test_report.py); the same rule: CI fails, elsewhere they skip
+BROWSER_SETUP = $(MAKE) --no-print-directory browser-env || { if [ -n "$$CI" ]; then exit 1; fi; \
+	echo "warning: make browser-env failed: the report's browser tests will be skipped"; }
+
+.PHONY: install demo test test-all clean aarch64-env browser-env
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,15 +33,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@$(AARCH64_SETUP)
+	@$(BROWSER_SETUP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	@$(AARCH64_SETUP)
+	@$(BROWSER_SETUP)
 	$(VENV)/bin/pytest -m '' $(PYTEST_ARGS)
 
 # qemu-user-static, the aarch64 cross compiler, an aarch64 Python + TVM in $(AARCH64_ENV)/ (idempotent)
 aarch64-env: $(STAMP)
 	bash .ci/aarch64-env.sh $(AARCH64_ENV) $(PY)
+
+# headless chromium from Debian's packages (idempotent; apt-get as root, else through sudo)
+browser-env:
+	@command -v chromium >/dev/null 2>&1 || { sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "browser-env: apt-get install chromium"; $$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; }
 
 clean:
 	rm -rf demo-out .pytest_cache
