@@ -52,7 +52,7 @@ def test_bad_trial_counts_are_clear_errors(trials, tmp_path):
 def test_cli_negative_trials(cli, tmp_path):
     rc, out, err = cli("compile", tiny_model(tmp_path / "m.onnx"), "--out", tmp_path / "art", "--tune-trials", "-4")
     assert rc == 2
-    assert err.strip().splitlines() == ["error: tune trials must be an integer >= 0, got -4"]
+    assert err.strip().splitlines() == ["error: --tune-trials must be an integer >= 0, got -4"]
     assert not (tmp_path / "art").exists()
 
 
