@@ -120,6 +120,12 @@ class StageConfig:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    @property
+    def config_path(self) -> Path:
+        """Where the stage writes this config: beside its output file OUT, as OUT with the suffix .config.json
+        (stages whose output is a directory say otherwise)."""
+        return Path(self.out).with_suffix(".config.json")
+
 
 def _encode(v: Any) -> Any:
     if isinstance(v, QuantPolicy):
@@ -191,10 +197,6 @@ class ExportConfig(StageConfig):
         if self.sigma is not None:
             _require(math.isfinite(self.sigma) and self.sigma >= 0, f"--sigma must be >= 0, got {self.sigma}")
         check_seed(self.seed)
-
-    @property
-    def config_path(self) -> Path:
-        return Path(self.out).with_suffix(".config.json")
 
 
 # ---------------------------------------------------------------------------------------------------- compile
@@ -324,10 +326,6 @@ class CertifyConfig(StageConfig):
         _require(self.model_path is not None or self.backend in ("auto", "torch"),
                  f"backend {self.backend!r} runs a model file: give MODEL_PATH")
 
-    @property
-    def config_path(self) -> Path:
-        return Path(self.out).with_suffix(".config.json")
-
 
 # ---------------------------------------------------------------------------------------------------- bench
 @dataclass(frozen=True)
@@ -351,10 +349,6 @@ class BenchConfig(StageConfig):
         _positive_int("--batch", self.batch)
         _positive_int("--repeats", self.repeats)
         _positive_int("--warmup", self.warmup, 0)
-
-    @property
-    def config_path(self) -> Path:
-        return Path(self.out).with_suffix(".config.json")
 
 
 # ---------------------------------------------------------------------------------------------------- checks
