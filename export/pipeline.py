@@ -26,7 +26,14 @@ from arq_deploy.export.quantize.finetune import (
     training_loss,
 )
 from arq_deploy.export.quantize.layers import extract_layer_specs
-from arq_deploy.export.quantize.quant import calibrate, calibration_batches, model_quantizer, quantize_model, tie_nudges
+from arq_deploy.export.quantize.quant import (
+    calibrate,
+    calibration_batches,
+    float_layers,
+    model_quantizer,
+    quantize_model,
+    tie_nudges,
+)
 from arq_deploy.export.quantize.quantizers import get_quantizer
 from arq_deploy.export.validate import compare_runners, require_agreement
 from arq_deploy.runtime.runners import OrtRunner, TorchRunner
@@ -57,9 +64,10 @@ def load(model_name: str, weights: str | None, num_classes: int = 10, input_shap
         if meta.get("policy") is None:
             return model
 
-        specs = extract_layer_specs(model, _input_shape(name, meta, input_shape))
+        shape = _input_shape(name, meta, input_shape)
+        specs = extract_layer_specs(model, shape)
         method = meta.get("quantizer") or "percentile"  # the checkpoint's quantization method (train --quantizer)
-        return quantize_model(model, QuantPolicy.from_dict(meta["policy"]), specs, method=method)
+        return quantize_model(model, QuantPolicy.from_dict(meta["policy"]), specs, method=method, input_shape=shape)
 
     model, meta = load_model(model_name, weights, num_classes, prepare=as_trained)
     model_name = meta.get("arch", model_name)
@@ -87,15 +95,18 @@ def check_data_fits(ds, lm: LoadedModel) -> None:
 
 
 def quantize_calibrated(lm: LoadedModel, policy, calib_x: np.ndarray, sigma: float, seed: int = 0,
-                        percentile: float = 99.99, copies: int = 1, method: str = "percentile"):
+                        percentile: float = 99.99, copies: int = 1, method: str = "percentile",
+                        skip_unsupported: bool = False):
     """Fake-quant model with activation ranges calibrated on calib_x (+ σ-noise copies when σ > 0).
 
     `method` names the quantizer (export/quantize/quantizers.py: percentile, minmax, pwlq, dorefa, pact, lsq); learnable ones
-    (pact, lsq) start from the calibration. Returns (qmodel, specs)."""
+    (pact, lsq) start from the calibration. A layer the quantizer cannot take raises UnsupportedOpError, or with
+    `skip_unsupported` stays in float (a warning names it). Returns (qmodel, specs)."""
     import torch
 
     specs = extract_layer_specs(lm.model, lm.input_shape)
-    qmodel = quantize_model(lm.model, policy, specs, method=method)
+    qmodel = quantize_model(lm.model, policy, specs, method=method, skip_unsupported=skip_unsupported,
+                            input_shape=lm.input_shape)
     calibrate(qmodel, calibration_batches(torch.from_numpy(calib_x), sigma, copies=copies, seed=seed), percentile)
     return qmodel, specs
 
@@ -109,12 +120,14 @@ def pick(n_total: int, n: int, seed: int) -> np.ndarray:
 def export_and_validate(lm: LoadedModel, policy, train_ds, test_ds, out: str | Path, sigma: float = 0.0,
                         calib_images: int = 512, validate_images: int = 1000, min_agreement: float = 0.99,
                         int4_weights: bool = False, seed: int = 0, report: str | Path | None = None,
-                        method: str | None = None) -> dict:
+                        method: str | None = None, skip_unsupported: bool = False) -> dict:
     """policy -> calibrated fake-quant model -> QDQ ONNX at `out` (atomically) -> onnxruntime vs torch check.
 
     `method`: the quantizer (export/quantize/quantizers.py; default percentile, or a QAT checkpoint's own, which a different
-    name contradicts: ArqError). Writes `report` (default: OUT with suffix .export.json, with "quantizer") and returns
-    its dict; raises ExportMismatchError (after writing nothing) when the agreement is below `min_agreement`."""
+    name contradicts: ArqError). A layer the quantizer cannot take raises UnsupportedOpError naming it; with
+    `skip_unsupported` it stays in float (a warning names it) and the report lists it under "float_layers" (the
+    metadata's policy gives it no bits). Writes `report` (default: OUT with suffix .export.json, with "quantizer") and
+    returns its dict; raises ExportMismatchError (after writing nothing) when the agreement is below `min_agreement`."""
 
     check_data_fits(train_ds, lm)
     check_data_fits(test_ds, lm)
@@ -140,10 +153,14 @@ def export_and_validate(lm: LoadedModel, policy, train_ds, test_ds, out: str | P
     else:
         calib_x = train_ds.x(pick(len(train_ds), calib_images, seed))
         method = method or "percentile"
-        qmodel, specs = quantize_calibrated(lm, policy, calib_x, sigma, seed, method=method)
+        qmodel, specs = quantize_calibrated(lm, policy, calib_x, sigma, seed, method=method,
+                                            skip_unsupported=skip_unsupported)
         calibration = {"images": len(calib_x), "noise_sigma": sigma,
                        "percentile": None if method == "minmax" else 99.99, "seed": seed}
+    skipped = float_layers(qmodel)
     resolved = policy.resolve(specs)
+    if skipped:  # the policy as deployed: the layers left in float get no bits
+        resolved = QuantPolicy(layers={n: b for n, b in resolved.layers.items() if n not in skipped})
     meta = {
         "format_version": 1,
         "model": lm.name,
@@ -172,7 +189,8 @@ def export_and_validate(lm: LoadedModel, policy, train_ds, test_ds, out: str | P
         agreement = compare_runners(TorchRunner(qmodel, lm.input_shape, lm.num_classes), ort_runner,
                                     test_ds.x(vidx), test_ds.labels[vidx], sigma=sigma, seed=seed)
         require_agreement(agreement, min_agreement, f"export of {lm.name} {resolved.describe()}")
-    result = {"onnx": str(out), **meta, "int4_weights": int4_weights, "export_seconds": round(t_export, 2),
+    result = {"onnx": str(out), **meta, "float_layers": skipped, "int4_weights": int4_weights,
+              "export_seconds": round(t_export, 2),
               "validation": {"data": test_ds.name, **agreement.to_dict(), "min_agreement": min_agreement},
               "layers": [{"name": s.name, "macs": s.macs, "bits": str(resolved.bits(s.name))} for s in specs]}
     result["torch_model"] = str(save_paired_qmodel(out, qmodel, lm, sigma, resolved, meta["quantizer"]))

@@ -77,17 +77,37 @@ def _init(op: TapeBuilder, name: str, arr: np.ndarray, dtype: ir.DataType | None
     return op.initializer(ir.tensor(np.asarray(arr), dtype=dtype, name=name))
 
 
-def _layer_node(g: ir.Graph, layer: str, weight: np.ndarray) -> ir.Node:
-    """The Conv/Gemm/MatMul node whose weight initializer is `layer.weight` (or equals the weight's values)."""
+def _layer_nodes(g: ir.Graph, layer: str, weight: np.ndarray) -> list[ir.Node]:
+    """The Conv/Gemm/MatMul nodes that read `layer`'s weight (several when the layer is called more than once): those
+    whose weight initializer is named `layer.weight`, else those whose weight initializer holds the same values
+    (where that finds nodes of other layers too, e.g. equal weights the exporter stored once, those whose torch name
+    scopes name the layer). A node into which the ONNX optimizer folded a BatchNorm is refused: its weight is no
+    longer the layer's."""
     candidates = [n for n in g if n.op_type in QUANT_OPS and len(n.inputs) > 1 and n.inputs[1] is not None]
-    for n in candidates:
-        if n.inputs[1].name == f"{layer}.weight":
-            return n
-    for n in candidates:
-        t = n.inputs[1].const_value
-        if t is not None and _same_weight(t.numpy(), weight):
-            return n
-    raise UnsupportedOpError(f"layer {layer}: no Conv/Gemm/MatMul node with its weight in the exported graph")
+    found = [n for n in candidates if n.inputs[1].name == f"{layer}.weight"]
+    if not found:
+        found = [n for n in candidates if n.inputs[1].const_value is not None
+                 and _same_weight(n.inputs[1].const_value.numpy(), weight)]
+        if len(found) > 1:
+            found = [n for n in found if layer in _name_scopes(n)] or found
+    if not found:
+        raise UnsupportedOpError(f"layer {layer}: no Conv/Gemm/MatMul node with its weight in the exported graph "
+                                 f"(its forward transforms the weight, or the exporter folded it into another op)")
+    for n in found:
+        if "FuseBatchNorm" in n.metadata_props.get("pkg.onnxscript.rewriter.rule_name", ""):
+            raise UnsupportedOpError(
+                f"layer {layer}: the ONNX exporter folded a BatchNorm into it that torch did not fold before "
+                f"quantizing, so the exported weight is not the quantized one; make the BatchNorm directly follow "
+                f"the layer in code torch.export can trace, or leave the layer in float")
+    return found
+
+
+def _name_scopes(node: ir.Node) -> list[str]:
+    """The torch module names the exporter recorded for a node (empty when it recorded none)."""
+    try:
+        return list(json.loads(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]").replace("'", '"')))
+    except ValueError:
+        return []
 
 
 def _same_weight(arr: np.ndarray, w: np.ndarray) -> bool:
@@ -109,19 +129,23 @@ def insert_qdq(model: onnx.ModelProto, qmodel, int4_weights: bool = False) -> on
 
     graph_ir = ir.serde.deserialize_model(model)
     g = graph_ir.graph
-    for name, mod in quant_layers(qmodel).items():
-        node = _layer_node(g, name, mod.weight.detach().cpu().numpy())
-        op, (weight, bias) = TapeBuilder(), (list(node.inputs[1:3]) + [None])[:2]
-        node.replace_input_with(1, _weight_dq(op, node, name, mod, int4_weights))
-        if bias is not None:
-            node.replace_input_with(2, _bias_dq(op, name, mod))
-        node.replace_input_with(0, _activation_qdq(op, node.inputs[0], name, mod))
-        g.insert_before(node, op.nodes)
-        for v in op.initializers:
-            g.register_initializer(v)
-        for v in (weight, bias):  # the float weight and bias, once nothing else reads them
-            if v is not None and v.is_initializer() and not (v.uses() or v.is_graph_input() or v.is_graph_output()):
-                del g.initializers[v.name]
+    for layer, mod in quant_layers(qmodel).items():
+        for k, node in enumerate(_layer_nodes(g, layer, mod.weight.detach().cpu().numpy())):
+            name = layer if k == 0 else f"{layer}.call{k}"  # a layer called again: its own names, the same numbers
+            op, (weight, bias) = TapeBuilder(), (list(node.inputs[1:3]) + [None])[:2]
+            node.replace_input_with(1, _weight_dq(op, node, name, mod, int4_weights))
+            if bias is not None:
+                if mod.bias is None:
+                    raise UnsupportedOpError(f"layer {layer}: its node in the exported graph adds a bias the layer "
+                                             f"does not have")
+                node.replace_input_with(2, _bias_dq(op, name, mod))
+            node.replace_input_with(0, _activation_qdq(op, node.inputs[0], name, mod))
+            g.insert_before(node, op.nodes)
+            for v in op.initializers:
+                g.register_initializer(v)
+            for v in (weight, bias):  # the float weight and bias, once nothing else reads them
+                if v is not None and v.is_initializer() and not (v.uses() or v.is_graph_input() or v.is_graph_output()):
+                    del g.initializers[v.name]
     model.CopyFrom(ir.serde.serialize_model(graph_ir))
     return model
 

@@ -17,12 +17,16 @@ That is the default method, "percentile". Other methods (min-max, PWLQ, DoReFa, 
 from __future__ import annotations
 
 import copy
+import warnings
+import weakref
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
+from arq_deploy.core.errors import UnsupportedOpError
 from arq_deploy.core.policy import LayerBits, QuantPolicy
 from arq_deploy.export.quantize.primitives import fake_quant, round_ste, weight_qmax  # noqa: F401  (re-exported)
 from arq_deploy.export.quantize.quantizers import get_quantizer
@@ -169,21 +173,323 @@ class QuantLinear(_QuantMixin, nn.Linear):
 QUANT_TYPES = (QuantConv2d, QuantLinear)
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm that directly follows a Conv2d into the conv (eval-mode statistics).
+class UnsupportedLayerWarning(UserWarning):
+    """A layer the policy gives bits is left in float (quantize_model(..., skip_unsupported=True))."""
 
-    Uses torch.fx; a model that cannot be traced is returned unchanged (its BatchNorms then run in float).
-    Module names of the convolutions are kept, so policies keyed by name still apply.
-    """
-    from torch.fx.experimental.optimization import fuse
 
-    model = copy.deepcopy(model).eval()
-    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        return model
+# ------------------------------------------------------------------------------------------- subclasses of Conv2d/Linear
+# A user's Conv2d/Linear subclass keeps its own class (and attributes, e.g. padding="same" or a padding child): the
+# quantized layer is a class made once per subclass, with QuantConv2d/QuantLinear in front of the user's class. A
+# subclass that computes its output in a forward of its own (a padding step, a "same"-padding helper, a call of
+# super().forward) runs that forward unchanged; the conv2d/linear call inside it that takes the layer's own weight
+# gets the quantized input, weight and bias (what the exported graph's Conv/Gemm node gets).
+_FUNCS = {F.conv2d: ("input", "weight", "bias"), F.linear: ("input", "weight", "bias")}
+
+
+def _base_class(mod: nn.Module) -> type | None:
+    return nn.Conv2d if isinstance(mod, nn.Conv2d) else nn.Linear if isinstance(mod, nn.Linear) else None
+
+
+def _own_forward(cls: type) -> bool:
+    """Whether a Conv2d/Linear subclass computes its output in code of its own (forward or _conv_forward)."""
+    if issubclass(cls, nn.Conv2d):
+        return cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
+    return cls.forward is not nn.Linear.forward
+
+
+class _OwnWeightCalls(TorchFunctionMode):
+    """While active, every F.conv2d/F.linear call given `layer.weight` goes through the layer's quantizers: observed
+    while calibrating, computed on Q(x), Q(W), Q(b) while quantizing, or only recorded (`probe`). `calls` counts
+    them; `foreign_bias` counts those given a bias other than the layer's own."""
+
+    def __init__(self, layer: nn.Module, probe: bool = False):
+        super().__init__()
+        self.layer, self.probe = layer, probe
+        self.calls, self.foreign_bias = 0, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        names = _FUNCS.get(func)
+        if names is None:
+            return func(*args, **kwargs)
+        args, layer = list(args), self.layer
+
+        def get(i):
+            return args[i] if i < len(args) else kwargs.get(names[i])
+
+        def put(i, v):
+            if i < len(args):
+                args[i] = v
+            else:
+                kwargs[names[i]] = v
+
+        if get(1) is not layer.weight:
+            return func(*args, **kwargs)
+        self.calls += 1
+        if get(2) is not layer.bias:
+            self.foreign_bias += 1
+        if not self.probe:
+            if layer._calib is not None or not layer.quant_enabled:
+                layer.qinput(get(0))
+            else:
+                put(0, layer.qinput(get(0)))
+                put(1, layer.qweight())
+                if get(2) is not None:
+                    put(2, layer.qbias())
+        return func(*args, **kwargs)
+
+
+class _OwnForwardQuant:
+    """In front of QuantConv2d/QuantLinear for a subclass with its own forward: that forward runs as written."""
+
+    _float_cls: type
+
+    def forward(self, *args, **kwargs):
+        if self._calib is None and not self.quant_enabled:  # float (also what the ONNX exporter traces)
+            return self._float_cls.forward(self, *args, **kwargs)
+        with _OwnWeightCalls(self):
+            return self._float_cls.forward(self, *args, **kwargs)
+
+
+_SUBCLASS_QUANT: dict[type, type] = {}
+
+
+def _quant_class_for(cls: type) -> type:
+    """The quantized class of a Conv2d/Linear subclass (made once per subclass)."""
+    if cls not in _SUBCLASS_QUANT:
+        quant = QuantConv2d if issubclass(cls, nn.Conv2d) else QuantLinear
+        bases = ((_OwnForwardQuant,) if _own_forward(cls) else ()) + (quant, cls)
+        _SUBCLASS_QUANT[cls] = type(f"Quant{cls.__name__}", bases,
+                                    {"_float_cls": cls, "__module__": __name__, "__qualname__": f"Quant{cls.__name__}"})
+    return _SUBCLASS_QUANT[cls]
+
+
+def _probe_input(mod: nn.Module, spec) -> torch.Tensor:
+    """A seeded random input of the layer's recorded size (the spec's), for checks of what its forward does."""
+    g = torch.Generator().manual_seed(0)
+    if isinstance(mod, nn.Conv2d):
+        return torch.rand(1, mod.in_channels, *spec.in_size, generator=g) if spec is not None else \
+            torch.rand(1, mod.in_channels, *(d * (k - 1) + 5 for d, k in zip(mod.dilation, mod.kernel_size)), generator=g)
+    return torch.rand(1, mod.in_features, generator=g)
+
+
+def unsupported_reason(mod: nn.Module, spec=None) -> str | None:
+    """Why the quantizer cannot take module `mod` (a layer of `extract_layer_specs`), or None when it can."""
+    base = _base_class(mod)
+    if base is None:
+        return f"it is a {type(mod).__name__}, not a Conv2d or Linear"
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, nn.Parameter) or isinstance(w, nn.parameter.UninitializedParameter):
+        return "its weight is not an initialized parameter"
+    if not w.is_floating_point():
+        return f"its weight is {w.dtype}, not floating point"
+    if base is nn.Conv2d and w.dim() != 4 or base is nn.Linear and w.dim() != 2:
+        return f"its weight has shape {tuple(w.shape)}"
+    b = getattr(mod, "bias", None)
+    if b is not None and not isinstance(b, nn.Parameter):
+        return "its bias is not a parameter"
+    if type(mod) in (nn.Conv2d, nn.Linear) or not _own_forward(type(mod)):
+        return None
+    # a forward of its own: it must pass its own weight (and bias) to exactly the conv2d/linear the graph holds
+    what = "conv2d" if base is nn.Conv2d else "linear"
     try:
-        return fuse(model)
-    except Exception:  # untraceable control flow: keep BN unfolded
+        with torch.no_grad(), _OwnWeightCalls(mod, probe=True) as mode:
+            mod(_probe_input(mod, spec))
+    except Exception as e:  # noqa: BLE001  (the user's code: any error means "cannot check it")
+        return f"its own forward ({type(mod).__qualname__}.forward) failed on a probe input: {type(e).__name__}: " \
+               f"{str(e).splitlines()[0][:120] if str(e) else ''}"
+    if mode.calls == 0:
+        return (f"its own forward ({type(mod).__qualname__}.forward) never calls {what} with the layer's weight "
+                f"(it transforms the weight first, or computes something else), so the quantized weight would not be "
+                f"the one it uses")
+    if mode.foreign_bias:
+        return f"its own forward passes {what} a bias other than the layer's own"
+    return None
+
+
+def quantize_layer(mod: nn.Module, bits: LayerBits, method: str = "percentile") -> nn.Module:
+    """The fake-quant version of one Conv2d/Linear (a subclass included; `mod` itself is reused for a subclass)."""
+    if type(mod) is nn.Conv2d:
+        return QuantConv2d.from_float(mod, bits, method)
+    if type(mod) is nn.Linear:
+        return QuantLinear.from_float(mod, bits, method)
+    if isinstance(mod, QUANT_TYPES):
+        raise UnsupportedOpError(f"{type(mod).__name__} is already quantized")
+    mod.__class__ = _quant_class_for(type(mod))
+    mod._init_quant(bits, method)
+    return mod
+
+
+# ------------------------------------------------------------------------------------------------ BatchNorm folding
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def fold_batchnorm(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """A copy of `model` in eval mode with every BatchNorm that directly follows a Conv2d (BatchNorm2d) or Linear
+    (BatchNorm1d) folded into that layer (eval-mode statistics); the folded BatchNorm becomes nn.Identity.
+
+    The module tree and the model's own forward stay as they are, so layer names (extract_layer_specs, policies) keep
+    pointing at the same layers, subclasses included. The pairs come from a trace of the model: with `input_shape`
+    (C×H×W) from torch.export, the trace the ONNX exporter makes (so a BatchNorm it would fold into a layer is folded
+    here first, before the layer is quantized); otherwise, or where torch.export fails, from torch.fx, where a
+    submodule whose forward fx cannot trace keeps its BatchNorms unfolded (they run in float). A pair is folded only
+    when the layer's output goes to the BatchNorm alone, each is called once and reads its own parameters, and, for a
+    layer with a forward of its own, the folded layer computes what layer -> BatchNorm computed on a probe input."""
+    source, model = model, copy.deepcopy(model).eval()
+    if not any(isinstance(m, _BN) for m in model.modules()):
         return model
+    pairs = None
+    if input_shape is not None:  # the pairs depend on the model's structure only: traced once per model and shape
+        try:
+            known = _EXPORTED_PAIRS.setdefault(source, {})
+        except TypeError:  # a model that cannot be a weak dictionary key (unhashable): no cache
+            known = {}
+        key = tuple(int(v) for v in input_shape)
+        if key not in known:
+            known[key] = _exported_pairs(model, key)
+        pairs = known[key]
+    for layer_name, bn_name in (_traced_pairs(model) if pairs is None else pairs):
+        _fold_pair(model, layer_name, bn_name)
+    return model
+
+
+_EXPORTED_PAIRS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {input shape: pairs or None}
+
+
+def _pair_types_fit(layer: nn.Module | None, bn: nn.Module | None) -> bool:
+    if not isinstance(bn, _BN) or not bn.track_running_stats or bn.running_mean is None \
+            or bn.num_features != getattr(getattr(layer, "weight", None), "shape", (None,))[0]:
+        return False
+    return isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) or \
+        isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d)
+
+
+def _exported_pairs(model: nn.Module, input_shape) -> list[tuple[str, str]] | None:
+    """(layer, BatchNorm) names from torch.export's graph of `model` on a 2×`input_shape` input; None if it fails."""
+    try:
+        ep = torch.export.export(model, (torch.rand(2, *input_shape),))
+    except Exception:  # noqa: BLE001  (the model's code: fall back to torch.fx)
+        return None
+    sig = ep.graph_signature
+    fqn = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    modules = dict(model.named_modules())
+
+    def owner(arg, attr):  # the module whose `attr` the node argument is, or None
+        name = fqn.get(getattr(arg, "name", None), "") if arg is not None else ""
+        return name[: -len(attr) - 1] if name.endswith("." + attr) else None
+
+    pairs = []
+    for n in ep.graph.nodes:
+        if n.op != "call_function" or "batch_norm" not in str(n.target) or len(n.args) < 5:
+            continue
+        src = n.args[0]
+        if getattr(src, "op", None) != "call_function" or len(src.users) != 1 or len(src.args) < 2 \
+                or not any(k in str(src.target) for k in ("conv2d", "linear")):
+            continue
+        layer_name, bn_name = owner(src.args[1], "weight"), owner(n.args[3], "running_mean")
+        if layer_name is None or bn_name is None or owner(n.args[4], "running_var") != bn_name:
+            continue
+        bias = src.args[2] if len(src.args) > 2 else src.kwargs.get("bias")
+        if bias is not None and owner(bias, "bias") != layer_name:
+            continue
+        layer, bn = modules.get(layer_name), modules.get(bn_name)
+        val = src.meta.get("val")
+        if not _pair_types_fit(layer, bn) or isinstance(layer, nn.Linear) and getattr(val, "dim", lambda: 2)() != 2:
+            continue
+        if len(src.args[1].users) != 1 or len(n.args[3].users) != 1:  # each called once
+            continue
+        pairs.append((layer_name, bn_name))
+    return pairs
+
+
+def _traced_pairs(model: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
+    """(layer, BatchNorm) names from a torch.fx trace (Conv2d, Linear and BatchNorm are leaves; a submodule whose
+    forward cannot be traced becomes a leaf too, and its children are traced one by one)."""
+    from torch import fx
+
+    class Tracer(fx.Tracer):
+        def __init__(self):
+            super().__init__()
+            self.untraceable: list[nn.Module] = []
+
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, (nn.Conv2d, nn.Linear, _BN)) or any(m is u for u in self.untraceable) or \
+                super().is_leaf_module(m, qualname)
+
+        def call_module(self, m, forward, args, kwargs):
+            if self.is_leaf_module(m, self.path_of_module(m)):
+                return super().call_module(m, forward, args, kwargs)
+            nodes, depth = len(self.graph.nodes), len(self.module_stack)
+            try:
+                return super().call_module(m, forward, args, kwargs)
+            except Exception:  # noqa: BLE001  (untraceable: undo what it traced, call it as one node)
+                for node in reversed(list(self.graph.nodes)[nodes:]):
+                    self.graph.erase_node(node)
+                while len(self.module_stack) > depth:
+                    self.module_stack.popitem()
+                self.untraceable.append(m)
+                return super().call_module(m, forward, args, kwargs)
+
+    tracer = Tracer()
+    try:
+        graph = tracer.trace(model)
+        graph.lint()
+    except Exception:  # noqa: BLE001  (the model's own forward cannot be traced: try its children)
+        return [p for name, child in model.named_children() if not isinstance(child, (nn.Conv2d, nn.Linear, _BN))
+                for p in _traced_pairs(child, f"{prefix}{name}.")]
+    paths = {id(m): n for n, m in model.named_modules()}
+    pairs = []
+    for u in tracer.untraceable:
+        pairs += [p for name, child in u.named_children() if not isinstance(child, (nn.Conv2d, nn.Linear, _BN))
+                  for p in _traced_pairs(child, f"{prefix}{paths[id(u)]}.{name}.")]
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    attrs = [n.target for n in graph.nodes if n.op == "get_attr"]
+    for n in graph.nodes:
+        if n.op != "call_module" or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
+            continue
+        src = n.args[0]
+        if src.op != "call_module" or len(src.users) != 1 or calls[n.target] != 1 or calls[src.target] != 1:
+            continue
+        if not _pair_types_fit(modules.get(src.target), modules.get(n.target)):
+            continue
+        if any(a == t or a.startswith(t + ".") for a in attrs for t in (n.target, src.target)):
+            continue  # the forward reads their parameters directly
+        pairs.append((prefix + src.target, prefix + n.target))
+    return pairs
+
+
+def _fold_pair(model: nn.Module, layer_name: str, bn_name: str) -> None:
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    try:
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+    except AttributeError:  # the model changed since its pairs were traced
+        return
+    if not _pair_types_fit(layer, bn):
+        return
+    ones, zeros = torch.ones_like(bn.running_mean), torch.zeros_like(bn.running_mean)
+    w, b = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
+                                bn.weight if bn.weight is not None else ones,
+                                bn.bias if bn.bias is not None else zeros)
+    if _own_forward(type(layer)):  # fold only if the layer's own forward then computes what layer -> bn computed
+        folded = copy.deepcopy(layer)
+        folded.weight, folded.bias = w, b
+        try:
+            x = _probe_input(layer, None)
+            with torch.no_grad():
+                ok = torch.allclose(folded(x), bn(layer(x)), rtol=1e-4, atol=1e-4)
+        except Exception:  # noqa: BLE001
+            ok = False
+        if not ok:
+            return
+    layer.weight, layer.bias = w, b
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if m is bn:
+            _set_submodule(model, name, nn.Identity())
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -193,21 +499,51 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, policy: QuantPolicy, specs, fold_bn: bool = True,
-                   method: str = "percentile") -> nn.Module:
-    """A fake-quant copy of `model`: each Conv2d/Linear the policy gives bits becomes QuantConv2d/QuantLinear,
-    quantized by `method` (export/quantize/quantizers.py: percentile, minmax, pwlq, dorefa, pact, lsq; an unknown name raises
-    UnknownNameError). Call `calibrate` before use."""
+                   method: str = "percentile", skip_unsupported: bool = False,
+                   input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """A fake-quant copy of `model`: each Conv2d/Linear (subclasses included) the policy gives bits becomes a
+    fake-quant layer, quantized by `method` (export/quantize/quantizers.py: percentile, minmax, pwlq, dorefa, pact,
+    lsq; an unknown name raises UnknownNameError); a subclass keeps its class, attributes and forward. BatchNorms
+    are folded first (fold_batchnorm, traced on a 2×`input_shape` input when given) unless `fold_bn` is False.
+    A layer the quantizer cannot take (unsupported_reason) raises one UnsupportedOpError naming every such layer and
+    why; with `skip_unsupported` each stays in float with an UnsupportedLayerWarning, and `float_layers(qmodel)` lists
+    them. Call `calibrate` before use."""
     get_quantizer(method)
     policy.validate(specs)
-    qmodel = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
+    qmodel = fold_batchnorm(model, input_shape) if fold_bn else copy.deepcopy(model).eval()
+    modules = dict(qmodel.named_modules())
+    todo, refused = [], {}
     for spec in specs:
         bits = policy.bits(spec.name)
         if bits is None:
             continue
-        mod = qmodel.get_submodule(spec.name)
-        cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
-        _set_submodule(qmodel, spec.name, cls.from_float(mod, bits, method))
+        mod = modules.get(spec.name)
+        reason = "the model has no module of that name" if mod is None else unsupported_reason(mod, spec)
+        if reason is None:
+            todo.append((spec.name, mod, bits))
+        else:
+            refused[spec.name] = f"{type(mod).__name__}: {reason}" if mod is not None else reason
+    if refused and not skip_unsupported:
+        listed = "; ".join(f"layer {n} ({r})" for n, r in list(refused.items())[:4])
+        more = f"; and {len(refused) - 4} more" if len(refused) > 4 else ""
+        raise UnsupportedOpError(f"cannot quantize {listed}{more}. Leave {'it' if len(refused) == 1 else 'them'} in "
+                                 f"float with skip_unsupported=True, or give {'it' if len(refused) == 1 else 'them'} "
+                                 f"no bits in the policy")
+    for name, reason in refused.items():
+        warnings.warn(f"layer {name} is left in float: {reason}", UnsupportedLayerWarning, stacklevel=2)
+    for name, mod, bits in todo:
+        new = quantize_layer(mod, bits, method)
+        if new is not mod:
+            for alias, m in list(qmodel.named_modules(remove_duplicate=False)):
+                if m is mod:
+                    _set_submodule(qmodel, alias, new)
+    qmodel.arq_float_layers = dict(refused)
     return qmodel
+
+
+def float_layers(qmodel: nn.Module) -> dict[str, str]:
+    """{layer: why} of the layers quantize_model(..., skip_unsupported=True) left in float."""
+    return dict(getattr(qmodel, "arq_float_layers", {}))
 
 
 def quant_layers(model: nn.Module) -> dict[str, _QuantMixin]:
