@@ -172,6 +172,55 @@ class ModelSource(StageConfig):
                      f"--input-shape must be C,H,W with positive integers, got {self.input_shape!r}")
 
 
+@dataclass(frozen=True)
+class Preprocess(StageConfig):
+    """How images are brought to one size, torchvision's standard evaluation transform: `resize` N scales each image
+    so that its shorter side is N (bilinear, as `transforms.Resize(N)`), then `crop` (H, W) keeps the center H×W (as
+    `transforms.CenterCrop`). Either may be None (not done); the crop must fit inside the resized shorter side.
+
+    Neither given: image files (folders, archives, `predict`'s inputs) are fitted to the model's input size H×W,
+    `Preprocess.for_model(H, W)`: shorter side to max(H, W), then the center H×W (images already H×W are unchanged).
+    `arq_deploy.core.data.preprocess_image` applies it."""
+
+    STAGE: ClassVar[str] = "preprocess"
+    resize: int | None = None
+    crop: tuple[int, int] | None = None  # (H, W); an int N is (N, N)
+
+    def __post_init__(self):
+        _optional_positive_int("--resize", self.resize)
+        if self.crop is None:
+            return
+        crop = (self.crop, self.crop) if isinstance(self.crop, int) and not isinstance(self.crop, bool) else self.crop
+        _require(isinstance(crop, (tuple, list)) and len(crop) == 2
+                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in crop),
+                 f"--center-crop must be N or H,W with positive integers, got {self.crop!r}")
+        object.__setattr__(self, "crop", tuple(crop))
+        if self.resize is not None:
+            _require(max(crop) <= self.resize,
+                     f"--center-crop {crop[0]}×{crop[1]} is larger than --resize {self.resize} (the shorter side "
+                     f"after resizing): give a crop of at most {self.resize}, or a larger --resize")
+
+    @property
+    def given(self) -> bool:
+        """Whether anything is done to the images."""
+        return self.resize is not None or self.crop is not None
+
+    @classmethod
+    def for_model(cls, height: int, width: int) -> Preprocess:
+        """The default for a model that takes H×W: shorter side to max(H, W), then the center H×W."""
+        return cls(resize=max(height, width), crop=(height, width))
+
+    def or_model(self, size: tuple[int, int] | None) -> Preprocess:
+        """This preprocessing when given, else the default for a model of input size (H, W) when that is known."""
+        return self if self.given or size is None else self.for_model(*size)
+
+    def describe(self) -> str:
+        """'resize 256, center-crop 224×224' (or 'none'): what the images went through."""
+        parts = ([f"resize {self.resize}"] if self.resize else []) + \
+            ([f"center-crop {self.crop[0]}×{self.crop[1]}"] if self.crop else [])
+        return ", ".join(parts) or "none"
+
+
 # ---------------------------------------------------------------------------------------------------- export
 @dataclass(frozen=True)
 class ExportConfig(StageConfig):
@@ -182,6 +231,7 @@ class ExportConfig(StageConfig):
     out: str
     policy: QuantPolicy | None = None  # None: the checkpoint's own (a QAT checkpoint)
     data: str = "digits"
+    preprocess: Preprocess = field(default_factory=Preprocess)  # --resize / --center-crop of image data
     sigma: float | None = None  # None: the checkpoint's training σ, else 0
     calib_images: int = 512
     validate_images: int = 1000
@@ -280,6 +330,7 @@ class CertifyConfig(StageConfig):
     model: ModelSource = field(default_factory=ModelSource)
     data: str = "digits"
     target: str | None = None
+    preprocess: Preprocess = field(default_factory=Preprocess)  # --resize / --center-crop of image data
     backend: str = "auto"
     remote: str | None = None
     sigma: float | None = None
@@ -367,6 +418,7 @@ class CheckConfig(StageConfig):
     remote: str | None = None
     data: str = "digits"
     max_images: int | None = None
+    preprocess: Preprocess = field(default_factory=Preprocess)  # --resize / --center-crop of image data
     seed: int = 0
     batch_size: int = 256
     names: tuple[str, ...] | None = None
@@ -411,6 +463,7 @@ class SearchRunConfig(StageConfig):
     out: str
     data: str = "digits"
     sigma: float | None = None  # None: the checkpoint's training σ
+    preprocess: Preprocess = field(default_factory=Preprocess)  # --resize / --center-crop of image data
     budget: float = 0.015
     latency_budget_ms: float | None = None
     target: str | None = None

@@ -6,7 +6,14 @@
 * a folder in the CIFAR-10 python-batch format (``batches.meta``, ``data_batch_N``, ``test_batch``);
 * an image folder ``ROOT/<class>/<image>`` or ``ROOT/{train,test}/<class>/<image>`` (uint8 N×3×H×W, RGB);
 * a ``.tar`` / ``.tar.gz`` / ``.tgz`` of such an image folder, read in memory and cached as ``.npz`` under
-  ``$ARQ_CACHE_DIR/datasets`` (default ``~/.cache/arq-deploy/datasets``).
+  ``$ARQ_CACHE_DIR/datasets`` (default ``~/.cache/arq-deploy/datasets``), keyed by the archive and the preprocessing.
+
+Image files of any mode are converted to RGB with PIL (grayscale, palette, RGBA: alpha dropped, CMYK; as torchvision's
+image-folder loader does); 16-bit and float images are refused. `preprocess` (`Preprocess`: --resize N, shorter side
+to N, then --center-crop H,W, with torchvision's transforms) brings images of different sizes to one size; given
+nothing, image files are fitted to `model_size` (H, W) when the caller knows it (`Preprocess.for_model`), and mixed
+sizes without either are one error naming --resize/--center-crop. CIFAR-10 batches go through `preprocess` only when
+it is given; 'digits' takes none.
 
 Every user mistake (missing path, unknown format, broken file) raises `DataFormatError` with one line.
 """
@@ -28,6 +35,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from arq_deploy.core.config import Preprocess
 from arq_deploy.core.errors import DataFormatError
 from arq_deploy.core.fileio import atomic_path
 
@@ -38,7 +46,7 @@ EXPECTED = (
     "expected 'digits', a CIFAR-10 python-batch folder (batches.meta, data_batch_N, test_batch), "
     "an image folder ROOT/<class>/<image> or ROOT/{train,test}/<class>/<image>, or a .tar/.tar.gz/.tgz of one"
 )
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _POOL_MIN_IMAGES = 2048  # below this, decode serially
 _CHUNK = 256  # images per decoding task
 _MAX_WORKERS = 8
@@ -113,16 +121,25 @@ def dataset_format(spec: str) -> str:
     raise DataFormatError(f"{path}: unknown file type; {EXPECTED}")
 
 
-def load_dataset(spec: str, split: str = "test") -> Dataset:
-    """Load `split` ('train' or 'test') of the dataset named by `spec` (see the module docstring)."""
+def load_dataset(spec: str, split: str = "test", preprocess: Preprocess | None = None,
+                 model_size: tuple[int, int] | None = None) -> Dataset:
+    """Load `split` ('train' or 'test') of the dataset named by `spec` (see the module docstring), its images put
+    through `preprocess`; image files given no preprocessing are fitted to `model_size` (H, W) when it is known."""
     if split not in SPLITS:
         raise DataFormatError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
     fmt = dataset_format(spec)
+    pre = preprocess or Preprocess()
     if fmt == "digits":
+        if pre.given:
+            raise DataFormatError("'digits' are fixed 8×8 arrays: --resize/--center-crop apply to image data (an "
+                                  "image folder, an archive of one, CIFAR-10 batches)")
         return _load_digits(split)
+    if fmt != "cifar10-python":
+        pre = pre.or_model(tuple(model_size) if model_size else None)
     path = Path(os.fspath(spec)).expanduser().resolve()
     loader = {"cifar10-python": _load_cifar_python, "imagefolder": _load_image_dir, "imagefolder-tar": _load_image_tar}
-    return loader[fmt](path, split)
+    ds = loader[fmt](path, split, pre)
+    return ds if not pre.given else Dataset(f"{ds.name} [{pre.describe()}]", ds.images, ds.labels, ds.classes)
 
 
 def _folder_format(path: Path) -> str:
@@ -222,7 +239,7 @@ def _cifar_split_files(folder: Path) -> dict[str, list[Path]]:
     return {k: v for k, v in files.items() if v}
 
 
-def _load_cifar_python(folder: Path, split: str) -> Dataset:
+def _load_cifar_python(folder: Path, split: str, pre: Preprocess) -> Dataset:
     files = _cifar_split_files(folder)
     if split not in files:
         have = ", ".join(files) or "none (no data_batch_N or test_batch files)"
@@ -230,6 +247,8 @@ def _load_cifar_python(folder: Path, split: str) -> Dataset:
     classes = _cifar_classes(folder)
     parts = [_cifar_batch(p, len(classes)) for p in files[split]]
     images = np.concatenate([p[0] for p in parts])
+    if pre.given:
+        images = _decode_all([(f"{folder}[{i}]", a.transpose(1, 2, 0)) for i, a in enumerate(images)], pre)
     return Dataset("cifar10-python", images, np.concatenate([p[1] for p in parts]), classes)
 
 
@@ -293,9 +312,9 @@ def _select_split(paths: list[str], split: str, where: str) -> tuple[list[str], 
     return [p for p, _ in chosen], np.array([index[q[0]] for _, q in chosen], dtype=np.int64), classes
 
 
-def _load_image_dir(root: Path, split: str) -> Dataset:
+def _load_image_dir(root: Path, split: str, pre: Preprocess) -> Dataset:
     paths, labels, classes = _select_split(_list_dir_images(root), split, str(root))
-    images = _decode_all([(str(root / p), str(root / p)) for p in paths])
+    images = _decode_all([(str(root / p), str(root / p)) for p in paths], pre)
     return Dataset(f"imagefolder:{root}", images, labels, classes)
 
 
@@ -327,15 +346,15 @@ def _read_tar_images(path: Path) -> dict[str, bytes]:
     return blobs
 
 
-def _load_image_tar(path: Path, split: str) -> Dataset:
-    cache = _cache_file(path, split)
+def _load_image_tar(path: Path, split: str, pre: Preprocess) -> Dataset:
+    cache = _cache_file(path, split, pre)
     hit = _cache_load(cache)
     if hit is None:
         blobs = _read_tar_images(path)
         if not blobs:
             raise DataFormatError(f"{path}: archive holds no images; {EXPECTED}")
         names, labels, classes = _select_split(list(blobs), split, str(path))
-        hit = _decode_all([(f"{path}:{n}", blobs[n]) for n in names]), labels, classes
+        hit = _decode_all([(f"{path}:{n}", blobs[n]) for n in names], pre), labels, classes
         _cache_save(cache, *hit)
     return Dataset(f"imagefolder:{path}", *hit)
 
@@ -343,42 +362,81 @@ def _load_image_tar(path: Path, split: str) -> Dataset:
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-def _decode_one(name: str, source: bytes | str) -> np.ndarray:
-    """Decode one image (bytes, or a file path) to RGB uint8 H×W×3."""
+_HIGH_DEPTH_MODES = ("I", "F")  # PIL modes I, I;16*, F: 16/32-bit values that convert("RGB") would clip
+_AS_IS = Preprocess()  # no preprocessing
+
+
+def _decode_one(name: str, source: bytes | str | np.ndarray, pre: Preprocess = _AS_IS) -> np.ndarray:
+    """Decode one image (bytes, a file path, or a uint8 H×W×3 array) to RGB uint8 H×W×3, put through `pre`."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL raises many types for broken files; all are the user's data
+        if isinstance(source, np.ndarray):
+            im = Image.fromarray(source)
+        else:
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with im:
+            if im.mode.split(";")[0] in _HIGH_DEPTH_MODES:
+                raise DataFormatError(f"{name}: a {im.mode} image (16-bit or float values) cannot be read as 8-bit "
+                                      f"RGB; save it as an 8-bit image (L, RGB, RGBA, P, CMYK, ...)")
+            rgb = im.convert("RGB")
+    except DataFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files; all are the user's data
         raise DataFormatError(f"{name}: cannot decode image ({_one_line(e)})") from None
+    return np.asarray(preprocess_image(rgb, pre, name))
 
 
-def _decode_chunk(items: list[tuple[str, bytes | str]]) -> list[np.ndarray]:
-    return [_decode_one(name, source) for name, source in items]
+def preprocess_image(im, pre: Preprocess, name: str = "image"):
+    """A PIL image put through `pre` with torchvision's own functional transforms: Resize(N) (shorter side to N,
+    bilinear, antialiased), then CenterCrop(H, W); a crop larger than the (resized) image is a DataFormatError."""
+    if not pre.given:
+        return im
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    if pre.resize is not None:
+        im = F.resize(im, [pre.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    if pre.crop is not None:
+        (h, w), (iw, ih) = pre.crop, im.size
+        if h > ih or w > iw:
+            after = f" after --resize {pre.resize}" if pre.resize is not None else ""
+            raise DataFormatError(f"{name}: image is {iw}×{ih}{after}, smaller than --center-crop {h}×{w} (H×W): "
+                                  f"give a smaller --center-crop, or --resize N with N >= {max(h, w)}")
+        im = F.center_crop(im, [h, w])
+    return im
 
 
-def _decode_all(items: list[tuple[str, bytes | str]]) -> np.ndarray:
-    """Decode (name, bytes-or-path) items to uint8 N×3×H×W; all must share the first image's size."""
-    arrays = [a for chunk in _decode_chunks(items) for a in chunk]
+def _decode_chunk(items: list[tuple[str, bytes | str | np.ndarray]], pre: Preprocess) -> list[np.ndarray]:
+    return [_decode_one(name, source, pre) for name, source in items]
+
+
+def _decode_all(items: list[tuple[str, bytes | str | np.ndarray]], pre: Preprocess = _AS_IS) -> np.ndarray:
+    """Decode (name, bytes / path / H×W×3 array) items through `pre` to uint8 N×3×H×W; all must then share the
+    first image's size."""
+    if pre.given:
+        import torchvision.transforms.v2  # noqa: F401 - imported once here, not racing in the decoding threads
+    arrays = [a for chunk in _decode_chunks(items, pre) for a in chunk]
     first = arrays[0].shape
     out = np.empty((len(arrays), 3, first[0], first[1]), dtype=np.uint8)
     for i, ((name, _), a) in enumerate(zip(items, arrays)):
         if a.shape != first:
+            after = f" after {pre.describe()}" if pre.given else ""
             raise DataFormatError(f"{name}: image is {a.shape[1]}×{a.shape[0]} but {items[0][0]} is "
-                                  f"{first[1]}×{first[0]}; all images must have the same size")
+                                  f"{first[1]}×{first[0]}{after}; all images must have the same size: give "
+                                  f"--center-crop N (or H,W), with --resize N to scale them first")
         out[i] = a.transpose(2, 0, 1)
     return out
 
 
-def _decode_chunks(items: list[tuple[str, bytes | str]]) -> list[list[np.ndarray]]:
+def _decode_chunks(items: list[tuple[str, bytes | str | np.ndarray]], pre: Preprocess) -> list[list[np.ndarray]]:
     """Decode in a thread pool (PIL releases the GIL while decoding) for big sets; results in item order."""
     workers = _decode_workers(len(items))
     if workers < 2:
-        return [_decode_chunk(items)]
+        return [_decode_chunk(items, pre)]
     chunks = [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
     with ThreadPoolExecutor(workers, thread_name_prefix="arq-decode") as pool:
-        return list(pool.map(_decode_chunk, chunks))
+        return list(pool.map(_decode_chunk, chunks, [pre] * len(chunks)))
 
 
 def _decode_workers(n_images: int) -> int:
@@ -399,10 +457,10 @@ def _cache_dir() -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "arq-deploy") / "datasets"
 
 
-def _cache_file(path: Path, split: str) -> Path:
-    """Cache file keyed by sha256 of (resolved path, size, mtime, split, cache version)."""
+def _cache_file(path: Path, split: str, pre: Preprocess) -> Path:
+    """Cache file keyed by sha256 of (resolved path, size, mtime, split, preprocessing, cache version)."""
     st = path.stat()
-    key = f"{_CACHE_VERSION}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\0{split}"
+    key = f"{_CACHE_VERSION}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\0{split}\0{pre.resize}\0{pre.crop}"
     digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)[:64]
     return _cache_dir() / f"{stem}-{split}-{digest}.npz"
