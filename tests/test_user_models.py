@@ -517,3 +517,71 @@ def test_layer_called_twice_is_quantized_at_both_calls(tmp_path):
     nodes = onnx.load(str(tmp_path / "m.onnx")).graph.node
     assert sum(n.op_type == "QuantizeLinear" for n in nodes) == 4
     assert {n.name for n in nodes if n.op_type == "QuantizeLinear"} >= {"shared/input_q", "shared.call1/input_q"}
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+USER_MODULE = '''
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class StdConv2d(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.ws = StdConv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.ws(F.relu(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def net(num_classes=10):
+    return Net(num_classes)
+'''
+
+
+def test_cli_export_refuses_an_unsupported_layer_in_one_line_or_skips_it(tmp_path):
+    """`arq-deploy export` of a user's module:factory with a layer the quantizer cannot take: exit 2 with one line
+    naming it and nothing written; with --skip-unsupported the layer stays in float and the export says so."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "usernet.py").write_text(USER_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import usernet
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.manual_seed(0)
+    torch.save(usernet.net().state_dict(), tmp_path / "sd.pt")
+    exe = Path(sys.executable).with_name("arq-deploy")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    args = [str(exe), "export", "--model", "usernet:net", "--weights", str(tmp_path / "sd.pt"), "--input-shape",
+            "1,8,8", "--bits", "8", "--data", "digits", "--validate-images", "200", "--min-agreement", "0.5"]
+    out = tmp_path / "out"
+    out.mkdir()
+    p = subprocess.run([*args, "--out", str(out / "m.onnx")], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "layer ws (StdConv2d" in lines[0] and "Traceback" not in p.stderr, p.stderr
+    assert list(out.iterdir()) == []
+    p = subprocess.run([*args, "--skip-unsupported", "--out", str(out / "m.onnx")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "left in float: ws" in p.stdout, p.stdout
+    ops = [n.op_type for n in onnx.load(str(out / "m.onnx")).graph.node]
+    assert ops.count("QuantizeLinear") == 2  # conv1 and fc; ws runs in float
+    assert json.loads((out / "m.config.json").read_text())["config"]["skip_unsupported"] is True
+    assert set(json.loads((out / "m.export.json").read_text())["float_layers"]) == {"ws"}

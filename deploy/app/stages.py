@@ -48,7 +48,8 @@ def export_stage(cfg: ExportConfig) -> dict:
     train, test = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
     res = export_and_validate(lm, cfg.policy, train, test, cfg.out, sigma=sigma, calib_images=cfg.calib_images,
                               validate_images=cfg.validate_images, min_agreement=cfg.min_agreement,
-                              int4_weights=cfg.int4_weights, seed=cfg.seed, method=cfg.quantizer)
+                              int4_weights=cfg.int4_weights, seed=cfg.seed, method=cfg.quantizer,
+                              skip_unsupported=cfg.skip_unsupported)
     cfg.save(cfg.config_path)
     return res
 

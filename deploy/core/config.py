@@ -238,6 +238,7 @@ class ExportConfig(StageConfig):
     min_agreement: float = 0.99
     int4_weights: bool = False
     quantizer: str | None = None
+    skip_unsupported: bool = False  # leave layers the quantizer cannot take in float instead of refusing the model
     seed: int = 0
 
     def __post_init__(self):

@@ -135,10 +135,13 @@ def train(model_name, weights, input_shape, data, mode, sigma, eps, pgd_steps, p
 @click.option("--quantizer", default=None,
               help="quantization method: percentile, minmax, pwlq (PTQ) or dorefa, pact, lsq (their QAT quantizers at "
               "calibration) [percentile, or a QAT checkpoint's own]")
+@click.option("--skip-unsupported", is_flag=True,
+              help="leave layers the quantizer cannot take in float (each named in a warning and in export.json) "
+                   "instead of refusing the model")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="model.qdq.onnx to write")
 def export(model_name, weights, input_shape, bits, policy, data, sigma, calib_images, validate_images, min_agreement,
-           int4_weights, quantizer, seed, out):
+           int4_weights, quantizer, skip_unsupported, seed, out):
     """Quantize (policy + calibration), export a QDQ ONNX model, and validate it against torch (export.json)."""
     from arq_deploy.app.stages import export_stage
     from arq_deploy.core.config import ExportConfig
@@ -146,13 +149,14 @@ def export(model_name, weights, input_shape, bits, policy, data, sigma, calib_im
     cfg = ExportConfig(model=model_source(model_name, weights, input_shape), out=out,
                        policy=parse_policy(bits, policy), data=data, sigma=sigma, calib_images=calib_images,
                        validate_images=validate_images, min_agreement=min_agreement, int4_weights=int4_weights,
-                       quantizer=quantizer, seed=seed)
+                       quantizer=quantizer, skip_unsupported=skip_unsupported, seed=seed)
     res = export_stage(cfg)
     v = res["validation"]
     click.echo(f"wrote {out} ({res['policy_summary']} {res['quantizer']}, "
                f"BOPs {100 * res['bops_fraction']:.3f}% of W32A32); "
                f"onnxruntime top-1 {v['accuracy_candidate']:.4f} vs torch {v['accuracy_reference']:.4f}, "
-               f"agreement {v['top1_agreement']:.4f} on {v['images']} images")
+               f"agreement {v['top1_agreement']:.4f} on {v['images']} images"
+               + (f"; left in float: {', '.join(res['float_layers'])}" if res.get("float_layers") else ""))
 
 
 COMMANDS = (layers, train, export)
