@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from arq_deploy.core.config import SearchRunConfig
-from arq_deploy.core.data import load_dataset
+from arq_deploy.core.data import image_size, load_dataset
 from arq_deploy.core.errors import ArqError, PolicyError
 from arq_deploy.core.fileio import sha256_file, write_json
 from arq_deploy.core.progress import progress_bar
@@ -57,7 +57,7 @@ def run_search(cfg: SearchRunConfig, progress: bool = True) -> dict:
         acfg = DDPGConfig(warmup=cfg.warmup, replay_size=40 * n_layers)
     else:
         acfg = None
-    train_ds = load_dataset(cfg.data, "train")
+    train_ds = load_dataset(cfg.data, "train", cfg.preprocess, model_size=image_size(lm.input_shape))
     check_data_fits(train_ds, lm)
     sha = sha256_file(cfg.model.weights) if cfg.model.weights and Path(cfg.model.weights).is_file() else None
     s = make_search(lm, train_ds, cfg.out, scfg, rcfg, acfg, warm_start=cfg.warm_start, latency_table=cfg.latency_table,

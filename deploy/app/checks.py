@@ -87,16 +87,18 @@ def load_paired_torch(deployed: Deployed, torch_model: str | None = None, model_
     return lm
 
 
-def load_check_data(data: str, deployed: Deployed, max_images: int | None, seed: int):
-    """(dataset name, x N×C×H×W float32 in [0, 1], labels, indices): a seeded subset of the test split."""
+def load_check_data(data: str, deployed: Deployed, max_images: int | None, seed: int, preprocess=None):
+    """(dataset name, x N×C×H×W float32 in [0, 1], labels, indices): a seeded subset of the test split, its images
+    put through `preprocess` (a `Preprocess`; image files given none are fitted to the model's size)."""
     import numpy as np
 
-    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.data import SIZE_HINT, image_size, load_dataset
     from arq_deploy.export.pipeline import pick
 
-    ds = load_dataset(data, "test")
+    ds = load_dataset(data, "test", preprocess, model_size=image_size(deployed.runner.input_shape))
     if tuple(ds.input_shape) != tuple(deployed.runner.input_shape):
-        raise ArqError(f"data images are {ds.input_shape}, the model expects {tuple(deployed.runner.input_shape)}")
+        raise ArqError(f"data images are {ds.input_shape}, the model expects {tuple(deployed.runner.input_shape)}"
+                       f"{SIZE_HINT}")
     if max_images is not None and max_images < 1:
         raise ArqError("--max must be >= 1")
     idx = pick(len(ds), max_images or len(ds), seed)
@@ -156,7 +158,7 @@ def _begin(cfg: CheckConfig):
     """Open the deployed model and the data; create the output directory and write the config there.
     Returns (deployed, x, labels, indices, meta)."""
     deployed = open_deployed(cfg.model_path, cfg.target, cfg.remote, cfg.backend)
-    name, x, labels, idx = load_check_data(cfg.data, deployed, cfg.max_images, cfg.seed)
+    name, x, labels, idx = load_check_data(cfg.data, deployed, cfg.max_images, cfg.seed, cfg.preprocess)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     cfg.save(cfg.config_path)
     meta = {**deployed.describe(), "data": name, "images": int(len(x)), "seed": int(cfg.seed)}

@@ -6,9 +6,10 @@ abstention), one JSON line per input.
 
 Inputs are image files (any format PIL reads, any size and mode), folders of images (searched recursively, files
 sorted by path) and `.npy` arrays (one C×H×W image or a batch N×C×H×W; float in [0, 1], or uint8 0..255 scaled by
-1/255). Images are converted to the model's channels (PIL `convert` to "L" or "RGB") and scaled to the model's H×W
-with PIL's bilinear resize; where the aspect ratios differ, the image is scaled so that it covers H×W (its shorter
-side fits) and then center-cropped. Input i of the expanded list (folders expanded, batch rows counted one by one)
+1/255). Images are converted to the model's channels (PIL `convert` to "L" or "RGB") and then preprocessed exactly as
+datasets are (`arq_deploy.core.data.preprocess_image`): with `cfg.preprocess` (--resize N, --center-crop H,W) when
+given, else fitted to the model's H×W (`Preprocess.for_model`: shorter side to max(H, W) with torchvision's bilinear
+Resize, then the center H×W). Input i of the expanded list (folders expanded, batch rows counted one by one)
 gets the noise seed `input_seed(seed, i)`, so a result can be reproduced with `Smooth.predict` alone.
 
 Everything is read and checked before anything is written; the JSON lines are written atomically, so a failed run
@@ -21,15 +22,24 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
 from arq_deploy.certify.smooth import ABSTAIN, Smooth
-from arq_deploy.core.config import BACKENDS, ConfigError, StageConfig, _address, _choice, _positive_int, _require
-from arq_deploy.core.data import IMAGE_EXTENSIONS, _decode_one, _list_dir_images, _one_line
+from arq_deploy.core.config import (
+    BACKENDS,
+    ConfigError,
+    Preprocess,
+    StageConfig,
+    _address,
+    _choice,
+    _positive_int,
+    _require,
+)
+from arq_deploy.core.data import IMAGE_EXTENSIONS, _decode_one, _list_dir_images, _one_line, preprocess_image
 from arq_deploy.core.errors import ArqError, DataFormatError
 from arq_deploy.core.fileio import write_text
 from arq_deploy.core.validation import check_alpha, check_count, check_seed, check_sigma
@@ -59,6 +69,7 @@ class PredictConfig(StageConfig):
     alpha: float = 0.001
     seed: int = 0
     batch_size: int = 500
+    preprocess: Preprocess = field(default_factory=Preprocess)  # --resize / --center-crop; none: fit to the model
 
     def __post_init__(self):
         _require(bool(self.model_path), "give MODEL_PATH: an .onnx file or a compiled artifact directory")
@@ -94,9 +105,11 @@ class PredictInput:
     x: np.ndarray
 
 
-def load_inputs(paths, input_shape: tuple[int, int, int]) -> list[PredictInput]:
-    """Expand and load every input (see the module doc) in order; one DataFormatError line naming the first bad file."""
+def load_inputs(paths, input_shape: tuple[int, int, int], preprocess: Preprocess | None = None) -> list[PredictInput]:
+    """Expand and load every input (see the module doc) in order; one DataFormatError line naming the first bad file.
+    Image files go through `preprocess`, by default the fit to the model's H×W."""
     shape = tuple(int(d) for d in input_shape)
+    pre = (preprocess or Preprocess()).or_model(shape[1:])
     out: list[PredictInput] = []
     for given in paths:
         p = Path(given)
@@ -104,19 +117,20 @@ def load_inputs(paths, input_shape: tuple[int, int, int]) -> list[PredictInput]:
             rel = sorted(_list_dir_images(p, max_depth=_MAX_FOLDER_DEPTH))
             if not rel:
                 raise DataFormatError(f"{given}: folder holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))})")
-            out += [PredictInput(str(p / r), load_image(p / r, shape)) for r in rel]
+            out += [PredictInput(str(p / r), load_image(p / r, shape, pre)) for r in rel]
         elif not p.exists():
             raise DataFormatError(f"{given}: no such file or folder")
         elif p.suffix.lower() == NPY_SUFFIX:
             out += load_npy(p, shape)
         else:
-            out.append(PredictInput(str(given), load_image(p, shape)))
+            out.append(PredictInput(str(given), load_image(p, shape, pre)))
     return out
 
 
-def load_image(path: str | os.PathLike, input_shape: tuple[int, int, int]) -> np.ndarray:
-    """An image file as float32 C×H×W in [0, 1]: converted to "L" (C = 1) or "RGB" (C = 3), bilinear-resized to H×W,
-    center-cropped first where the aspect ratios differ (the scaled image covers H×W)."""
+def load_image(path: str | os.PathLike, input_shape: tuple[int, int, int], preprocess: Preprocess | None = None
+               ) -> np.ndarray:
+    """An image file as float32 C×H×W in [0, 1]: converted to "L" (C = 1) or "RGB" (C = 3), then put through
+    `preprocess` (default: the fit to the model's H×W, `Preprocess.for_model`), which must give H×W."""
     from PIL import Image
 
     c, h, w = input_shape
@@ -131,25 +145,13 @@ def load_image(path: str | os.PathLike, input_shape: tuple[int, int, int]) -> np
     im = Image.fromarray(rgb)
     if c == 1:
         im = im.convert("L")
-    im = fit_image(im, w, h)
+    pre = (preprocess or Preprocess()).or_model((h, w))
+    im = preprocess_image(im, pre, str(path))
+    if im.size != (w, h):
+        raise DataFormatError(f"{path}: image is {im.size[0]}×{im.size[1]} after {pre.describe()}, the model takes "
+                              f"{w}×{h} (W×H): give --center-crop {h},{w}")
     a = np.asarray(im, dtype=np.float32) / np.float32(255.0)
     return np.ascontiguousarray(a[None] if c == 1 else a.transpose(2, 0, 1))
-
-
-def fit_image(im, width: int, height: int):
-    """A PIL image scaled to width×height with bilinear resampling; where the aspect ratios differ, it is scaled to
-    cover width×height (the shorter side fits) and center-cropped."""
-    from PIL import Image
-
-    w0, h0 = im.size
-    if (w0, h0) == (width, height):
-        return im
-    if w0 * height == h0 * width:
-        return im.resize((width, height), Image.Resampling.BILINEAR)
-    scale = max(width / w0, height / h0)
-    sw, sh = max(width, round(w0 * scale)), max(height, round(h0 * scale))
-    left, top = (sw - width) // 2, (sh - height) // 2
-    return im.resize((sw, sh), Image.Resampling.BILINEAR).crop((left, top, left + width, top + height))
 
 
 def load_npy(path: Path, input_shape: tuple[int, ...]) -> list[PredictInput]:
@@ -223,7 +225,7 @@ def predict_stage(cfg: PredictConfig, emit: Callable[[dict], None] | None = None
             raise ArqError(f"{cfg.model_path}: cannot tell the number of classes (the output's last dimension is not "
                            f"fixed and the metadata has no num_classes)")
         names = class_names(meta, num_classes)
-        inputs = load_inputs(cfg.inputs, tuple(runner.input_shape))
+        inputs = load_inputs(cfg.inputs, tuple(runner.input_shape), cfg.preprocess)
         smooth = Smooth(runner, num_classes, cfg.sigma, batch_size=cfg.batch_size)
         rows = []
         for i, inp in enumerate(inputs):

@@ -25,7 +25,7 @@ from arq_deploy.certify.results import CertifyLog, certify_dataset, plot_curve, 
 from arq_deploy.certify.smooth import Smooth
 from arq_deploy.certify.stats import summarize
 from arq_deploy.core.config import BenchConfig, CertifyConfig, CompileConfig, ExportConfig, SearchRunConfig
-from arq_deploy.core.data import load_dataset
+from arq_deploy.core.data import SIZE_HINT, image_size, load_dataset
 from arq_deploy.core.errors import ArqError
 from arq_deploy.core.fileio import sha256_file, write_json
 from arq_deploy.export.pipeline import export_and_validate, load
@@ -45,7 +45,8 @@ def export_stage(cfg: ExportConfig) -> dict:
     if cfg.policy is None and lm.policy is None:
         raise ArqError("give --bits (e.g. 8) or --policy policy.json")
     sigma = float(lm.meta.get("sigma") or 0.0) if cfg.sigma is None else cfg.sigma
-    train, test = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
+    size = image_size(lm.input_shape)  # image files are fitted to it unless --resize/--center-crop say otherwise
+    train, test = (load_dataset(cfg.data, split, cfg.preprocess, model_size=size) for split in ("train", "test"))
     res = export_and_validate(lm, cfg.policy, train, test, cfg.out, sigma=sigma, calib_images=cfg.calib_images,
                               validate_images=cfg.validate_images, min_agreement=cfg.min_agreement,
                               int4_weights=cfg.int4_weights, seed=cfg.seed, method=cfg.quantizer,
@@ -86,9 +87,9 @@ def certify_stage(cfg: CertifyConfig, progress: bool = True) -> dict:
         check_address(cfg.ray.address)  # an unreachable cluster fails before the log is created
     runner, target = open_runner(cfg.model_path, cfg.target, cfg.remote, cfg.backend, cfg.batch_size, torch_model=lm)
     try:
-        ds = load_dataset(cfg.data, "test")
+        ds = load_dataset(cfg.data, "test", cfg.preprocess, model_size=image_size(runner.input_shape))
         if tuple(ds.input_shape) != tuple(runner.input_shape):
-            raise ArqError(f"data images are {ds.input_shape}, the model expects {runner.input_shape}")
+            raise ArqError(f"data images are {ds.input_shape}, the model expects {runner.input_shape}{SIZE_HINT}")
         meta = {"model": str(cfg.model_path or cfg.model.weights), "model_sha256": model_sha256(cfg.model_path,
                 cfg.model.weights), "backend": runner.name, "target": target.name, "data": ds.name}
         if cfg.irs is not None:

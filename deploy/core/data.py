@@ -46,6 +46,7 @@ EXPECTED = (
     "expected 'digits', a CIFAR-10 python-batch folder (batches.meta, data_batch_N, test_batch), "
     "an image folder ROOT/<class>/<image> or ROOT/{train,test}/<class>/<image>, or a .tar/.tar.gz/.tgz of one"
 )
+SIZE_HINT = "; for image data, --resize N and --center-crop H,W bring the images to the model's H×W"
 _CACHE_VERSION = 2
 _POOL_MIN_IMAGES = 2048  # below this, decode serially
 _CHUNK = 256  # images per decoding task
@@ -140,6 +141,15 @@ def load_dataset(spec: str, split: str = "test", preprocess: Preprocess | None =
     loader = {"cifar10-python": _load_cifar_python, "imagefolder": _load_image_dir, "imagefolder-tar": _load_image_tar}
     ds = loader[fmt](path, split, pre)
     return ds if not pre.given else Dataset(f"{ds.name} [{pre.describe()}]", ds.images, ds.labels, ds.classes)
+
+
+def image_size(input_shape) -> tuple[int, int] | None:
+    """(H, W) of a model's C×H×W input shape, None where H or W is not a fixed positive integer."""
+    try:
+        h, w = (int(v) for v in tuple(input_shape)[-2:])
+    except (TypeError, ValueError):
+        return None
+    return (h, w) if h > 0 and w > 0 and len(tuple(input_shape)) >= 2 else None
 
 
 def _folder_format(path: Path) -> str:

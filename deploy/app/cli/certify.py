@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import click
 
-from arq_deploy.app.cli.options import backend_opt, data_opt, model_opts, model_source, remote_opt, target_opt
+from arq_deploy.app.cli.options import (
+    backend_opt,
+    data_opt,
+    model_opts,
+    model_source,
+    parse_preprocess,
+    preprocess_opts,
+    remote_opt,
+    target_opt,
+)
 
 
 @click.command()
 @click.argument("model_path", required=False, type=click.Path())
 @model_opts
 @data_opt
+@preprocess_opts
 @target_opt
 @backend_opt(("auto", "onnxruntime", "tvm", "qemu", "torch"))
 @remote_opt
@@ -38,9 +48,9 @@ from arq_deploy.app.cli.options import backend_opt, data_opt, model_opts, model_
               help="IRS: where the float model's labels on the disagreement samples are kept, so that later runs "
                    "against the same log run only the quantized model [FLOAT_LOG.labels; none: keep nothing]")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV log (appended, resumable)")
-def certify(model_path, model_name, weights, input_shape, data, target, backend, remote, sigma, n0, n, alpha, skip,
-            max_images, batch_size, seed, ray_address, ray_workers, ray_cpus_per_worker, float_log, float_model, n_p,
-            alpha_zeta, fallback_n, float_labels, out):
+def certify(model_path, model_name, weights, input_shape, data, resize, center_crop, target, backend, remote, sigma,
+            n0, n, alpha, skip, max_images, batch_size, seed, ray_address, ray_workers, ray_cpus_per_worker, float_log,
+            float_model, n_p, alpha_zeta, fallback_n, float_labels, out):
     """Randomized-smoothing CERTIFY (Cohen et al.) on test images: TSV rows, summary JSON and a PNG curve.
 
     --target says where the model runs (x86, cuda; a board with --remote). With --incremental-from FLOAT.tsv
@@ -58,6 +68,7 @@ def certify(model_path, model_name, weights, input_shape, data, target, backend,
     ray = RayConfig(address=ray_address, workers=ray_workers, cpus_per_worker=ray_cpus_per_worker) \
         if ray_address else None
     cfg = CertifyConfig(out=out, model_path=model_path, model=model_source(model_name, weights, input_shape), data=data,
+                        preprocess=parse_preprocess(resize, center_crop),
                         target=target, backend=backend, remote=remote, sigma=sigma, n0=n0, n=n, alpha=alpha,
                         seed=seed, skip=skip, max_images=max_images, batch_size=batch_size, irs=irs, ray=ray)
     res = certify_stage(cfg)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import click
 
-from arq_deploy.app.cli.options import apply, backend_opt, remote_opt
+from arq_deploy.app.cli.options import apply, backend_opt, crop_opt, parse_preprocess, remote_opt, resize_opt
 
 COMMON = [
     click.argument("artifact", type=click.Path()),
     click.option("--target", default=None, help="where it runs: x86, cuda, ... (default: the artifact's own target)"),
     backend_opt(),
     remote_opt,
-    click.option("--data", default="digits", show_default=True, help="digits, or a CIFAR-10 / image directory"),
+    click.option("--data", default="digits", show_default=True,
+                 help="'digits', a CIFAR-10 python-batch folder, an image folder or a .tar/.tar.gz of one"),
+    resize_opt,
+    crop_opt,
     click.option("--max", "max_images", type=int, default=None, help="a seeded subset of this many test images"),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--batch-size", type=int, default=256, show_default=True),
@@ -25,11 +28,12 @@ TORCH = [
 ]
 
 
-def _config(check: str, artifact, target, backend, remote, data, max_images, seed, batch_size, out, **extra):
+def _config(check: str, artifact, target, backend, remote, data, resize, center_crop, max_images, seed, batch_size, out,
+            **extra):
     from arq_deploy.core.config import CheckConfig
 
     return CheckConfig(check=check, model_path=artifact, out=out, target=target, backend=backend, remote=remote,
-                       data=data, max_images=max_images, seed=seed, batch_size=batch_size, **extra)
+                       data=data, preprocess=parse_preprocess(resize, center_crop), max_images=max_images, seed=seed, batch_size=batch_size, **extra)
 
 
 def _echo_summary(check_name: str, summary: dict, torch_cmp: dict | None) -> None:

@@ -11,8 +11,10 @@ from arq_deploy.app.cli.options import (
     model_opts,
     model_source,
     parse_policy,
+    parse_preprocess,
     parse_shape,
     policy_opt,
+    preprocess_opts,
 )
 from arq_deploy.core.errors import ArqError
 
@@ -49,6 +51,7 @@ def layers(model_name, weights, input_shape, bits, policy):
 @click.command()
 @model_opts
 @data_opt
+@preprocess_opts
 @click.option("--mode", default="gaussian", show_default=True,
               help="vanilla, gaussian (noise σ), pgd (L∞ PGD adversarial training) or distill (robust distillation "
               "from --teacher: the student on PGD examples matched to the teacher's clean soft labels)")
@@ -73,13 +76,14 @@ def layers(model_name, weights, input_shape, bits, policy):
 @policy_opt
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="checkpoint to write")
-def train(model_name, weights, input_shape, data, mode, sigma, eps, pgd_steps, pgd_step_size, teacher, teacher_model,
-          temperature, clean_weight, init, quantizer, epochs, lr, batch_size, bits, policy, seed, out):
+def train(model_name, weights, input_shape, data, resize, center_crop, mode, sigma, eps, pgd_steps, pgd_step_size,
+          teacher, teacher_model, temperature, clean_weight, init, quantizer, epochs, lr, batch_size, bits, policy, seed,
+          out):
     """Train or fine-tune in a --mode (vanilla, gaussian noise, PGD adversarial training, robust distillation),
     from random weights or a checkpoint; with --bits/--policy, quantization-aware (QAT) in the same mode."""
     import torch
 
-    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.data import image_size, load_dataset
     from arq_deploy.core.fileio import sha256_file
     from arq_deploy.export.pipeline import load, save_checkpoint
     from arq_deploy.export.pipeline import train as run_train
@@ -95,7 +99,7 @@ def train(model_name, weights, input_shape, data, mode, sigma, eps, pgd_steps, p
     lm = load(model_name or ("digits_cnn" if data == "digits" and not weights else None), weights,
               input_shape=parse_shape(input_shape))
     tlm = load(teacher_model, teacher, input_shape=lm.input_shape) if teacher else None
-    ds = load_dataset(data, "train")
+    ds = load_dataset(data, "train", parse_preprocess(resize, center_crop), model_size=image_size(lm.input_shape))
     if lr is None:
         lr = 0.001 if pol is not None else 0.05
     if not lr > 0:
@@ -126,6 +130,7 @@ def train(model_name, weights, input_shape, data, mode, sigma, eps, pgd_steps, p
 @bits_opt
 @policy_opt
 @data_opt
+@preprocess_opts
 @click.option("--sigma", type=float, default=None,
               help="calibrate on x + σ·ε (default: the checkpoint's training σ, else 0)")
 @click.option("--calib-images", type=int, default=512, show_default=True)
@@ -140,14 +145,15 @@ def train(model_name, weights, input_shape, data, mode, sigma, eps, pgd_steps, p
                    "instead of refusing the model")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="model.qdq.onnx to write")
-def export(model_name, weights, input_shape, bits, policy, data, sigma, calib_images, validate_images, min_agreement,
-           int4_weights, quantizer, skip_unsupported, seed, out):
+def export(model_name, weights, input_shape, bits, policy, data, resize, center_crop, sigma, calib_images,
+           validate_images, min_agreement, int4_weights, quantizer, skip_unsupported, seed, out):
     """Quantize (policy + calibration), export a QDQ ONNX model, and validate it against torch (export.json)."""
     from arq_deploy.app.stages import export_stage
     from arq_deploy.core.config import ExportConfig
 
     cfg = ExportConfig(model=model_source(model_name, weights, input_shape), out=out,
-                       policy=parse_policy(bits, policy), data=data, sigma=sigma, calib_images=calib_images,
+                       policy=parse_policy(bits, policy), data=data,
+                       preprocess=parse_preprocess(resize, center_crop), sigma=sigma, calib_images=calib_images,
                        validate_images=validate_images, min_agreement=min_agreement, int4_weights=int4_weights,
                        quantizer=quantizer, skip_unsupported=skip_unsupported, seed=seed)
     res = export_stage(cfg)

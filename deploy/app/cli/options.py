@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from arq_deploy.core.config import ModelSource
+from arq_deploy.core.config import ModelSource, Preprocess
 from arq_deploy.core.errors import ArqError
 
 
@@ -31,6 +31,18 @@ def parse_policy(bits: str | None, policy: str | None):
     return None
 
 
+def parse_preprocess(resize: int | None, center_crop: str | None) -> Preprocess:
+    """--resize N and --center-crop N|H,W -> a Preprocess (validated there)."""
+    crop = None
+    if center_crop is not None:
+        try:
+            crop = tuple(int(v) for v in center_crop.split(","))
+        except ValueError:
+            raise ArqError(f"--center-crop must be N or H,W with positive integers, got {center_crop!r}") from None
+        crop = crop * 2 if len(crop) == 1 else crop
+    return Preprocess(resize=resize, crop=crop)
+
+
 def model_source(model_name, weights, input_shape) -> ModelSource:
     return ModelSource(name=model_name, weights=weights, input_shape=parse_shape(input_shape))
 
@@ -44,6 +56,12 @@ bits_opt = click.option("--bits", default=None, help="uniform bits: 8, W4A8 or 4
 policy_opt = click.option("--policy", default=None, type=click.Path(dir_okay=False), help="policy.json")
 data_opt = click.option("--data", default="digits", show_default=True,
                         help="'digits', a CIFAR-10 python-batch folder, an image folder or a .tar/.tar.gz of one")
+resize_opt = click.option("--resize", type=int, default=None, metavar="N",
+                          help="image data: scale each image so that its shorter side is N pixels (bilinear, as "
+                               "torchvision's Resize(N)) [image files: fitted to the model's H×W, see --center-crop]")
+crop_opt = click.option("--center-crop", "center_crop", default=None, metavar="N|H,W",
+                        help="image data: keep the center N×N (or H×W) pixels, after --resize [image files given neither "
+                             "option: --resize max(H,W) --center-crop H,W of the model's input]")
 target_opt = click.option("--target", default=None,
                           help="where the model runs: x86, cuda, or a board's target with --remote (default: an "
                                "artifact's own target; x86 for an ONNX file)")
@@ -56,6 +74,11 @@ def backend_opt(choices=("auto", "onnxruntime", "tvm", "qemu")):
     return click.option("--backend", type=click.Choice(list(choices)), default="auto", show_default=True,
                         help="runtime: auto (onnxruntime for .onnx, TVM for an artifact), onnxruntime, tvm, "
                              "qemu (an aarch64 artifact under qemu-user here)" + (", torch" if "torch" in choices else ""))
+
+
+def preprocess_opts(f):
+    """--resize, --center-crop (parsed with `parse_preprocess`)."""
+    return resize_opt(crop_opt(f))
 
 
 def model_opts(f):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from arq_deploy.app.cli.options import backend_opt, remote_opt, target_opt
+from arq_deploy.app.cli.options import backend_opt, parse_preprocess, preprocess_opts, remote_opt, target_opt
 
 
 @click.command()
@@ -13,6 +13,7 @@ from arq_deploy.app.cli.options import backend_opt, remote_opt, target_opt
 @target_opt
 @backend_opt()
 @remote_opt
+@preprocess_opts
 @click.option("--sigma", type=float, default=None, help="noise std in pixel units, the model's training σ (required)")
 @click.option("--n", "n", type=int, default=1000, show_default=True, help="noise samples per input")
 @click.option("--alpha", type=float, default=0.001, show_default=True,
@@ -21,21 +22,22 @@ from arq_deploy.app.cli.options import backend_opt, remote_opt, target_opt
 @click.option("--batch-size", type=int, default=500, show_default=True)
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="write the JSON lines to this .jsonl file (and the config to OUT.config.json) instead of stdout")
-def predict(model_path, inputs, target, backend, remote, sigma, n, alpha, seed, batch_size, out):
+def predict(model_path, inputs, target, backend, remote, resize, center_crop, sigma, n, alpha, seed, batch_size, out):
     """Classify new images with the smoothed model (PREDICT of Cohen et al., with abstention): one JSON line per input
     with the class, or "abstain": true where the top two classes cannot be told apart at level ALPHA.
 
     MODEL_PATH is an .onnx file or a compiled artifact directory. INPUTS are image files (PNG, JPEG, ...; any size
     and mode), folders of images (searched recursively, sorted) and .npy arrays (one C×H×W image or a batch
     N×C×H×W; floats in [0, 1] or uint8 0..255). Images are converted to the model's channels (grayscale or RGB) and
-    resized bilinearly to its H×W; where the aspect ratios differ, the image is scaled so that its shorter side fits,
-    then center-cropped."""
+    preprocessed as the data of export and certify are: --resize N (shorter side to N, bilinear) then --center-crop
+    H,W when given, else fitted to the model's H×W (shorter side to max(H, W), then the center H×W)."""
     import json
 
     from arq_deploy.app.predict import PredictConfig, predict_stage, summary_line
 
     cfg = PredictConfig(model_path=model_path, inputs=tuple(inputs), out=out, target=target, backend=backend,
-                        remote=remote, sigma=sigma, n=n, alpha=alpha, seed=seed, batch_size=batch_size)
+                        remote=remote, sigma=sigma, n=n, alpha=alpha, seed=seed, batch_size=batch_size,
+                        preprocess=parse_preprocess(resize, center_crop))
     emit = None if out else (lambda row: click.echo(json.dumps(row)))
     rows = predict_stage(cfg, emit=emit)
     if out:

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
-from arq_deploy.app.cli.options import data_opt, model_opts, model_source
+from arq_deploy.app.cli.options import data_opt, model_opts, model_source, parse_preprocess, preprocess_opts
 
 
 @click.command()
 @model_opts
 @data_opt
+@preprocess_opts
 @click.option("--sigma", type=float, default=None, help="smoothing noise std (default: the checkpoint's training σ)")
 @click.option("--budget", type=float, default=0.015, show_default=True, help="fraction of W32A32 BOPs")
 @click.option("--latency-budget-ms", type=float, default=None, help="latency budget on --target instead of BOPs")
@@ -45,15 +46,16 @@ from arq_deploy.app.cli.options import data_opt, model_opts, model_source
               "(counters the winner's curse of a small validation set; 0: keep the best search reward)")
 @click.option("--rerank-images", type=int, default=100, show_default=True,
               help="fresh training images (outside the search's validation and calibration sets) for --rerank-top")
-def search(model_name, weights, input_shape, data, sigma, budget, latency_budget_ms, target, latency_table, episodes,
-           method, reward_kind, val_images, calib_images, n0, n, n_p, alpha, alpha_zeta, warmup, min_bits, max_bits,
-           warm_start, seed, out, ray_address, ray_workers, rerank_top, rerank_images):
+def search(model_name, weights, input_shape, data, resize, center_crop, sigma, budget, latency_budget_ms, target,
+           latency_table, episodes, method, reward_kind, val_images, calib_images, n0, n, n_p, alpha, alpha_zeta,
+           warmup, min_bits, max_bits, warm_start, seed, out, ray_address, ray_workers, rerank_top, rerank_images):
     """Search per-layer bit-widths under a BOPs (or latency) budget; reward: certified robustness (ARQ)."""
     from arq_deploy.app.stages import search_stage
     from arq_deploy.core.config import SearchRunConfig
 
     cfg = SearchRunConfig(
-        model=model_source(model_name, weights, input_shape), out=out, data=data, sigma=sigma, budget=budget,
+        model=model_source(model_name, weights, input_shape), out=out, data=data,
+        preprocess=parse_preprocess(resize, center_crop), sigma=sigma, budget=budget,
         latency_budget_ms=latency_budget_ms, target=target, latency_table=latency_table, episodes=episodes,
         method=method, reward_kind=reward_kind, val_images=val_images, calib_images=calib_images, n0=n0, n=n, n_p=n_p,
         alpha=alpha, alpha_zeta=alpha_zeta, warmup=warmup, min_bits=min_bits, max_bits=max_bits,
