@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -336,3 +337,168 @@ def test_user_mistakes_raise_one_line(tmp_path, case):
         assert "expected" in msg
         with pytest.raises(DataFormatError):
             dataset_format(spec)
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+
+
+def photo(size, mode="RGB", seed=0) -> Image.Image:
+    """A random-texture image of `size` (W, H) in `mode` (textures make a wrong resize or crop show)."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if mode == "RGBA":
+        rgba = rgb.convert("RGBA")
+        rgba.putalpha(Image.fromarray(rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8)))
+        return rgba
+    return rgb.convert(mode)
+
+
+def encoded(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# an ImageNet-style folder: two splits, three classes, every image of another size and mode
+PHOTOS = {
+    "train/cat/a.png": ((40, 30), "RGB"), "train/cat/b.png": ((31, 45), "L"), "train/dog/c.png": ((50, 50), "RGBA"),
+    "train/dog/d.png": ((36, 28), "P"), "train/owl/e.jpg": ((44, 33), "CMYK"), "test/cat/f.png": ((28, 40), "LA"),
+    "test/dog/g.jpg": ((60, 35), "RGB"), "test/owl/h.png": ((33, 33), "RGBA"), "test/owl/i.bmp": ((29, 52), "L"),
+}
+
+
+@pytest.fixture
+def photo_folder(tmp_path) -> Path:
+    files = {rel: encoded(photo(size, mode, seed=i), "JPEG" if rel.endswith(".jpg") else
+                          "BMP" if rel.endswith(".bmp") else "PNG")
+             for i, (rel, (size, mode)) in enumerate(PHOTOS.items())}
+    return write_images(tmp_path / "photos", files)
+
+
+def torchvision_reference(path: Path, resize: int | None, crop) -> np.ndarray:
+    """What torchvision's own (v1) Resize(int) + CenterCrop give for the image file, as uint8 3×H×W."""
+    from torchvision import transforms
+
+    steps = ([transforms.Resize(resize)] if resize else []) + ([transforms.CenterCrop(crop)] if crop else [])
+    with Image.open(path) as im:
+        out = transforms.Compose(steps)(im.convert("RGB"))
+    return np.asarray(out).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("resize, crop", [(24, (24, 24)), (20, (16, 12)), (None, (20, 20))])
+def test_resize_center_crop_equals_torchvision(photo_folder, resize, crop):
+    from arq_deploy.core.config import Preprocess
+
+    for split in ("train", "test"):
+        ds = load_dataset(str(photo_folder), split, Preprocess(resize=resize, crop=crop))
+        rels = sorted(r for r in PHOTOS if r.startswith(split + "/"))
+        assert ds.images.shape == (len(rels), 3, *crop) and ds.images.dtype == np.uint8
+        assert ds.classes == ("cat", "dog", "owl")
+        assert ds.labels.tolist() == [("cat", "dog", "owl").index(r.split("/")[1]) for r in rels]
+        for img, rel in zip(ds.images, rels):
+            assert np.array_equal(img, torchvision_reference(photo_folder / rel, resize, crop)), rel
+        assert ds.name.endswith(f"[{Preprocess(resize=resize, crop=crop).describe()}]")
+
+
+def test_modes_become_rgb_as_pil_converts_them(photo_folder):
+    from arq_deploy.core.config import Preprocess
+
+    ds = load_dataset(str(photo_folder), "test", Preprocess(crop=(20, 20)))
+    gray = ds.images[list(ds.labels).index(2) + 1]  # test/owl/i.bmp, grayscale: R = G = B
+    assert np.array_equal(gray[0], gray[1]) and np.array_equal(gray[1], gray[2]) and gray.std() > 10
+    with Image.open(photo_folder / "test/owl/h.png") as im:  # RGBA: the alpha channel is dropped, colours kept
+        assert im.mode == "RGBA"
+        rgb = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+    top, left = (33 - 20) // 2, (33 - 20) // 2
+    assert np.array_equal(ds.images[list(ds.labels).index(2)], rgb[:, top:top + 20, left:left + 20])
+
+
+def test_tar_matches_folder_and_caches_per_preprocessing(photo_folder, tmp_path, cache_dir, monkeypatch):
+    from arq_deploy.core import data
+    from arq_deploy.core.config import Preprocess
+
+    files = {f"photos/{rel}": (photo_folder / rel).read_bytes() for rel in PHOTOS}
+    tar = write_tar(tmp_path / "photos.tar.gz", files)
+    a, b = Preprocess(resize=20, crop=(16, 16)), Preprocess(resize=24, crop=(24, 24))
+    for pre in (a, b):
+        from_tar, from_dir = load_dataset(str(tar), "train", pre), load_dataset(str(photo_folder), "train", pre)
+        assert np.array_equal(from_tar.images, from_dir.images)
+        assert from_tar.labels.tolist() == from_dir.labels.tolist()
+    assert len(list(cache_dir.glob("*.npz"))) == 2  # one cache file per preprocessing, never a reused array
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again: the cache was not used")
+
+    monkeypatch.setattr(data, "_decode_all", no_decoding)
+    assert load_dataset(str(tar), "train", a).images.shape[2:] == (16, 16)
+    assert load_dataset(str(tar), "train", b).images.shape[2:] == (24, 24)
+
+
+def test_model_size_is_the_default_for_image_files(photo_folder, tmp_path):
+    from arq_deploy.core.config import Preprocess
+
+    fitted = load_dataset(str(photo_folder), "test", model_size=(16, 16))
+    explicit = load_dataset(str(photo_folder), "test", Preprocess(resize=16, crop=(16, 16)))
+    assert fitted.images.shape[1:] == (3, 16, 16) and np.array_equal(fitted.images, explicit.images)
+    assert fitted.name == explicit.name and "[resize 16, center-crop 16×16]" in fitted.name
+    wide = load_dataset(str(photo_folder), "test", model_size=(12, 20))  # H×W: shorter side to max(H, W) = 20
+    assert wide.images.shape[1:] == (3, 12, 20)
+    assert np.array_equal(wide.images[0], torchvision_reference(photo_folder / "test/cat/f.png", 20, (12, 20)))
+    given = load_dataset(str(photo_folder), "test", Preprocess(resize=30, crop=(24, 24)), model_size=(16, 16))
+    assert given.images.shape[2:] == (24, 24)  # what the user gives wins; the stage then reports the mismatch
+    same = write_images(tmp_path / "same", {"a/1.png": encoded(photo((16, 16))), "b/1.png": encoded(photo((16, 16)))})
+    assert np.array_equal(load_dataset(str(same), model_size=(16, 16)).images[0],
+                          np.asarray(photo((16, 16))).transpose(2, 0, 1))  # already the model's size: unchanged
+
+
+def test_mixed_sizes_without_preprocessing_name_the_options(photo_folder):
+    with pytest.raises(DataFormatError) as err:
+        load_dataset(str(photo_folder), "test")
+    msg = str(err.value)
+    assert "\n" not in msg and "--center-crop" in msg and "--resize" in msg and "same size" in msg
+
+
+def test_cifar_batches_take_preprocessing_only_when_given(tmp_path):
+    from arq_deploy.core.config import Preprocess
+
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    folder = write_cifar(tmp_path / "c", {"test_batch": (rows, [0, 1, 1])})
+    assert load_dataset(str(folder), model_size=(16, 16)).images.shape == (3, 3, 32, 32)  # arrays as stored
+    ds = load_dataset(str(folder), "test", Preprocess(resize=40, crop=(36, 36)))
+    assert ds.images.shape == (3, 3, 36, 36)
+    from torchvision import transforms
+
+    image = Image.fromarray(rows[1].reshape(3, 32, 32).transpose(1, 2, 0))
+    want = transforms.CenterCrop(36)(transforms.Resize(40)(image))
+    assert np.array_equal(ds.images[1], np.asarray(want).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("case", ["crop_larger_than_image", "crop_larger_than_resize", "bad_crop", "sixteen_bit",
+                                  "unreadable", "digits"])
+def test_preprocessing_mistakes_are_one_line(photo_folder, case):
+    from arq_deploy.core.config import ConfigError, Preprocess
+
+    spec, pre, want = str(photo_folder), None, DataFormatError
+    if case == "crop_larger_than_image":
+        pre, match = Preprocess(crop=(30, 30)), r"test/cat/f\.png: image is 28×40, smaller than --center-crop 30×30"
+    elif case == "crop_larger_than_resize":
+        want, match = ConfigError, r"--center-crop 32×32 is larger than --resize 24"
+    elif case == "bad_crop":
+        want, match = ConfigError, r"--center-crop must be N or H,W"
+    elif case == "sixteen_bit":
+        Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(photo_folder / "test/dog/deep.png")
+        pre, match = Preprocess(resize=20, crop=(20, 20)), r"deep\.png: a I;16\w* image \(16-bit"
+    elif case == "unreadable":
+        (photo_folder / "test/dog/broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+        pre, match = Preprocess(resize=20, crop=(20, 20)), r"broken\.jpg: cannot decode image"
+    else:
+        spec, pre, match = "digits", Preprocess(resize=16), r"'digits' are fixed 8×8 arrays"
+    with pytest.raises(want) as err:
+        if case == "crop_larger_than_resize":
+            Preprocess(resize=24, crop=(32, 32))
+        elif case == "bad_crop":
+            Preprocess(crop=(0, 5))
+        load_dataset(spec, "test", pre)
+    msg = str(err.value)
+    assert "\n" not in msg and re.search(match, msg), msg
