@@ -97,3 +97,40 @@ def test_reading_refuses_another_stage_unknown_keys_and_bad_json():
     doc["config"]["batch_size"] = 0  # a tampered file is validated like a new config
     with pytest.raises(ConfigError, match="--batch-size"):
         CompileConfig.from_json(json.dumps(doc))
+
+
+def test_preprocess_round_trips_in_every_stage_config_that_loads_data():
+    from arq_deploy.app.predict import PredictConfig
+    from arq_deploy.core.config import Preprocess
+
+    pre = Preprocess(resize=256, crop=224)
+    assert pre.crop == (224, 224) and pre.given and not Preprocess().given
+    configs = [ExportConfig(model=ModelSource(weights="w.pt"), out="m.onnx", data="imgs", preprocess=pre),
+               CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, data="imgs.tar.gz", preprocess=pre),
+               CheckConfig(check="systematic", model_path="m.onnx", out="o", preprocess=Preprocess(crop=(20, 30))),
+               SearchRunConfig(model=ModelSource(weights="f.pt"), out="run", preprocess=Preprocess(resize=40)),
+               PredictConfig(model_path="m.onnx", inputs=("a.png",), sigma=0.25, preprocess=pre)]
+    for cfg in configs:
+        doc = json.loads(cfg.to_json())["config"]["preprocess"]
+        assert doc == {"resize": cfg.preprocess.resize, "crop": list(cfg.preprocess.crop or []) or None}
+        again = type(cfg).from_json(cfg.to_json())
+        assert again == cfg and isinstance(again.preprocess, Preprocess)
+    old = json.loads(configs[0].to_json())
+    del old["config"]["preprocess"]  # a config written before the option existed reads as "none given"
+    assert ExportConfig.from_json(json.dumps(old)).preprocess == Preprocess()
+    assert Preprocess().or_model((24, 32)) == Preprocess(resize=32, crop=(24, 32)) and pre.or_model((8, 8)) == pre
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"resize": 0}, "--resize must be an integer >= 1"),
+    ({"resize": 2.5}, "--resize"),
+    ({"crop": (0, 4)}, "--center-crop must be N or H,W"),
+    ({"crop": (4, 4, 4)}, "--center-crop must be N or H,W"),
+    ({"resize": 100, "crop": (64, 128)}, "--center-crop 64×128 is larger than --resize 100"),
+])
+def test_bad_preprocessing_fails_with_one_line(kwargs, fragment):
+    from arq_deploy.core.config import Preprocess
+
+    with pytest.raises(ConfigError) as e:
+        Preprocess(**kwargs)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
