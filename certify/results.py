@@ -148,10 +148,11 @@ def _accuracy_text(certs: dict[int, Certificate]) -> str:
 
 
 def certify_dataset(smooth: Smooth, x_all: np.ndarray, labels: Sequence[int], indices: Sequence[int], n0: int, n: int,
-                    alpha: float, seed: int, log: CertifyLog, progress: bool = True) -> list[Certificate]:
+                    alpha: float, seed: int, log: CertifyLog, progress: bool = True,
+                    randomized: bool = False) -> list[Certificate]:
     """CERTIFY x_all[i] (label labels[i]) for each i in `indices` not yet in `log`, appending each row as it finishes.
 
-    Input i uses seed `input_seed(seed, i)`. Returns the certificates of all `indices` (old and new), sorted by index.
+    Input i uses seed `input_seed(seed, i)`; randomized: the randomized Clopper-Pearson bound (`Smooth.certify`). Returns the certificates of all `indices` (old and new), sorted by index.
     An interruption (Ctrl-C, kill) loses only the input being certified at that moment.
     """
     n0, n, alpha = check_params(n0, n, alpha)
@@ -166,7 +167,8 @@ def certify_dataset(smooth: Smooth, x_all: np.ndarray, labels: Sequence[int], in
     with _progress(progress) as bar:
         task = bar.add_task("certify", total=len(wanted), completed=len(done), acc=_accuracy_text(done))
         for i in todo:
-            cert = smooth.certify(x_all[i], n0, n, alpha, seed=input_seed(seed, i), label=int(labels[i]), idx=i)
+            cert = smooth.certify(x_all[i], n0, n, alpha, seed=input_seed(seed, i), label=int(labels[i]), idx=i,
+                                  randomized=randomized)
             log.append(cert)
             done[i] = cert
             bar.update(task, advance=1, acc=_accuracy_text(done))

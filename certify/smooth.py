@@ -14,6 +14,7 @@ Noise is reproducible: ε comes from the seeded stream of `arq_deploy.runtime.no
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binomtest
 
-from arq_deploy.certify.stats import cp_lower, radius
+from arq_deploy.certify.stats import cp_lower, radius, rcp_lower
 from arq_deploy.core.errors import CertificationInputError
 from arq_deploy.core.validation import check_alpha, check_count, check_params
 from arq_deploy.runtime.noise import noise_batches
@@ -77,6 +78,13 @@ class Certificate:
         return cert
 
 
+def randomization_u(seed: int) -> float:
+    """The uniform u of the randomized Clopper-Pearson bound for noise seed `seed`: Philox keyed by a hash of
+    (seed, "randomized-cp"), independent of the noise streams (whose keys hash other purposes)."""
+    key = int.from_bytes(hashlib.blake2b(f"arq-rcp:{int(seed)}".encode(), digest_size=16).digest(), "little")
+    return float(np.random.Generator(np.random.Philox(key=key)).random())
+
+
 class Smooth:
     """The smoothed classifier g of `runner` with Gaussian noise level σ (`sigma`, in units of pixels in [0, 1])."""
 
@@ -122,18 +130,21 @@ class Smooth:
             counts += np.bincount(logits.argmax(axis=1), minlength=self.num_classes)
         return counts
 
-    def certify(self, x, n0: int, n: int, alpha: float, seed: int = 0, label: int = -1, idx: int = -1) -> Certificate:
+    def certify(self, x, n0: int, n: int, alpha: float, seed: int = 0, label: int = -1, idx: int = -1,
+                randomized: bool = False) -> Certificate:
         """CERTIFY: c_A = argmax of n0 selection counts; p̲_A = cp_lower(count of c_A among n estimation samples, n, α).
 
         Abstain unless p̲_A > 1/2; otherwise the radius is σ·Φ⁻¹(p̲_A). The two sample sets use disjoint noise
         streams ("selection", "estimation") of the same seed, so the estimate is independent of the selection.
+        randomized: p̲_A is the randomized Clopper-Pearson bound (`stats.rcp_lower`, exact coverage 1 − α, never
+        below CP's) with its uniform u drawn from the seed (`randomization_u`), so the certificate stays reproducible.
         """
         start = time.perf_counter()
         n0, n, alpha = check_params(n0, n, alpha)
         x = self._check_x(x)
         c_a = int(self.sample_counts(x, n0, seed, "selection").argmax())
         count_a = int(self.sample_counts(x, n, seed, "estimation")[c_a])
-        pa_lower = cp_lower(count_a, n, alpha)
+        pa_lower = rcp_lower(count_a, n, alpha, randomization_u(seed)) if randomized else cp_lower(count_a, n, alpha)
         if pa_lower > 0.5:
             prediction, rad = c_a, radius(self.sigma, pa_lower)
         else:

@@ -12,6 +12,7 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 from scipy.stats import beta, norm
 
 from arq_deploy.core.errors import CertificationInputError
@@ -46,6 +47,49 @@ def cp_upper(k: int, n: int, alpha: float) -> float:
     if k == n:
         return 1.0
     return float(beta.ppf(1.0 - alpha, k + 1, n - k))
+
+
+def rcp_lower(k, n, alpha: float, u):
+    """One-sided (1 − α) *randomized* Clopper-Pearson lower bound on p from k ~ Binomial(n, p) and an independent
+    u ~ Uniform(0, 1) (Voráček 2024 use the randomized test to close CP's discreteness gap).
+
+    The randomized p-value of H0: p ≤ p0, π(p0) = P_p0[X > k] + u·P_p0[X = k], is exactly Uniform(0, 1) under p0
+    (it is P[(X', u') beats (X, u)] for an independent copy), and increases in p0. The bound is the root of π(p̲) = α,
+    so P[p̲ > p] = P[π(p) < α] = α exactly: the coverage is 1 − α, not "at least". Since π(p0) ≤ P_p0[X ≥ k], the
+    root lies at or above CP's: p̲ ∈ [cp_lower(k), cp_lower(k + 1)] (CP at k + 1 bounds it from above), so it is
+    never looser. Where the exact rule's confidence set is empty (k = n and u ≤ α, an infinite radius) it returns
+    cp_lower(n, n, α) instead, which only lowers the bound (coverage stays ≥ 1 − α).
+
+    k, n, u may be numpy arrays (broadcast); the root is found by 64 vectorized bisection steps (float64 precision).
+    Returns a float for scalar input, else an array.
+    """
+    from scipy.special import bdtrc, betaincinv
+    from scipy.stats import binom
+
+    scalar = all(np.ndim(v) == 0 for v in (k, n, u))
+    k, n, u = np.broadcast_arrays(np.asarray(k, np.int64), np.asarray(n, np.int64), np.asarray(u, np.float64))
+    if scalar:
+        _check_binomial(int(k), int(n), alpha)
+    if np.any(n < 1) or np.any(k < 0) or np.any(k > n):
+        raise CertificationInputError("rcp_lower needs 0 <= k <= n and n >= 1")
+    if not (math.isfinite(alpha) and 0.0 < alpha < 1.0):
+        raise CertificationInputError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+    if np.any(~np.isfinite(u)) or np.any(u < 0) or np.any(u > 1):
+        raise CertificationInputError("the randomization u must lie in [0, 1]")
+    kf, nf = k.astype(np.float64), n.astype(np.float64)
+    lo = np.where(k > 0, betaincinv(np.maximum(kf, 1.0), nf - kf + 1.0, alpha), 0.0)
+    hi = np.where(k < n, betaincinv(kf + 1.0, np.maximum(nf - kf, 1.0), alpha), 1.0)
+
+    def pi(p):
+        return bdtrc(k, n, p) + u * binom.pmf(k, n, p)
+
+    empty = pi(hi) <= alpha  # k = n and u <= alpha: no root below 1
+    for _ in range(64):
+        mid = 0.5 * (lo + hi)
+        below = pi(mid) < alpha
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    out = np.where(empty, np.where(k > 0, betaincinv(np.maximum(kf, 1.0), nf - kf + 1.0, alpha), 0.0), lo)
+    return float(out) if scalar else out
 
 
 def radius(sigma: float, pa_lower: float) -> float:
