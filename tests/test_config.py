@@ -19,6 +19,9 @@ EXAMPLES = [
     CertifyConfig(out="c.tsv", model_path="art", irs=IrsConfig(float_log="f.tsv", float_model="f.onnx", n_p=500,
                                                                fallback_n=0, float_labels="none")),
     CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, ray=RayConfig(address="10.0.0.2:6379", workers=4)),
+    CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, radii=(0.5, 0.25, 0.75), max_n=20000, first_n=250),
+    CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.5, adaptive=True, tolerance=0.01),
+    CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.5, randomized_cp=True),
     BenchConfig(model_path="art", out="b.json", target="x86", repeats=7),
     CheckConfig(check="attacks", model_path="m.onnx", out="checks", names=("fgsm", "pgd"), eps=(0.01, 0.03)),
     CheckConfig(check="corruptions", model_path="art", out="checks", severities=(1, 3)),
@@ -76,6 +79,11 @@ def test_certify_fills_the_defaults_it_ran_with():
     (lambda: SearchRunConfig(model=ModelSource(), out="r", budget=0), "--budget"),
     (lambda: SearchRunConfig(model=ModelSource(), out="r", min_bits=6, max_bits=4), "--min-bits"),
     (lambda: SearchRunConfig(model=ModelSource(), out="r", rerank_top=-1), "--rerank-top"),
+    (lambda: CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, radii=(0.25,), adaptive=True), "--adaptive"),
+    (lambda: CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, radii=(0.25, -1.0)), "--radii"),
+    (lambda: CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, radii=(0.25,), max_n=100), "--max-n"),
+    (lambda: CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, adaptive=True, tolerance=0.0), "--tolerance"),
+    (lambda: CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, max_n=1000), "--max-n"),
 ])
 def test_bad_settings_fail_with_one_line_naming_the_option(make, fragment):
     with pytest.raises((ConfigError, CertificationInputError)) as e:

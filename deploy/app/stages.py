@@ -22,8 +22,15 @@ from arq_deploy.certify.incremental import (
     incremental_meta,
 )
 from arq_deploy.certify.results import CertifyLog, certify_dataset, plot_curve, write_summary
+from arq_deploy.certify.sequential import (
+    SequentialLog,
+    certify_dataset_sequential,
+    check_log_mode,
+    check_radii,
+    look_schedule,
+)
 from arq_deploy.certify.smooth import Smooth
-from arq_deploy.certify.stats import summarize
+from arq_deploy.certify.stats import DEFAULT_RADII, summarize
 from arq_deploy.core.config import BenchConfig, CertifyConfig, CompileConfig, ExportConfig, SearchRunConfig
 from arq_deploy.core.data import SIZE_HINT, image_size, load_dataset
 from arq_deploy.core.errors import ArqError
@@ -79,6 +86,8 @@ def model_sha256(model_path, weights) -> str:
 def certify_stage(cfg: CertifyConfig, progress: bool = True) -> dict:
     """Certify the test images (every `skip`-th, at most `max_images`); returns the run's summary dict with `meta`,
     `summary` (certified accuracy per radius, ACR, abstain rate, seconds per input) and, for IRS, `cost`."""
+    check_log_mode(cfg.out, cfg.mode)  # a log of another mode is refused before anything is loaded or written
+    schedule = _sequential_schedule(cfg)
     lm = load_model(cfg.model) if cfg.model_path is None else None
     if cfg.ray is not None:
         from arq_deploy.certify.distributed import check_address, runner_spec
@@ -95,8 +104,13 @@ def certify_stage(cfg: CertifyConfig, progress: bool = True) -> dict:
         if cfg.irs is not None:
             certs, extra = _certify_incremental(cfg, runner, target, ds, meta)
             sigma = extra["sigma"]
+        elif schedule is not None:
+            certs, extra = _certify_sequential(cfg, schedule, runner, ds, meta, progress)
+            sigma = cfg.sigma
         else:
             meta.update(sigma=cfg.sigma, n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, seed=cfg.seed)
+            if cfg.randomized_cp:
+                meta["mode"] = cfg.mode
             indices = list(range(0, len(ds), cfg.skip))[: cfg.max_images or None]
             cfg.save(cfg.config_path)
             with CertifyLog(cfg.out, meta) as log:
@@ -110,16 +124,50 @@ def certify_stage(cfg: CertifyConfig, progress: bool = True) -> dict:
                 else:
                     smooth = Smooth(runner, ds.num_classes, cfg.sigma, batch_size=cfg.batch_size)
                     certs = certify_dataset(smooth, ds.x(), ds.labels, indices, cfg.n0, cfg.n, cfg.alpha, cfg.seed,
-                                            log, progress=progress)
+                                            log, progress=progress, randomized=cfg.randomized_cp)
             extra, sigma = {}, cfg.sigma
     finally:
         if hasattr(runner, "close"):  # a qemu worker or an RPC session is ended with the run
             runner.close()
-    summary = summarize(certs)
+    summary = summarize(certs, (0.0, *cfg.radii) if cfg.radii is not None else DEFAULT_RADII)
     out = Path(cfg.out)
     write_summary(out.with_suffix(".summary.json"), summary, {**meta, **extra})
     plot_curve(certs, out.with_suffix(".png"), sigma)
     return {"images": len(certs), "meta": {**meta, **extra}, "summary": summary.to_dict(), "certificates": certs}
+
+
+def _sequential_schedule(cfg: CertifyConfig):
+    """The look schedule of --radii / --adaptive (None for the other modes), with the radii checked against what the
+    cap can certify: one line and nothing written when it cannot."""
+    if cfg.mode not in ("sequential", "adaptive"):
+        return None
+    schedule = look_schedule(cfg.alpha, cfg.max_n, cfg.first_n)
+    if cfg.radii is not None:
+        check_radii(cfg.radii, cfg.sigma, schedule)
+    return schedule
+
+
+def _certify_sequential(cfg: CertifyConfig, schedule, runner, ds, meta, progress: bool) -> tuple[list, dict]:
+    """Anytime-valid sequential certification (--radii) or adaptive radius estimation (--adaptive)."""
+    import numpy as np
+
+    meta.update(mode=cfg.mode, sigma=cfg.sigma, n0=cfg.n0, alpha=cfg.alpha, seed=cfg.seed, max_n=cfg.max_n,
+                first_n=cfg.first_n, looks=list(schedule.looks))
+    if cfg.radii is not None:
+        meta["radii"] = list(cfg.radii)
+    else:
+        meta["tolerance"] = cfg.tolerance
+    indices = list(range(0, len(ds), cfg.skip))[: cfg.max_images or None]
+    cfg.save(cfg.config_path)
+    log_type = SequentialLog if cfg.radii is not None else CertifyLog
+    with log_type(cfg.out, meta) as log:
+        smooth = Smooth(runner, ds.num_classes, cfg.sigma, batch_size=cfg.batch_size)
+        certs = certify_dataset_sequential(smooth, ds.x(), ds.labels, indices, cfg.n0, schedule, cfg.seed, log,
+                                           radii=cfg.radii, tolerance=cfg.tolerance if cfg.adaptive else None,
+                                           progress=progress)
+    used = np.array([c.n0 + c.n for c in certs], dtype=np.float64)
+    return certs, {"samples_per_input": {"mean": float(used.mean()), "median": float(np.median(used)),
+                                         "max": int(used.max()), "fixed_n_equivalent": cfg.n0 + cfg.max_n}}
 
 
 def _certify_incremental(cfg: CertifyConfig, runner, target, ds, meta) -> tuple[list, dict]:

@@ -330,8 +330,8 @@ class CertifyConfig(StageConfig):
     model_path: str | None = None  # an .onnx file or an artifact directory; None: the torch model of `model`
     model: ModelSource = field(default_factory=ModelSource)
     data: str = "digits"
-    target: str | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)  # --resize / --center-crop of image data
+    target: str | None = None
     backend: str = "auto"
     remote: str | None = None
     sigma: float | None = None
@@ -344,8 +344,30 @@ class CertifyConfig(StageConfig):
     batch_size: int = 500
     irs: IrsConfig | None = None
     ray: RayConfig | None = None
+    # anytime-valid sequential certification (certify/sequential.py): decide at `radii`, or estimate the radius with
+    # `adaptive`, drawing looks of first_n, 2·first_n, … samples up to the cap max_n; n is not used then
+    radii: tuple[float, ...] | None = None
+    adaptive: bool = False
+    max_n: int | None = None
+    first_n: int | None = None
+    tolerance: float | None = None  # adaptive: stop when the radius is within this of what max_n could give
+    randomized_cp: bool = False  # fixed-N CERTIFY with the randomized Clopper-Pearson bound
 
     DEFAULTS: ClassVar[dict] = {"n0": 100, "n": 10000, "alpha": 0.001, "seed": 0}
+    SEQUENTIAL_DEFAULTS: ClassVar[dict] = {"max_n": 100000, "first_n": 500}
+    DEFAULT_TOLERANCE: ClassVar[float] = 0.02
+
+    @property
+    def mode(self) -> str:
+        """fixed, randomized-cp, sequential, adaptive or irs: what the log's meta records (a log is resumed only in
+        its own mode)."""
+        if self.irs is not None:
+            return "irs"
+        if self.radii is not None:
+            return "sequential"
+        if self.adaptive:
+            return "adaptive"
+        return "randomized-cp" if self.randomized_cp else "fixed"
 
     def __post_init__(self):
         _choice("--backend", self.backend, BACKENDS)
@@ -353,11 +375,12 @@ class CertifyConfig(StageConfig):
         _positive_int("--skip", self.skip)
         _optional_positive_int("--max", self.max_images)
         _positive_int("--batch-size", self.batch_size)
+        self._check_sequential()
         if self.irs is None:
             if self.sigma is None:
                 raise ConfigError("give --sigma (the noise level the model was trained for)")
             for k, v in self.DEFAULTS.items():  # the defaults are filled in, so the written config is complete
-                if getattr(self, k) is None:
+                if getattr(self, k) is None and not (k == "n" and self.mode in ("sequential", "adaptive")):
                     object.__setattr__(self, k, v)
         # with IRS the float log supplies σ, N0, N, α and the seed: any given here must match it (checked there)
         if self.sigma is not None:
@@ -377,6 +400,50 @@ class CertifyConfig(StageConfig):
                  f"--ray runs an ONNX model or a TVM artifact on the workers, not the {self.backend} backend")
         _require(self.model_path is not None or self.backend in ("auto", "torch"),
                  f"backend {self.backend!r} runs a model file: give MODEL_PATH")
+
+    def _check_sequential(self) -> None:
+        """--radii / --adaptive / --max-n / --first-n / --tolerance / --randomized-cp: types, ranges and conflicts
+        (whether the cap can certify the largest radius needs the statistics: certify_stage checks it first)."""
+        _require(isinstance(self.adaptive, bool), f"adaptive must be true or false, got {self.adaptive!r}")
+        _require(isinstance(self.randomized_cp, bool), f"randomized_cp must be true or false, got {self.randomized_cp!r}")
+        if self.radii is not None:
+            _require(isinstance(self.radii, tuple) and len(self.radii) > 0, "--radii needs at least one radius")
+            for r in self.radii:
+                _require(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0,
+                         f"--radii: every radius must be a number > 0, got {r!r}")
+            _require(len(set(self.radii)) == len(self.radii), f"--radii lists a radius twice: {self.radii}")
+            object.__setattr__(self, "radii", tuple(sorted(float(r) for r in self.radii)))
+        _require(not (self.radii is not None and self.adaptive),
+                 "--radii (decide robustness at given radii) and --adaptive (estimate each input's radius) are two "
+                 "modes: give one")
+        sequential = self.radii is not None or self.adaptive
+        if not sequential:
+            for name, value in (("--max-n", self.max_n), ("--first-n", self.first_n), ("--tolerance", self.tolerance)):
+                _require(value is None, f"{name} belongs to sequential certification: give --radii or --adaptive "
+                                        "(fixed-N CERTIFY takes --n)")
+            _require(not (self.randomized_cp and self.irs is not None),
+                     "--randomized-cp and --incremental-from cannot be combined")
+            _require(not (self.randomized_cp and self.ray is not None), "--randomized-cp and --ray cannot be combined yet")
+            return
+        flag = "--radii" if self.radii is not None else "--adaptive"
+        _require(self.n is None, f"{flag} draws as many samples as each input needs, up to --max-n: leave out --n")
+        _require(not self.randomized_cp, f"--randomized-cp is a bound for fixed-N CERTIFY, not for {flag}")
+        _require(self.irs is None, f"{flag} and --incremental-from cannot be combined")
+        _require(self.ray is None, f"{flag} and --ray cannot be combined yet")
+        _require(self.adaptive or self.tolerance is None, "--tolerance belongs to --adaptive")
+        for k, v in self.SEQUENTIAL_DEFAULTS.items():
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, v)
+        if self.adaptive and self.tolerance is None:
+            object.__setattr__(self, "tolerance", self.DEFAULT_TOLERANCE)
+        _positive_int("--max-n", self.max_n)
+        _positive_int("--first-n", self.first_n)
+        _require(self.max_n >= self.first_n, f"--max-n {self.max_n} is below the first batch (--first-n "
+                                             f"{self.first_n}): the cap must allow at least one look")
+        if self.tolerance is not None:
+            _require(isinstance(self.tolerance, (int, float)) and not isinstance(self.tolerance, bool)
+                     and math.isfinite(self.tolerance) and self.tolerance > 0,
+                     f"--tolerance must be a radius > 0, got {self.tolerance!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- bench
@@ -418,8 +485,8 @@ class CheckConfig(StageConfig):
     backend: str = "auto"
     remote: str | None = None
     data: str = "digits"
-    max_images: int | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)  # --resize / --center-crop of image data
+    max_images: int | None = None
     seed: int = 0
     batch_size: int = 256
     names: tuple[str, ...] | None = None
@@ -463,8 +530,8 @@ class SearchRunConfig(StageConfig):
     model: ModelSource
     out: str
     data: str = "digits"
-    sigma: float | None = None  # None: the checkpoint's training σ
     preprocess: Preprocess = field(default_factory=Preprocess)  # --resize / --center-crop of image data
+    sigma: float | None = None  # None: the checkpoint's training σ
     budget: float = 0.015
     latency_budget_ms: float | None = None
     target: str | None = None

@@ -47,15 +47,27 @@ from arq_deploy.app.cli.options import (
 @click.option("--float-labels", default=None, metavar="PATH|none",
               help="IRS: where the float model's labels on the disagreement samples are kept, so that later runs "
                    "against the same log run only the quantized model [FLOAT_LOG.labels; none: keep nothing]")
+@click.option("--radii", default=None, metavar="R1,R2,...",
+              help="sequential certification: decide robustness at these radii, sampling until an anytime-valid "
+                   "test decides each (or --max-n is reached)")
+@click.option("--adaptive", is_flag=True, help="adaptive radius estimation: sample each input until its certified "
+                                               "radius is within --tolerance of what --max-n could give")
+@click.option("--max-n", "max_n", type=int, default=None, help="--radii/--adaptive: sample cap per input [100000]")
+@click.option("--first-n", "first_n", type=int, default=None,
+              help="--radii/--adaptive: samples at the first look (the first batch); looks double up to --max-n [500]")
+@click.option("--tolerance", type=float, default=None, help="--adaptive: radius tolerance [0.02]")
+@click.option("--randomized-cp", is_flag=True, help="fixed-N CERTIFY with the randomized Clopper-Pearson bound "
+                                                    "(exact coverage, never looser than Clopper-Pearson)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV log (appended, resumable)")
 def certify(model_path, model_name, weights, input_shape, data, resize, center_crop, target, backend, remote, sigma,
             n0, n, alpha, skip, max_images, batch_size, seed, ray_address, ray_workers, ray_cpus_per_worker, float_log,
-            float_model, n_p, alpha_zeta, fallback_n, float_labels, out):
+            float_model, n_p, alpha_zeta, fallback_n, float_labels, out, **sequential):
     """Randomized-smoothing CERTIFY (Cohen et al.) on test images: TSV rows, summary JSON and a PNG curve.
 
     --target says where the model runs (x86, cuda; a board with --remote). With --incremental-from FLOAT.tsv
     --float-model FLOAT.onnx, certify a quantized model incrementally (Ugare et al. 2024) from the float model's
-    certificates, falling back to full CERTIFY where that fails."""
+    certificates, falling back to full CERTIFY where that fails. With --radii R1,R2 (or --adaptive) each input gets as
+    many samples as it needs, up to --max-n, under an anytime-valid confidence sequence (docs/certification.md)."""
     from arq_deploy.app.stages import certify_stage
     from arq_deploy.core.config import CertifyConfig, ConfigError, IrsConfig, RayConfig
 
@@ -70,13 +82,29 @@ def certify(model_path, model_name, weights, input_shape, data, resize, center_c
     cfg = CertifyConfig(out=out, model_path=model_path, model=model_source(model_name, weights, input_shape), data=data,
                         preprocess=parse_preprocess(resize, center_crop),
                         target=target, backend=backend, remote=remote, sigma=sigma, n0=n0, n=n, alpha=alpha,
-                        seed=seed, skip=skip, max_images=max_images, batch_size=batch_size, irs=irs, ray=ray)
+                        seed=seed, skip=skip, max_images=max_images, batch_size=batch_size, irs=irs, ray=ray,
+                        **_sequential_settings(**sequential))
     res = certify_stage(cfg)
     d, cost = res["summary"], res["meta"].get("cost")
     click.echo(f"{res['images']} images: ACR {d['acr']:.3f}, certified accuracy "
                + ", ".join(f"r={r}: {v:.3f}" for r, v in d["certified_accuracy"].items())
                + f", abstain {d['abstain_rate']:.3f}, {d['seconds_per_input']:.2f} s/image"
-               + (f"; IRS path for {100 * cost['irs_fraction']:.0f}% of inputs" if cost else ""))
+               + (f"; IRS path for {100 * cost['irs_fraction']:.0f}% of inputs" if cost else "")
+               + (f"; {used['mean']:,.0f} samples per input (median {used['median']:,.0f})"
+                  if (used := res["meta"].get("samples_per_input")) else ""))
+
+
+def _sequential_settings(radii, adaptive, max_n, first_n, tolerance, randomized_cp) -> dict:
+    """The CertifyConfig fields of --radii/--adaptive/--max-n/--first-n/--tolerance/--randomized-cp."""
+    from arq_deploy.core.config import ConfigError
+
+    if radii is not None:
+        try:
+            radii = tuple(float(r) for r in radii.split(",") if r.strip())
+        except ValueError:
+            raise ConfigError(f"--radii must be comma-separated numbers such as 0.25,0.5,0.75, got {radii!r}") from None
+    return {"radii": radii, "adaptive": adaptive, "max_n": max_n, "first_n": first_n, "tolerance": tolerance,
+            "randomized_cp": randomized_cp}
 
 
 COMMANDS = (certify,)
