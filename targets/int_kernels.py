@@ -1,6 +1,6 @@
 """Integer conv2d kernels: int8 data multiplied and summed into int32 by one SIMD instruction, exactly.
 
-Three instructions, the best the target has (`select`):
+Five kernels; `select` picks the best the target has:
 
 * `vpdpbusd` (AVX-512 VNNI, or AVX-VNNI on 256-bit vectors): per int32 lane, four u8 × s8 products summed into the
   accumulator, `acc += Σ_{k<4} u8(a_k)·s8(b_k)`, with no intermediate saturation (the `vpdpbusds` form saturates;
@@ -14,6 +14,26 @@ Three instructions, the best the target has (`select`):
   constant per output channel, folded into the bias: `Kernel.x_offset`); padded pixels are stored as −128 (x = 0),
   so the identity Σ x·w = Σ (x − 128)·w + 128·Σ w holds at the borders too. (The u8 × s8 `usdot` needs FEAT_I8MM,
   which neither of those cores has.)
+* `smlal` (AArch64 without the dot product: Raspberry Pi 4's Cortex-A72, Jetson Nano's A57): int16 × int16
+  widening multiply-add into int32 lanes, `smlal`/`smlal2 v.4s, v.4h, v.4h`, 4 multiply-adds per instruction,
+  exact for uint8 activations (as int16, no offset) × weights up to 16 bits while K·a_max·max|w| fits int32.
+* `smlal_narrow` (the same cores, narrow (w, a) pairs): int8 × int8 into int16 lanes, `smlal`/`smlal2 v.8h,
+  v.8b/16b`, 8 multiply-adds per instruction, the int16 partial sums widened into int32 (`saddw`/`saddw2`) once
+  per chunk of input channels. Exact when every partial sum fits int16: a chunk of n channels sums n·KH·KW
+  products of at most a_max·max|w| each, so n ≤ 32767 // (KH·KW·a_max·max|w|) (`narrow_chunk`); activations must
+  fit int8 (a_max ≤ 127, i.e. ≤ 7-bit levels). W4A4 (15·7·9 = 945 per channel): 34 channels per int16 sum; W2A2:
+  all; W7A7 (127·63·9 > 32767): none, so smlal. `select` gives rpi4 `smlal` with `smlal_narrow` as its variant,
+  and `choose` picks per layer, from the layer's actual max|w| and activation levels (int_lowering reads a_max
+  from the graph's integer Clip), the first that is exact: smlal_narrow, else smlal, else the plain int32 conv2d.
+
+The NEON kernels keep one channel per element (no words): the pack stage writes the padded input as int16 or
+int8, `xs[n, c, h, w]`, the L lanes are L consecutive output columns, and one weight is broadcast,
+
+    acc[n, o, oh, ow:ow+L] += wide(xs[n, c, oh·s+kh, ow+kw : ow+kw+L]) · wide(w[o, c, kh, kw])
+
+(smlal_narrow: into int16 `part[n, ch, o, oh, ow]` over the chunk's channels, then acc += int32(part)). The
+tensor intrinsic states wide(A[i])·wide(B[0]) added to C[i] and its implementation is that expression on vectors,
+which LLVM selects as smull/smlal/smlal2 (the tests read it back from the library's disassembly).
 
 Layout. G input channels (G = 4 for vpdpbusd and sdot, 2 for vpmaddwd) share one int32 word: a pack stage (per image, inside
 the same function) turns the uint8 NCHW input into `xs[n, cg, h, w] = Σ_k x[n, G·cg+k, h, w] << (32/G)·k` (zero
@@ -32,8 +52,8 @@ layer's output width, so a ResNet's 8-column last stage runs on 256-bit vectors 
 on 512-bit ones.
 
 Requirements (else the caller uses a plain integer conv2d): uint8 activations with zero point 0 (after ReLU), weights
-within the kernel's range (int8 for vpdpbusd and sdot, int16 for vpmaddwd), groups = 1, dilation 1, output width a multiple of
-4.
+within the kernel's range (int8 for vpdpbusd, sdot and smlal_narrow, int16 for vpmaddwd and smlal), groups = 1,
+dilation 1, output width a multiple of 4 (of 8 for smlal_narrow), and the NEON kernels' sum bounds (`fits`).
 
 Schedule (`schedule_qconv`): batch loop parallel, pack computed per image, register tile F output channels × U rows ×
 L columns of int32 accumulators (F, U: `tile`), reduction over (cg, kh, kw) inside, the fused epilogue (bias,
@@ -42,23 +62,29 @@ requantize or dequantize) computed per tile and vectorized.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 CONV_BLOCK, PACK_BLOCK = "arq_qconv", "arq_qconv_pack"
 UNROLL = ("oi", "ohi", "rw")
-KERNELS = ("vpdpbusd", "vpmaddwd", "sdot")  # x86 in preference order of `select(.., "auto")`, then AArch64
+KERNELS = ("vpdpbusd", "vpmaddwd", "sdot", "smlal", "smlal_narrow")  # x86 in preference order of
+# `select(.., "auto")`, then AArch64 (sdot with the dot-product extension, else smlal with smlal_narrow)
+NEON_KERNELS = ("smlal", "smlal_narrow")  # one channel per element (int16 / int8), not packed words
+INT16_MAX, INT32_MAX = 32767, 2**31 - 1
 
 
 @dataclass(frozen=True)
 class Kernel:
     """One SIMD integer dot-product instruction at the vector widths a target has.
 
-    name: "vpdpbusd" | "vpmaddwd" | "sdot"; group: input channels per int32 word (4 | 2); widths: ((int32 lanes,
-    LLVM intrinsic), ...) widest first; w_range: the weight values it multiplies exactly; tile: (F, U) register
-    tile; x_offset: subtracted from every uint8 activation before packing (128 for the signed-only sdot, whose
-    caller adds x_offset·Σw[o] back), else 0."""
+    name: "vpdpbusd" | "vpmaddwd" | "sdot" | "smlal" | "smlal_narrow"; group: input channels per int32 word (4 | 2;
+    1 for the NEON kernels, which keep one channel per element); widths: ((accumulator lanes, LLVM intrinsic or ""),
+    ...) widest first; w_range: the weight values it multiplies exactly; tile: (F, U) register tile; x_offset:
+    subtracted from every uint8 activation before packing (128 for the signed-only sdot, whose caller adds
+    x_offset·Σw[o] back), else 0; operand: "int32" (packed words) or the NEON kernels' element type, "int16"
+    (smlal) or "int8" (smlal_narrow); variants: kernels `choose` tries first for each layer (on rpi4:
+    smlal_narrow before smlal)."""
 
     name: str
     group: int
@@ -66,6 +92,8 @@ class Kernel:
     w_range: tuple[int, int]
     tile: tuple[int, int]
     x_offset: int = 0
+    operand: str = "int32"  # element type of the packed data: int32 words of `group` fields, or (NEON) int16 / int8
+    variants: tuple[Kernel, ...] = ()  # narrower kernels tried first, per layer (`choose`)
 
     def lanes_for(self, out_w: int) -> int:
         """The widest vector (int32 lanes) whose lane count divides out_w; 0 when none does."""
@@ -78,12 +106,23 @@ class Kernel:
         return dict(self.widths)[lanes]
 
     def to_json(self) -> dict:
-        return {"name": self.name, "lanes": [lanes for lanes, _ in self.widths], "tile": list(self.tile)}
+        out = {"name": self.name, "lanes": [lanes for lanes, _ in self.widths], "tile": list(self.tile)}
+        if self.variants:
+            out["variants"] = [v.to_json() for v in self.variants]
+        return out
 
 
 _VNNI = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256", 4: "llvm.x86.avx512.vpdpbusd.128"}
 _PMADDWD = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}
 _SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+# AArch64 without the dot product (Cortex-A72, A57): smlal/smlal2 on one channel per element, output columns in the
+# lanes and one weight broadcast; the TE compute and the tensor intrinsic state plain widening multiply-adds, which
+# LLVM selects as smull/smlal(2) (the tests read the libraries' disassembly). smlal: int16 × int16 -> int32,
+# 8 columns per int16x8 vector (4 per int16x4); smlal_narrow: int8 × int8 -> int16, 16 columns per int8x16 (8 per
+# int8x8), partial sums widened into int32 (saddw) once per chunk of input channels.
+_SMLAL_WIDTHS = ((8, ""), (4, ""))
+_NARROW_WIDTHS = ((16, ""), (8, ""))
+_NEON_NARROW_TILE = (4, 2)  # 4·2 int16x8 pairs: 16 accumulators, as smlal's 4·2 int32x4 pairs
 # NEON: 32 128-bit registers; F=4·U=4 keeps 16 accumulators, 4 input vectors and 4 weight broadcasts in registers.
 # Not measured on a board (qemu says nothing about speed): a starting point, like any untuned schedule here.
 _NEON_TILE = (4, 4)
@@ -95,7 +134,8 @@ _TILE = {"avx512": (8, 2), "avx2": (2, 2)}
 
 def select(tgt, name: str = "auto") -> Kernel | None:
     """The integer conv kernel for an LLVM target: `name` ("auto": on x86 vpdpbusd where the target has VNNI, else
-    vpmaddwd; on AArch64 sdot where it has the dot-product extension; "none": no kernel) at the vector widths its
+    vpmaddwd; on AArch64 sdot where it has the dot-product extension, else smlal with smlal_narrow as its variant
+    for narrow (w, a) pairs; "smlal": the 8-bit NEON kernel alone; "none": no kernel) at the vector widths its
     features allow; None when the target cannot run it.
 
     Raises ValueError for an unknown name."""
@@ -112,8 +152,14 @@ def select(tgt, name: str = "auto") -> Kernel | None:
     if triple.startswith(("aarch64", "arm64")):
         if name in ("auto", "sdot") and has("dotprod"):
             return Kernel("sdot", 4, ((4, _SDOT),), (-128, 127), _NEON_TILE, x_offset=128)
+        if name in ("auto", "smlal", "smlal_narrow") and has("neon"):
+            smlal = Kernel("smlal", 1, _SMLAL_WIDTHS, (-32768, 32767), _NEON_NARROW_TILE, operand="int16")
+            if name == "smlal":  # the 8-bit kernel alone (for comparisons)
+                return smlal
+            narrow = Kernel("smlal_narrow", 1, _NARROW_WIDTHS, (-128, 127), _NEON_NARROW_TILE, operand="int8")
+            return replace(smlal, variants=(narrow,))
         return None
-    if not triple.startswith(("x86_64", "i686")) or name == "sdot":
+    if not triple.startswith(("x86_64", "i686")) or name in ("sdot", *NEON_KERNELS):
         return None
 
     wide = has("avx512bw", "avx512vl")
@@ -158,6 +204,43 @@ def intrinsic(kernel: Kernel, lanes: int) -> str:
     return name
 
 
+def widen_intrinsic(lanes: int) -> str:
+    """Register (once) and return the name of smlal_narrow's widening step, C[i] += int32(A[i]) for int16 A."""
+    key = ("widen", lanes)
+    if key in _REGISTERED:
+        return _REGISTERED[key]
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((lanes,), "int16", offset_factor=1, scope="local"),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                with T.sblock("update"):
+                    vi = T.axis.spatial(lanes, i)
+                    C[vi] = C[vi] + T.Cast("int32", A[vi])
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((lanes,), "int16", offset_factor=1, scope="local"),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = C[T.ramp(T.int32(0), 1, lanes)] + T.Cast(
+                f"int32x{lanes}", A.vload([0], f"int16x{lanes}"))
+
+    name = f"arq_widen_i16_i32x{lanes}"
+    try:
+        TensorIntrin.register(name, desc, impl)
+    except Exception:  # noqa: BLE001 - registered by an earlier import of this module
+        TensorIntrin.get(name)
+    _REGISTERED[key] = name
+    return name
+
+
 def word_dot(a, b, group: int, signed_a: bool = False):
     """Σ_k field_k(a)·field_k(b) of two int32 words of `group` fields (bytes of a, unsigned or with signed_a signed,
     times signed bytes of b for 4; signed 16-bit halves for 2), as a TIR expression: one lane of the instruction."""
@@ -174,6 +257,8 @@ def word_dot(a, b, group: int, signed_a: bool = False):
 def _intrin_funcs(kernel: Kernel, lanes: int):
     from tvm.script import tirx as T
 
+    if kernel.operand != "int32":
+        return _neon_intrin_funcs(kernel, lanes)
     vec16, vec32 = f"int16x{2 * lanes}", f"int32x{lanes}"
     llvm, group = kernel.llvm(lanes), kernel.group
     signed = kernel.x_offset != 0
@@ -216,6 +301,39 @@ def _intrin_funcs(kernel: Kernel, lanes: int):
     return desc, impl
 
 
+def _neon_intrin_funcs(kernel: Kernel, lanes: int):
+    """C[i] += wide(A[i])·wide(B[0]) for i < lanes: int16 × int16 -> int32 (smlal) or int8 × int8 -> int16
+    (smlal_narrow). The implementation is the same arithmetic on vectors (sign-extend, multiply, add), which LLVM's
+    AArch64 backend selects as smull/smlal/smlal2 (by halves of a 128-bit register)."""
+    from tvm.script import tirx as T
+
+    src = kernel.operand
+    dst = "int32" if src == "int16" else "int16"
+    vsrc, vdst = f"{src}x{lanes}", f"{dst}x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((lanes,), src, offset_factor=1), B: T.Buffer((1,), src, offset_factor=1),
+             C: T.Buffer((lanes,), dst, offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:1])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                with T.sblock("update"):
+                    vi = T.axis.spatial(lanes, i)
+                    C[vi] = C[vi] + T.Cast(dst, A[vi]) * T.Cast(dst, B[0])
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((lanes,), src, offset_factor=1), B: T.Buffer((1,), src, offset_factor=1),
+             C: T.Buffer((lanes,), dst, offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:1])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = C[T.ramp(T.int32(0), 1, lanes)] + T.Cast(
+                vdst, A.vload([0], vsrc)) * T.Cast(vdst, T.broadcast(B[0], lanes))
+
+    return desc, impl
+
+
 def _vnni_takes_bytes() -> bool:
     """LLVM 22 (TVM 0.27's) declares the vpdpbusd intrinsics on <N x i8> byte vectors; older LLVMs on <N x i32>."""
     from tvm.target import codegen
@@ -243,15 +361,73 @@ def offset_correction(kernel: Kernel, w_int: np.ndarray) -> np.ndarray | None:
     return (int(kernel.x_offset) * w_int.reshape(len(w_int), -1).astype(np.int64).sum(axis=1)).astype(np.int32)
 
 
-def fits(kernel: Kernel | None, x_dtype: str, z_x: int, w_int: np.ndarray, groups: int, dilation, out_w: int) -> bool:
-    """Whether `qconv2d` with this kernel can compute this layer (see the module docstring)."""
-    return (kernel is not None and kernel.lanes_for(out_w) > 0 and x_dtype == "uint8" and z_x == 0
+def fits(kernel: Kernel | None, x_dtype: str, z_x: int, w_int: np.ndarray, groups: int, dilation, out_w: int,
+         a_max: int = 255) -> bool:
+    """Whether `qconv2d` with this kernel computes this layer exactly (see the module docstring).
+
+    a_max: the largest activation level the layer's input can hold (255 for uint8; 2^b − 1 where the graph clips the
+    levels to b bits). The NEON kernels also check their sums' ranges: smlal's int32 accumulator must hold
+    K·a_max·max|w| (K = C·KH·KW), smlal_narrow's int16 partial sums KH·KW·a_max·max|w| for at least one input
+    channel (`narrow_chunk`), with activations that fit int8 (a_max ≤ 127)."""
+    if not (kernel is not None and kernel.lanes_for(out_w) > 0 and x_dtype == "uint8" and z_x == 0
             and int(groups) == 1 and all(int(d) == 1 for d in dilation)
-            and w_int.min() >= kernel.w_range[0] and w_int.max() <= kernel.w_range[1])
+            and w_int.min() >= kernel.w_range[0] and w_int.max() <= kernel.w_range[1]):
+        return False
+    if kernel.name == "smlal":
+        return w_int[0].size * int(a_max) * _w_abs_max(w_int) <= INT32_MAX
+    if kernel.name == "smlal_narrow":
+        return int(a_max) <= 127 and narrow_chunk(w_int, a_max) > 0
+    return True
+
+
+def choose(kernel: Kernel | None, x_dtype: str, z_x: int, w_int: np.ndarray, groups: int, dilation, out_w: int,
+           a_max: int = 255) -> Kernel | None:
+    """The first kernel of `family(kernel)` (its narrower variants, then itself) that computes this layer exactly
+    (`fits`); None: the layer runs on the plain integer conv2d."""
+    for k in family(kernel):
+        if fits(k, x_dtype, z_x, w_int, groups, dilation, out_w, a_max):
+            return k
+    return None
+
+
+def family(kernel: Kernel | None) -> tuple[Kernel, ...]:
+    """kernel's variants, then kernel (empty for None): the kernels one integer build may run, in preference order."""
+    return () if kernel is None else (*kernel.variants, kernel)
+
+
+def _w_abs_max(w_int: np.ndarray) -> int:
+    return int(np.abs(w_int.astype(np.int64)).max()) if w_int.size else 0
+
+
+def narrow_chunk(w_int: np.ndarray, a_max: int) -> int:
+    """smlal_narrow: input channels per int16 partial sum. Each product is at most a_max·max|w| in magnitude, so
+    n·KH·KW of them stay within ±32767 for n ≤ 32767 // (KH·KW·a_max·max|w|); the C channels are split into the
+    fewest chunks of at most that many (equal sizes, the last zero-padded). 0: not even one channel fits."""
+    c, per_channel = w_int.shape[1], int(np.prod(w_int.shape[2:])) * int(a_max) * _w_abs_max(w_int)
+    n_max = c if per_channel == 0 else min(c, INT16_MAX // per_channel)
+    if n_max < 1:
+        return 0
+    chunks = -(-c // n_max)
+    return -(-c // chunks)
+
+
+def packed_weights(kernel: Kernel, w_int: np.ndarray, a_max: int = 255) -> np.ndarray:
+    """The weight constant `qconv2d` takes for this kernel: words (`pack_weights`) for vpdpbusd/vpmaddwd/sdot;
+    O×C×KH×KW int16 for smlal; O×chunks×n×KH×KW int8 for smlal_narrow (n = `narrow_chunk`, missing channels 0)."""
+    if kernel.operand == "int32":
+        return pack_weights(w_int, kernel.group)
+    if kernel.operand == "int16":
+        return w_int.astype(np.int16)
+    o, c, kh, kw = w_int.shape
+    n = narrow_chunk(w_int, a_max)
+    chunks = -(-c // n)
+    w = np.zeros((o, chunks * n, kh, kw), np.int8)
+    w[:, :c] = w_int
+    return w.reshape(o, chunks, n, kh, kw)
 
 
 def qconv2d(x, wp, strides, padding, kernel: Kernel):
-    """TE compute: uint8 NCHW x, packed weights O×CG×KH×KW (`pack_weights`) -> int32 NCHW conv2d (no zero points),
+    """TE compute: uint8 NCHW x, packed weights O×CG×KH×KW (`packed_weights`) -> int32 NCHW conv2d (no zero points),
     less kernel.x_offset·Σ_{c,kh,kw} w[o] (`offset_correction`) when the kernel has an activation offset.
 
     strides: (sh, sw); padding: (top, left, bottom, right)."""
@@ -260,7 +436,8 @@ def qconv2d(x, wp, strides, padding, kernel: Kernel):
     g, bits, off = kernel.group, 32 // kernel.group, kernel.x_offset
     conv_name, pack_name = block_names(kernel)
     n_, c_, h_, w_ = (int(d) for d in x.shape)
-    o_, cg_, kh_, kw_ = (int(d) for d in wp.shape)
+    dims = [int(d) for d in wp.shape]  # cg_: channel words (packed), or channels (NEON: all chunks)
+    o_, cg_, kh_, kw_ = dims[0], int(np.prod(dims[1:-2])), dims[-2], dims[-1]
     sh, sw = (int(s) for s in strides)
     pt, pl, pb, pr = (int(p) for p in padding)
     oh_, ow_ = (h_ + pt + pb - kh_) // sh + 1, (w_ + pl + pr - kw_) // sw + 1
@@ -279,6 +456,10 @@ def qconv2d(x, wp, strides, padding, kernel: Kernel):
             v = v | (field(n, g * cg + k, h, w) << (bits * k))
         return v
 
+    if kernel.operand != "int32":  # NEON: one channel per element (int16 or int8); wp O×C×KH×KW or O×chunks×n×KH×KW
+        def word(n, c, h, w):  # the element itself
+            return pix(n, c, h, w).astype(kernel.operand)
+
     if sw == 1:  # row width rounded up to 8 columns so that the pack stage vectorizes evenly
         xs = te.compute((n_, cg_, h_ + pt + pb, -(-(w_ + pl + pr) // 8) * 8), word, name=pack_name)
 
@@ -291,6 +472,8 @@ def qconv2d(x, wp, strides, padding, kernel: Kernel):
         def load(n, cg, oh, ow, kh, kw):
             return xs[n, cg, oh * sh + kh, kw, ow]
 
+    if kernel.operand != "int32":
+        return _neon_conv(load, wp, (n_, o_, oh_, ow_), kernel)
     rc, rh, rw = te.reduce_axis((0, cg_), "rc"), te.reduce_axis((0, kh_), "rh"), te.reduce_axis((0, kw_), "rw")
 
     def acc(n, o, oh, ow):
@@ -299,24 +482,60 @@ def qconv2d(x, wp, strides, padding, kernel: Kernel):
     return te.compute((n_, o_, oh_, ow_), acc, name=conv_name)
 
 
+def part_name(kernel: Kernel) -> str:
+    """smlal_narrow's int16 partial-sum stage (one chunk of input channels)."""
+    return f"{CONV_BLOCK}_{kernel.name}_part"
+
+
+def _neon_conv(load, wp, out_shape, kernel: Kernel):
+    """smlal: acc = Σ_{c,kh,kw} int32(x)·int32(w) over int16 operands. smlal_narrow: per chunk of n input channels
+    part[n, ch, ..] = Σ_{c<n,kh,kw} int16(x)·int16(w) over int8 operands (exact: `narrow_chunk` keeps every partial
+    sum within int16), then acc = Σ_ch int32(part[n, ch, ..])."""
+    from tvm import te
+
+    conv_name = block_names(kernel)[0]
+    rh, rw = te.reduce_axis((0, int(wp.shape[-2])), "rh"), te.reduce_axis((0, int(wp.shape[-1])), "rw")
+    if kernel.name == "smlal":
+        rc = te.reduce_axis((0, int(wp.shape[1])), "rc")
+        return te.compute(out_shape, lambda n, o, oh, ow: te.sum(
+            load(n, rc, oh, ow, rh, rw).astype("int32") * wp[o, rc, rh, rw].astype("int32"), axis=[rc, rh, rw]),
+            name=conv_name)
+    chunks, per = int(wp.shape[1]), int(wp.shape[2])
+    ri = te.reduce_axis((0, per), "ri")
+    part = te.compute((out_shape[0], chunks, *out_shape[1:]), lambda n, ch, o, oh, ow: te.sum(
+        load(n, ch * per + ri, oh, ow, rh, rw).astype("int16") * wp[o, ch, ri, rh, rw].astype("int16"),
+        axis=[ri, rh, rw]), name=part_name(kernel))
+    rch = te.reduce_axis((0, chunks), "rch")
+    return te.compute(out_shape, lambda n, o, oh, ow: te.sum(part[n, rch, o, oh, ow].astype("int32"), axis=rch),
+                      name=conv_name)
+
+
 def schedule_qconv(sch, kernel: Kernel, threads: int = 1) -> bool:
-    """Schedule a (fused) PrimFunc holding `qconv2d`'s blocks in place; False when it holds none."""
-    conv_name, pack_name = block_names(kernel)
+    """Schedule a (fused) PrimFunc holding `qconv2d`'s blocks (of kernel or one of its variants) in place; False when
+    it holds none."""
     try:
         names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
     except Exception:  # noqa: BLE001 - no root block: not a function of ours
         return False
-    if conv_name not in names or pack_name not in names:
-        return False
+    for k in family(kernel):
+        if set(block_names(k)) <= names:
+            return _schedule_one(sch, k, names, threads)
+    return False
+
+
+def _schedule_one(sch, kernel: Kernel, names: set, threads: int) -> bool:
+    conv_name, pack_name = block_names(kernel)
+    narrow = kernel.name == "smlal_narrow"
+    part = part_name(kernel) if narrow else None
     rb, pack = sch.get_sblock(conv_name), sch.get_sblock(pack_name)
     root = sch.get_sblock("root")
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
-    for name in names - {conv_name, pack_name} - outputs:  # epilogue chain: inline into the output block
+    for name in names - {conv_name, pack_name, part} - outputs:  # epilogue chain: inline into the output block
         sch.compute_inline(sch.get_sblock(name))
     epilogue = [n for n in outputs if n != conv_name]
     if not epilogue:
         epilogue = [sch.get(sch.cache_write(rb, 0, "global")).name_hint]
-    n, o, oh, ow, rc, rh, rw = sch.get_loops(rb)
+    n, o, oh, ow, *red = sch.get_loops(rb)
     ext = [int(sch.get(lp).extent) for lp in (n, o, oh, ow)]
     lanes = kernel.lanes_for(ext[3])
     if not lanes:
@@ -326,11 +545,13 @@ def schedule_qconv(sch, kernel: Kernel, threads: int = 1) -> bool:
     oo, oi = sch.split(o, [None, f])
     oho, ohi = sch.split(oh, [None, u])
     owo, owi = sch.split(ow, [None, lanes])
-    sch.reorder(n, oo, oho, owo, rc, rh, rw, oi, ohi, owi)
+    sch.reorder(n, oo, oho, owo, *red, oi, ohi, owi)
     if ext[0] >= 2 * threads or ext[0] >= 8:
         sch.parallel(n)
     else:
         sch.parallel(sch.fuse(n, oo))
+    if narrow:  # the partial sums inside the chunk loop first (they, not rb, consume the pack stage)
+        sch.compute_at(sch.get_sblock(part), red[0])
     sch.compute_at(pack, sch.get_loops(rb)[0])
     _vectorize_inner(sch, pack, lanes)
     for name in epilogue:
@@ -338,13 +559,40 @@ def schedule_qconv(sch, kernel: Kernel, threads: int = 1) -> bool:
         sch.reverse_compute_at(eb, owo)
         _vectorize_inner(sch, eb, lanes)
     sch.set_scope(rb, 0, "local")
-    init = sch.decompose_reduction(rb, rc)
+    if narrow:  # int16 partial sums per chunk of input channels, tensorized; the chunk loop widens them into rb
+        _schedule_partial(sch, sch.get_sblock(part), red[0], kernel, (f, u, lanes))
+        init = sch.decompose_reduction(rb, red[0])
+        sch.tensorize(sch.get_loops(rb)[-1], widen_intrinsic(lanes))  # int32 += sext(int16): saddw/saddw2
+        sch.vectorize(sch.get_loops(init)[-1])
+        return True
+    rw = red[-1]
+    init = sch.decompose_reduction(rb, red[0])
     sch.tensorize(owi, intrinsic(kernel, lanes))
     for name, lp in (("oi", oi), ("ohi", ohi), ("rw", rw)):
         if name in UNROLL:
             sch.unroll(lp)
     sch.vectorize(sch.get_loops(init)[-1])
     return True
+
+
+def _schedule_partial(sch, pb, chunk_loop, kernel: Kernel, tile: tuple[int, int, int]) -> None:
+    """smlal_narrow's partial-sum block, already computed at the conv's chunk loop over the register tile:
+    reductions (channels of the chunk, kh, kw) outside, the F×U×lanes int16 tile inside, the lanes tensorized."""
+    depth = 1 + [sch.get(lp).same_as(sch.get(chunk_loop)) for lp in sch.get_loops(pb)].index(True)
+    # compute_at made one loop per iter var of extent > 1, in iter var order: (o, oh, ow) of the tile, then (ri, rh, rw)
+    extents = dict(zip(("oi", "ohi", "owi"), tile, strict=True))
+    extents.update(zip(("ri", "rh", "rw"), (int(v.dom.extent) for v in sch.get(pb).iter_vars[5:]), strict=True))
+    names = [name for name, e in extents.items() if e > 1]
+    loops = dict(zip(names, sch.get_loops(pb)[depth:], strict=True))
+    red = [loops[n] for n in ("ri", "rh", "rw") if n in loops]
+    sch.reorder(*red, *[loops[n] for n in ("oi", "ohi") if n in loops], loops["owi"])
+    sch.set_scope(pb, 0, "local")
+    init = sch.decompose_reduction(pb, red[0])
+    sch.tensorize(loops["owi"], intrinsic(kernel, tile[2]))
+    for name in UNROLL:
+        if name in loops:
+            sch.unroll(loops[name])
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _vectorize_inner(sch, block, lanes):

@@ -29,11 +29,14 @@ rewritten, results differ from the float graph only where the float graph rounds
 integer sums are exact), which the tests bound against onnxruntime and an exact numpy reference.
 
 The conv layers that fit run on a SIMD dot-product kernel of `arq_deploy.targets.int_kernels` (x86: vpdpbusd with
-VNNI, else vpmaddwd; AArch64 with the dot-product extension: sdot; the same integer arithmetic); elsewhere on relax
-conv2d with int32 output.
+VNNI, else vpmaddwd; AArch64 with the dot-product extension: sdot; AArch64 without: smlal_narrow where the layer's
+(w, a) pair keeps int16 partial sums exact, else smlal; the same integer arithmetic); elsewhere on relax conv2d with
+int32 output. The choice is per layer (`int_kernels.choose`), from the layer's max |w| and its activation levels
+(a_max: 255 for uint8, or 2^b - 1 where the exporter's integer Clip bounds them), and recorded in the report.
 
     lower_integer(mod, kernel=None) -> (mod, report)
-        report: {"conv2d": n, "matmul": n, "requantized": n, "float_out": n, "conv2d_kernel": n, "kernel": name}
+        report: {"conv2d": n, "matmul": n, "requantized": n, "float_out": n, "conv2d_kernel": n, "kernel": name,
+                 "conv2d_kernels": {kernel name: n}, "conv2d_layers": [{"shape", "w_max", "a_max", "kernel"}, ...]}
     integer_lowering_pass(report, kernel)   the same as a tvm.transform module pass
 """
 
@@ -60,6 +63,7 @@ class _Layer:
     skip: set = field(default_factory=set)  # vars whose bindings disappear (absorbed into the rewrite)
     x_q: Any = None  # relax expr of the quantized activation
     z_x: int = 0
+    a_max: int = 255  # the largest level x_q can hold (its dtype's, or the graph's integer Clip to b bits: 2^b - 1)
     s_x: np.float32 = np.float32(1)
     w_int: np.ndarray | None = None  # conv: O×I×kh×kw ; matmul: K×N
     s_w: np.ndarray | None = None  # per output channel, float32 (length O or N)
@@ -72,15 +76,18 @@ class _Layer:
 def lower_integer(mod, func_name: str = "main", kernel=None):
     """Rewrite the QDQ layers of `mod[func_name]` into integer operators; returns (new module, report dict).
 
-    kernel: an `arq_deploy.targets.int_kernels.Kernel` (vpdpbusd / vpmaddwd / sdot) used for the conv layers it fits
-        (report["conv2d_kernel"] counts them); None: plain integer conv2d everywhere.
+    kernel: an `arq_deploy.targets.int_kernels.Kernel` (vpdpbusd / vpmaddwd / sdot / smlal) used for the conv layers
+        it fits, or one of its variants (smlal_narrow) where that fits first (`int_kernels.choose`, from the layer's
+        weights and activation levels); report["conv2d_kernel"] counts the layers on a kernel, report["conv2d_kernels"]
+        per kernel name, and report["conv2d_layers"] lists every conv in graph order with its weight shape, max |w|,
+        activation levels (a_max) and kernel (None: the plain integer conv2d). None: plain integer conv2d everywhere.
     The input module is not modified."""
     from tvm import relax
 
     gv = mod.get_global_var(func_name)
-    layers = _plan(mod[gv])
+    layers = _plan(mod[gv], mod)
     report = {"conv2d": 0, "matmul": 0, "requantized": 0, "float_out": 0, "conv2d_kernel": 0,
-              "kernel": kernel.name if kernel is not None else None}
+              "kernel": kernel.name if kernel is not None else None, "conv2d_kernels": {}, "conv2d_layers": []}
     for ly in layers:
         report[ly.kind] += 1
         report["requantized" if ly.requant else "float_out"] += 1
@@ -105,7 +112,7 @@ def integer_lowering_pass(report: dict | None = None, kernel=None):
 # --------------------------------------------------------------------------------------------------------------------
 # Matching (on the original function; pure analysis)
 
-def _plan(func) -> list[_Layer]:
+def _plan(func, mod=None) -> list[_Layer]:
     from tvm import relax
 
     bindings = [b for blk in func.body.blocks for b in blk.bindings]
@@ -118,7 +125,7 @@ def _plan(func) -> list[_Layer]:
         uses.setdefault(v, []).append(None)
     layers = []
     for b in bindings:
-        ly = _match_layer(b.var, b.value, value)
+        ly = _match_layer(b.var, b.value, value, mod)
         if ly is not None:
             _extend_chain(ly, value, uses)
             layers.append(ly)
@@ -166,8 +173,8 @@ def _per_channel(arr: np.ndarray, n: int) -> np.ndarray | None:
     return a if a.size == n else None
 
 
-def _activation(expr, value: dict):
-    """(x_q, z_x, s_x) of a per-tensor dequantize of an 8-bit activation, else None."""
+def _activation(expr, value: dict, mod=None):
+    """(x_q, z_x, s_x, a_max) of a per-tensor dequantize of an 8-bit activation, else None."""
     parts = _dq_parts(expr, value)
     if parts is None:
         return None
@@ -175,7 +182,64 @@ def _activation(expr, value: dict):
     dtype = str(q.ty.dtype) if hasattr(q.ty, "dtype") else ""
     if dtype not in ("uint8", "int8") or s.size != 1 or z.size != 1:
         return None
-    return q, int(np.asarray(z).reshape(-1)[0]), np.float32(s.reshape(-1)[0])
+    return q, int(np.asarray(z).reshape(-1)[0]), np.float32(s.reshape(-1)[0]), _levels_max(q, value, mod)
+
+
+def _levels_max(q, value: dict, mod=None) -> int:
+    """The largest value the integer activation q can hold: its dtype's maximum, lowered by the integer Clip the
+    exporter puts after a sub-8-bit QuantizeLinear (TVM imports Clip(q, lo, hi) on uint8 as call_tir(maximum)
+    then call_tir(minimum) with scalar constants; relax.clip / relax.minimum count too). Only a bound the graph
+    proves is used: a call_tir counts when its PrimFunc is a single elementwise min with the scalar."""
+    hi = _INT_RANGE[str(q.ty.dtype)][1]
+    call = _bound(q, value)
+    for _ in range(8):
+        op = _op(call)
+        if op == "relax.clip":  # clip(x, PrimValue lo, PrimValue hi)
+            top = getattr(getattr(call.args[2], "value", None), "value", None)
+            if isinstance(top, (int, float)):
+                hi = min(hi, int(np.floor(top)))
+            call = _bound(call.args[0], value)
+        elif op in ("relax.minimum", "relax.maximum"):
+            c = _const(call.args[1])
+            if op == "relax.minimum" and c is not None and c.size == 1:
+                hi = min(hi, int(c.reshape(-1)[0]))
+            call = _bound(call.args[0], value)
+        elif op == "relax.call_tir" and mod is not None and len(call.args[1].fields) == 2:
+            src, other = call.args[1].fields
+            c = _const(other)
+            kind = _scalar_minmax(mod, call.args[0]) if c is not None and c.size == 1 else None
+            if kind is None:
+                break
+            if kind == "min":
+                hi = min(hi, int(c.reshape(-1)[0]))
+            call = _bound(src, value)
+        else:
+            break
+    return int(hi)
+
+
+def _scalar_minmax(mod, gv) -> str | None:
+    """"min" / "max" when PrimFunc gv is one block storing T.min / T.max of its first parameter's element (at the
+    stored index) and its second, 0-d, parameter; else None."""
+    from tvm import s_tir, tirx
+
+    try:
+        func = mod[gv]
+        if not isinstance(func, tirx.PrimFunc) or len(func.params) != 3:
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        store = sch.get(blocks[0]).body if len(blocks) == 1 else None
+        v = getattr(store, "value", None)
+        kind = {"Min": "min", "Max": "max"}.get(type(v).__name__)
+        if kind is None or not isinstance(store, tirx.BufferStore):
+            return None
+        a, b = v.a, v.b
+        ok = (a.source.same_as(func.params[0]) and b.source.same_as(func.params[1]) and len(b.indices) == 0
+              and [str(i) for i in a.indices] == [str(i) for i in store.indices])
+        return kind if ok else None
+    except Exception:  # noqa: BLE001 - any other shape of function: no bound from it
+        return None
 
 
 def _weight(expr, value: dict, out_axis: int):
@@ -199,7 +263,7 @@ def _weight(expr, value: dict, out_axis: int):
     return w, s_vec.astype(np.float32)
 
 
-def _match_layer(var, call, value: dict) -> _Layer | None:
+def _match_layer(var, call, value: dict, mod=None) -> _Layer | None:
     op = _op(call)
     if op == "relax.nn.conv2d":
         a = call.attrs
@@ -207,10 +271,11 @@ def _match_layer(var, call, value: dict) -> _Layer | None:
             return None
         if str(a.out_dtype) not in ("", "float32", "void", "None"):
             return None
-        act, wt = _activation(call.args[0], value), _weight(call.args[1], value, 0)
+        act, wt = _activation(call.args[0], value, mod), _weight(call.args[1], value, 0)
         if act is None or wt is None:
             return None
-        return _Layer("conv2d", var, var, x_q=act[0], z_x=act[1], s_x=act[2], w_int=wt[0], s_w=wt[1], attrs=a)
+        return _Layer("conv2d", var, var, x_q=act[0], z_x=act[1], s_x=act[2], a_max=act[3], w_int=wt[0], s_w=wt[1],
+                      attrs=a)
     if op == "relax.matmul":
         act = _activation(call.args[0], value)
         if act is None or len(call.args[0].ty.shape) != 2:
@@ -351,20 +416,27 @@ def emit_layer(bb, ly: _Layer, x_q, kernel=None, report: dict | None = None):
     w_dtype = "int8" if ly.w_int.min() >= -128 and ly.w_int.max() <= 127 else "int16"
     w = relax.const(ly.w_int.astype(w_dtype))
     bias = ly.bias_int
-    if ly.kind == "conv2d" and _use_kernel(ly, x_q, kernel):
+    chosen = _use_kernel(ly, x_q, kernel) if ly.kind == "conv2d" else None
+    if ly.kind == "conv2d" and report is not None:
+        report.setdefault("conv2d_layers", []).append({
+            "shape": [int(d) for d in ly.w_int.shape], "w_max": int(np.abs(ly.w_int.astype(np.int64)).max()),
+            "a_max": int(ly.a_max), "kernel": chosen.name if chosen is not None else None})
+    if chosen is not None:
         from arq_deploy.targets import int_kernels
 
         a = ly.attrs
         strides, padding = [int(v) for v in a.strides], [int(v) for v in a.padding]
-        acc = bb.emit_te(lambda xq, wp: int_kernels.qconv2d(xq, wp, strides, padding, kernel), x_q,
-                         relax.const(int_kernels.pack_weights(ly.w_int, kernel.group)),
-                         primfunc_name_hint=int_kernels.block_names(kernel)[0])
+        acc = bb.emit_te(lambda xq, wp: int_kernels.qconv2d(xq, wp, strides, padding, chosen), x_q,
+                         relax.const(int_kernels.packed_weights(chosen, ly.w_int, ly.a_max)),
+                         primfunc_name_hint=int_kernels.block_names(chosen)[0])
         chan = (1, -1, 1, 1)
-        corr = int_kernels.offset_correction(kernel, ly.w_int)
+        corr = int_kernels.offset_correction(chosen, ly.w_int)
         if corr is not None:  # the kernel summed (x − x_offset)·w: add x_offset·Σw back, with the bias
             bias = corr if bias is None else (bias.astype(np.int64) + corr).astype(np.int32)
         if report is not None:
             report["conv2d_kernel"] = report.get("conv2d_kernel", 0) + 1
+            per = report.setdefault("conv2d_kernels", {})
+            per[chosen.name] = per.get(chosen.name, 0) + 1
     elif ly.kind == "conv2d":
         a = ly.attrs
         acc = bb.emit(R.nn.conv2d(x, w, strides=a.strides, padding=a.padding, dilation=a.dilation,
@@ -391,16 +463,18 @@ def emit_layer(bb, ly: _Layer, x_q, kernel=None, report: dict | None = None):
     return R.astype(y, rq["dtype"])
 
 
-def _use_kernel(ly: _Layer, x_q, kernel) -> bool:
+def _use_kernel(ly: _Layer, x_q, kernel):
+    """The kernel (kernel or one of its variants) that computes this conv layer exactly, else None."""
     if kernel is None:
-        return False
+        return None
 
     a = ly.attrs
     pad = [int(v) for v in a.padding]
     if len(pad) == 2:
         pad = pad * 2
     out_w = (int(x_q.ty.shape[3]) + pad[1] + pad[3] - ly.w_int.shape[3]) // int(a.strides[1]) + 1
-    return int_kernels.fits(kernel, str(x_q.ty.dtype), ly.z_x, ly.w_int, int(a.groups), a.dilation, out_w)
+    return int_kernels.choose(kernel, str(x_q.ty.dtype), ly.z_x, ly.w_int, int(a.groups), a.dilation, out_w,
+                              ly.a_max)
 
 
 def _fold_dequantize(call):

@@ -80,8 +80,11 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
     tuning_db: a tuning database directory: its records are applied, and functions it lacks are tuned into it
         (with tune_trials > 0); reused by later builds. None with tune_trials > 0: a temporary database.
     integer: lower QDQ conv/matmul layers to integer arithmetic (`arq_deploy.targets.int_lowering`).
-    int_kernel: with integer, the x86 SIMD conv kernel: "auto" (vpdpbusd where the target has VNNI, else vpmaddwd),
-        "vpdpbusd", "vpmaddwd" or "none" (relax integer conv2d only); see `arq_deploy.targets.int_kernels`.
+    int_kernel: with integer, the SIMD conv kernel: "auto" (x86: vpdpbusd where the target has VNNI, else vpmaddwd;
+        AArch64: sdot with the dot-product extension, else smlal with smlal_narrow for narrow (w, a) pairs, chosen
+        per layer), "vpdpbusd", "vpmaddwd", "sdot", "smlal" (the 8-bit NEON kernel alone), "smlal_narrow" or "none"
+        (relax integer conv2d only); see `arq_deploy.targets.int_kernels`. The manifest records the kernel and, per
+        conv layer, which one ran it (schedule.integer_lowering.conv2d_layers).
 
     Cross-compiled targets (rpi4, rpi5, jetson-*: aarch64) link with the target's cross compiler; GPU targets
     (cuda, jetson-nano, jetson-orin-nano) are built by `arq_deploy.targets.gpu_build.compile_gpu` (`schedule` does not
@@ -351,7 +354,7 @@ def schedule_pass(tgt, lanes: int, stats: dict | None = None, kernel=None):
 # The schedule rules
 
 def check_int_kernel(name: str) -> str:
-    """`name` when it names an integer conv kernel choice (auto, none, vpdpbusd, vpmaddwd), else ArqError."""
+    """`name` when it names an integer conv kernel choice (auto, none, or one of KERNELS), else ArqError."""
 
     if name not in ("auto", "none", *KERNELS):
         raise ArqError(f"unknown integer kernel {name!r}: choose auto, none, {', '.join(KERNELS)}")

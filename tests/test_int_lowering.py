@@ -205,7 +205,13 @@ def test_kernel_selection_follows_the_target_features(mcpu, want):
     a72 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})  # no dotprod
     sdot = int_kernels.select(a76)
     assert (sdot.name, sdot.group, sdot.x_offset, sdot.lanes_for(8)) == ("sdot", 4, 128, 4)
-    assert int_kernels.select(a72) is None and int_kernels.select(a76, "vpdpbusd") is None
+    smlal = int_kernels.select(a72)  # no dot product: NEON smlal, with smlal_narrow for narrow pairs
+    assert (smlal.name, smlal.operand, [v.name for v in smlal.variants]) == ("smlal", "int16", ["smlal_narrow"])
+    assert [k.name for k in int_kernels.family(smlal)] == ["smlal_narrow", "smlal"]
+    assert int_kernels.select(a72, "smlal").variants == () and int_kernels.select(a72, "sdot") is None
+    assert int_kernels.select(a76, "smlal").name == "smlal" and int_kernels.select(k and tvm.target.Target(
+        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}), "smlal") is None
+    assert int_kernels.select(a76, "vpdpbusd") is None
     assert int_kernels.select(k and tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
                                                           "mcpu": mcpu}), "sdot") is None
     haswell = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})

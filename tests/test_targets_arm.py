@@ -269,7 +269,7 @@ def test_resnet20_rpi5_under_qemu_agrees_with_onnxruntime(policy, integer, model
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Integer builds on aarch64: the sdot kernel (rpi5, Jetson Orin: dot-product extension), plain int32 conv2d (rpi4)
+# Integer builds on aarch64: the sdot kernel (rpi5, Jetson Orin: dot-product extension), smlal / smlal_narrow (rpi4)
 
 def _classifier(model, hw: int, k: int):
     """A single-layer QDQ graph of test_int_lowering as a classifier the compiler takes: input 'input' N×C×hw×hw,
@@ -338,21 +338,24 @@ def int_layer_artifacts(tmp_path_factory):
 @pytest.mark.parametrize("target", ["rpi5", "rpi4"])
 def test_aarch64_integer_conv_is_exact_under_qemu(int_layer_artifacts, worker, target, case):
     """rpi5 (Cortex-A76, dot product) runs the conv on `sdot` with the activation offset folded into the bias;
-    rpi4 (Cortex-A72, none) on a plain int32 conv2d; both equal the exact integer reference under emulation."""
+    rpi4 (Cortex-A72, none) on NEON `smlal` (int16 × int16 -> int32: these are 8-bit activations); both equal the
+    exact integer reference under emulation."""
     from arq_deploy.core.artifact import load_artifact
     from arq_deploy.runtime.qemu import QemuRunner
 
     art, x, ref = int_layer_artifacts[(target, case)]
     sched = load_artifact(art).manifest["compile"]["schedule"]
     assert sched["integer_lowering"]["conv2d"] == 1
-    assert sched["integer_lowering"]["conv2d_kernel"] == (1 if target == "rpi5" else 0)
-    assert (sched["int_kernel"] or {}).get("name") == ("sdot" if target == "rpi5" else None)
+    assert sched["integer_lowering"]["conv2d_kernel"] == 1
+    want = "sdot" if target == "rpi5" else "smlal"
+    assert sched["int_kernel"]["name"] == want and sched["integer_lowering"]["conv2d_kernels"] == {want: 1}
     objdump = shutil.which("aarch64-linux-gnu-objdump")  # binutils of the cross compiler
     if objdump:  # the instruction is really in the library (not a scalar loop computing the same sums)
         import subprocess
 
         asm = subprocess.run([objdump, "-d", str(art / "model.so")], capture_output=True, text=True).stdout
         assert (asm.count("\tsdot\t") > 0) == (target == "rpi5")
+        assert (asm.count("\tsmlal2\t") > 0) == (target == "rpi4")
     got = QemuRunner(art, worker=worker)(x)
     if INT_CASES[case][0].get("out_q", True):
         assert np.array_equal(got, ref)  # the same uint8 levels, times the same scale
@@ -361,10 +364,11 @@ def test_aarch64_integer_conv_is_exact_under_qemu(int_layer_artifacts, worker, t
     assert len(np.unique(got)) > 20
 
 
-@pytest.mark.parametrize("target", ["rpi5", "jetson-orin-nano-cpu"])
+@pytest.mark.parametrize("target", ["rpi5", "jetson-orin-nano-cpu", "rpi4"])
 def test_aarch64_integer_build_of_a_whole_model_agrees_under_qemu(exports, worker, digits, target, tmp_path):
-    """The digits CNN's W8A8 export, compiled with integer=True for a dot-product core (Cortex-A76 / A78AE), runs
-    every conv on sdot under qemu and agrees with x86 onnxruntime (integer QLinearConv) on every test image."""
+    """The digits CNN's W8A8 export, compiled with integer=True for a dot-product core (Cortex-A76 / A78AE: sdot) or
+    a core without (Cortex-A72: smlal), runs every conv that fits on the kernel under qemu and agrees with x86
+    onnxruntime (integer QLinearConv) on every test image."""
     from arq_deploy.core.artifact import load_artifact
     from arq_deploy.runtime.qemu import QemuRunner
     from arq_deploy.runtime.runners import OrtRunner
@@ -373,8 +377,10 @@ def test_aarch64_integer_build_of_a_whole_model_agrees_under_qemu(exports, worke
     art = compile_onnx(exports / "w8a8.onnx", target, tmp_path / "art", batch_size=BATCH, single=False,
                        integer=True)
     sched = load_artifact(art).manifest["compile"]["schedule"]
-    assert sched["int_kernel"]["name"] == "sdot"
+    want = "smlal" if target == "rpi4" else "sdot"
+    assert sched["int_kernel"]["name"] == want
     assert sched["integer_lowering"]["conv2d"] == 4 and sched["integer_lowering"]["conv2d_kernel"] >= 3
+    assert set(sched["integer_lowering"]["conv2d_kernels"]) == {want}  # 8-bit activations: never the narrow one
     x = digits[1].x()
     got = QemuRunner(art, worker=worker)(x)
     ref = OrtRunner(exports / "w8a8.onnx", providers=["CPUExecutionProvider"])(x)
@@ -400,3 +406,167 @@ def test_certify_with_the_qemu_backend_from_the_cli(cli, arm_artifacts, exports,
     assert sum(a == b for a, b in zip(q, x)) >= 3
     meta = json.loads((tmp_path / "qemu.summary.json").read_text())["meta"]
     assert meta["backend"] == "tvm-qemu-aarch64" and meta["target"] == "rpi5"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rpi4 (Cortex-A72, no dot product): smlal for 8-bit pairs, smlal_narrow for narrow ones, chosen per layer
+
+PAIR_CASES = {  # name: (w_bits, a_bits, qdq_graph kwargs, H=W, the kernel the layer must get)
+    "w8a8": (8, 8, {}, 16, "smlal"),
+    "w4a4-40ch-two-chunks": (4, 4, {"cin": 40}, 16, "smlal_narrow"),  # 15·7·9 per channel: chunks of 20 of 40
+    "w4a4-requant": (4, 4, {"out_q": True, "relu": True}, 16, "smlal_narrow"),
+    "w2a2-stride2-width8": (2, 2, {"stride": 2}, 16, "smlal_narrow"),  # 8 output columns: 8-lane smlal .8h
+    "w6a6-one-channel-chunks": (6, 6, {}, 16, "smlal_narrow"),  # 63·31·9 = 17577: one channel per int16 sum
+    "w8a4-extreme": (8, 4, {"extreme": True}, 16, "smlal_narrow"),  # |w| = 128 and x = 15 everywhere: 17280
+    "w3a5-odd-channels": (3, 5, {"cin": 5, "cout": 6}, 8, "smlal_narrow"),
+    "w7a7-no-int16-chunk": (7, 7, {}, 16, "smlal"),  # 127·63·9 = 72009 > 32767: the 8-bit kernel
+    "w2a8": (2, 8, {}, 16, "smlal"),  # 8-bit activations do not fit int8
+    "w4a4-width4": (4, 4, {}, 4, "smlal"),  # 4 output columns: no narrow vector; smlal's 4 lanes
+}
+
+
+def _pair_layer(w_bits, a_bits, cin=16, cout=16, stride=1, out_q=False, relu=False, extreme=False, seed=0):
+    """A single QDQ conv with b-bit weights (int8, symmetric) and b-bit activations (uint8 levels clipped to
+    2^a_bits − 1 in integers, as the exporter writes them); (model, params, a_max)."""
+    from onnx import helper
+    from onnx import numpy_helper as nh
+    from test_int_lowering import qdq_graph
+
+    a_max = 2 ** a_bits - 1
+    w_max = 128 if extreme else 2 ** (w_bits - 1) - 1
+    model, params = qdq_graph("conv", cin=cin, cout=cout, stride=stride, w_u8=False, w_max=w_max, relu=relu,
+                              out_q=out_q, bias=out_q, seed=seed + 10 * w_bits + a_bits)
+    g = model.graph
+    if extreme:  # every weight at -128 or +127 (by output channel): the largest partial sums
+        w = np.where((np.arange(cout) % 2 == 0)[:, None, None, None], -128, 127) * np.ones((1, cin, 3, 3), np.int64)
+        for init in g.initializer:
+            if init.name == "wq":
+                init.CopyFrom(nh.from_array(w.astype(np.int8), "wq"))
+        params["w_q"] = w
+    if a_bits < 8:
+        g.initializer.extend([nh.from_array(np.uint8(0), "alo"), nh.from_array(np.uint8(a_max), "ahi")])
+        g.node[0].output[0] = "xq8"
+        g.node.insert(1, helper.make_node("Clip", ["xq8", "alo", "ahi"], ["xq"]))
+    return model, params, a_max
+
+
+@pytest.fixture(scope="module")
+def pair_artifacts(tmp_path_factory):
+    """{case: (artifact, x, exact reference)}: each PAIR_CASES layer built for rpi4 with integer=True."""
+    import onnx
+    from test_int_lowering import S_X, S_Y, _input, reference
+
+    from arq_deploy.targets.backends import compile_onnx
+    from arq_deploy.targets.registry import get_target
+    from arq_deploy.targets.tvm_frontend import require_cross_compiler
+
+    try:
+        require_cross_compiler(get_target("rpi4"))
+    except ArqError as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("arm-pairs")
+    arts = {}
+    for case, (wb, ab, kw, hw, _) in PAIR_CASES.items():
+        model, params, a_max = _pair_layer(wb, ab, **kw)
+        stride, cin, cout = kw.get("stride", 1), kw.get("cin", 16), kw.get("cout", 16)
+        ohw = (hw + 2 - 3) // stride + 1
+        path = out / f"{case}.onnx"
+        onnx.save(_classifier(model, hw, cout * ohw * ohw), str(path))
+        # levels up to 2·a_max (up to 255): the graph's Clip takes the upper half to a_max
+        x = np.clip(_input("conv", (6, cin, hw, hw), 0, min(255, 2 * a_max), seed=len(case)), 0, None)
+        if kw.get("extreme"):
+            x = np.full_like(x, 255 * S_X)
+        x = x.astype(np.float32)
+        x_ref = np.minimum(x, np.float32(a_max) * S_X)  # what the Clip leaves
+        ref = reference("conv", x_ref, params, z_x=0, stride=stride, relu=kw.get("relu", False),
+                        out_q=kw.get("out_q", False))
+        ref = (ref.astype(np.float32) * S_Y if kw.get("out_q", False) else ref).reshape(len(x), -1)
+        arts[case] = (compile_onnx(path, "rpi4", out / f"rpi4-{case}", batch_size=4, single=False, integer=True),
+                      x, ref)
+    return arts
+
+
+@pytest.mark.parametrize("case", list(PAIR_CASES))
+def test_rpi4_kernels_are_exact_for_every_pair_under_qemu(pair_artifacts, worker, case):
+    """Each (w, a) pair runs on the kernel that holds it exactly (smlal_narrow when every int16 partial sum provably
+    fits, else smlal), recorded per layer in the manifest, and equals the exact integer reference under qemu: float
+    outputs float32(acc)·s_x·s_w bit for bit, requantized ones the same uint8 levels."""
+    from arq_deploy.core.artifact import load_artifact
+    from arq_deploy.runtime.qemu import QemuRunner
+
+    wb, ab, kw, _, want = PAIR_CASES[case]
+    art, x, ref = pair_artifacts[case]
+    sched = load_artifact(art).manifest["compile"]["schedule"]
+    lowering = sched["integer_lowering"]
+    assert sched["int_kernel"]["name"] == "smlal" and sched["int_kernel"]["variants"][0]["name"] == "smlal_narrow"
+    assert lowering["conv2d_kernels"] == {want: 1}
+    layer = lowering["conv2d_layers"][0]
+    assert layer["kernel"] == want and layer["a_max"] == 2 ** ab - 1
+    assert layer["w_max"] == (128 if kw.get("extreme") else 2 ** (wb - 1) - 1)
+    got = QemuRunner(art, worker=worker)(x)
+    assert np.array_equal(got, ref)
+    assert len(np.unique(got)) > (5 if kw.get("extreme") or kw.get("out_q") else 50)
+
+
+def test_rpi4_libraries_hold_the_neon_multiply_adds(pair_artifacts):
+    """The rpi4 libraries multiply with smull/smlal(2): on int16 halves into int32 lanes (.4s) for smlal, on int8
+    into int16 lanes (.8h) widened with saddw(2) for smlal_narrow; no sdot (the A72 has none)."""
+    import re
+    import subprocess
+
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump is None:
+        pytest.skip("aarch64-linux-gnu-objdump (binutils-aarch64-linux-gnu) is not installed")
+    for case, (_, _, _, _, want) in PAIR_CASES.items():
+        asm = subprocess.run([objdump, "-d", str(pair_artifacts[case][0] / "model.so")], capture_output=True,
+                             text=True, check=True).stdout
+        s16 = len(re.findall(r"\tsmlal2?\s+v\d+\.4s, v\d+\.[48]h", asm))
+        s8 = len(re.findall(r"\tsmlal2?\s+v\d+\.8h, v\d+\.(?:8|16)b", asm))
+        widen = len(re.findall(r"\tsaddw2?\s+v\d+\.4s", asm))
+        assert "\tsdot\t" not in asm, case
+        if want == "smlal":
+            assert s16 >= 8 and s8 == 0, (case, s16, s8)
+        else:
+            assert s8 >= 8 and s16 == 0 and widen >= 2, (case, s8, s16, widen)
+
+
+@pytest.fixture(scope="module")
+def mixed_export(digits, digits_model, exports):
+    """The digits CNN exported with the mixed policy of test_int_lowering (4/6/8-bit layers)."""
+    from test_int_lowering import DIGITS_MIXED
+
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate
+
+    train_ds, test_ds = digits
+    lm, _ = digits_model
+    pol = QuantPolicy.from_dict({"format": "arq-deploy/policy", "version": 1, "default": [8, 8],
+                                 "layers": DIGITS_MIXED})
+    path = exports / "mixed.onnx"
+    export_and_validate(lm, pol, train_ds, test_ds, path, sigma=0.25, validate_images=200, min_agreement=0.9)
+    return path
+
+
+def test_rpi4_integer_build_of_a_mixed_model_agrees_under_qemu(mixed_export, worker, digits, tmp_path):
+    """The digits CNN with 4/6/8-bit layers, integer build for rpi4: the narrow layers run on smlal_narrow, the
+    8-bit ones on smlal, and under qemu it gives the x86 integer build's logits (the same integers) and onnxruntime's
+    classes (which runs the clipped sub-8-bit layers in float) on the test images."""
+    from arq_deploy.core.artifact import load_artifact
+    from arq_deploy.runtime.qemu import QemuRunner
+    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
+
+    art = compile_onnx(mixed_export, "rpi4", tmp_path / "rpi4", batch_size=BATCH, single=False, integer=True)
+    x86 = compile_onnx(mixed_export, "x86", tmp_path / "x86", batch_size=BATCH, single=False, integer=True)
+    lowering = load_artifact(art).manifest["compile"]["schedule"]["integer_lowering"]
+    kernels = {ly["kernel"] for ly in lowering["conv2d_layers"]}
+    assert lowering["conv2d"] == 4 and {"smlal_narrow", "smlal"} <= kernels, lowering["conv2d_layers"]
+    for ly in lowering["conv2d_layers"]:  # narrow only where activations fit int8 (the rest: 8-bit activations)
+        assert (ly["kernel"] == "smlal_narrow") <= (ly["a_max"] <= 127), ly
+    x = digits[1].x()
+    got = QemuRunner(art, worker=worker)(x)
+    want = TvmRunner(x86)(x)
+    ref = OrtRunner(mixed_export, providers=["CPUExecutionProvider"])(x)
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.998
