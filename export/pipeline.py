@@ -171,6 +171,8 @@ def export_and_validate(lm: LoadedModel, policy, train_ds, test_ds, out: str | P
         "macs": sum(s.macs for s in specs),
         "input_shape": list(lm.input_shape),
         "num_classes": lm.num_classes,
+        # the data's class names, so that `predict` answers with them (an image folder's names, sorted)
+        "classes": list(train_ds.classes) if len(train_ds.classes) == lm.num_classes else None,
         "mean": list(lm.mean),
         "std": list(lm.std),
         "sigma": sigma,

@@ -226,7 +226,7 @@ def _user_factory(spec: str, num_classes: int, mean, std) -> nn.Module:
         model = factory()
     if not isinstance(model, nn.Module):
         raise ModelFormatError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-    if mean is not None and std is not None:
+    if mean and std:  # a checkpoint of a user's model without normalisation stores empty lists
         model = Normalized(model, mean, std)
     return model
 

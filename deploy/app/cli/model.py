@@ -100,6 +100,12 @@ def train(model_name, weights, input_shape, data, resize, center_crop, mode, sig
               input_shape=parse_shape(input_shape))
     tlm = load(teacher_model, teacher, input_shape=lm.input_shape) if teacher else None
     ds = load_dataset(data, "train", parse_preprocess(resize, center_crop), model_size=image_size(lm.input_shape))
+    if ds.num_classes != lm.num_classes:
+        if weights:
+            raise ArqError(f"the data {data} has {ds.num_classes} classes, the model {lm.name} from {weights} "
+                           f"{lm.num_classes} outputs")
+        torch.manual_seed(seed)  # a fresh model with one output per class of the data, seeded as before
+        lm = load(lm.name, None, num_classes=ds.num_classes, input_shape=lm.input_shape)
     if lr is None:
         lr = 0.001 if pol is not None else 0.05
     if not lr > 0:
