@@ -432,3 +432,10 @@ def test_a_kernel_the_target_lacks_is_a_clear_error(cli, tmp_path):
     onnx.save(model, str(tmp_path / "m.onnx"))
     rc, out, err = cli("compile", tmp_path / "m.onnx", "--integer", "--int-kernel", "fast", "--out", tmp_path / "b")
     assert rc == 2 and "fast" in err and "Traceback" not in err and not (tmp_path / "b").exists()
+
+
+def test_every_kernel_can_be_named_from_the_cli_and_config():
+    from arq_deploy.core.config import INT_KERNELS
+    from arq_deploy.targets import int_kernels
+
+    assert set(INT_KERNELS) == {"auto", "none", *int_kernels.KERNELS}

@@ -52,7 +52,7 @@ def default_env_dir() -> Path:
     """$ARQ_AARCH64_ENV, else `.aarch64/` in the repository that holds this package (an editable install)."""
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR])
-    return Path(__file__).resolve().parents[1] / ".aarch64"
+    return Path(__file__).resolve().parents[2] / ".aarch64"  # deploy/runtime/qemu.py -> the repository
 
 
 @dataclass(frozen=True)
