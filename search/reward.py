@@ -13,6 +13,28 @@ kinds
   "full"      the ACR of CERTIFY(f_q) from scratch with (n0, n, α) on the same inputs and seeds (the comparison that
               shows what IRS saves).
   "accuracy"  HAQ's reward: the clean top-1 accuracy of the quantized base classifier f_q on the same inputs.
+  "adaptive"  the ACR of f_q with an input-specific number of f_q samples, at most n_p per input (the IRS reward's
+              per-input budget), drawn in looks first_n, 2·first_n, … , n_p (`certify.sequential.look_schedule`)
+              and stopped as soon as more samples would not move the radius by more than `tolerance`; see below.
+
+The adaptive reward. On the inputs f certified correctly (the others count 0, as for "irs"), with c = y_i (= f's c_A),
+f_q runs on the first n_j samples of IRS's noise stream (seed_i, "irs"), where f's labels are cached, and two
+anytime-valid Clopper-Pearson confidence sequences over the same looks are kept (`LookSchedule`: per-look levels
+summing to α, resp. α_ζ; running max/min of the bounds):
+    direct  L_j ≤ p_q = P[f_q(x + σε) = c]     from h_j = #{f_q = c} among n_j samples          (level α)
+    IRS     U_j ≥ ζ_A = P[f = c ≠ f_q]          from k_j = #{f = c ≠ f_q} among the same samples   (level α_ζ)
+and p̲_q,j = max(L_j, p̲_A − U_j), where p̲_A is f's CERTIFY bound (p_A − ζ_A ≤ p_q, as in IRS). The stopping time τ is
+the first look where (a) the upper direct bound is ≤ 1/2 (nothing can be certified), or (b) the radius now,
+σ·Φ⁻¹(p̲_q,j), is within `tolerance` of what the cap would give at the current rates h/n and k/n (the same rule as
+`estimate_radius`, applied to the combined bound). R_i = σ·Φ⁻¹(p̲_q,τ) if p̲_q,τ > 1/2, else 0.
+Soundness: c is fixed before any f_q sample (the label), so h_j and k_j are binomial counts of fixed-n prefixes of
+i.i.d. samples, and each sequence holds at every look simultaneously (union bound over the looks), hence at the
+data-dependent τ. R_i overstates the radius of the smoothed f_q only if the float bound fails (≤ α), the direct
+sequence fails (≤ α) or the ζ sequence fails (≤ α_ζ): P[R_i wrong] ≤ 2α + α_ζ, IRS's α + α_ζ plus the direct
+sequence. No n0 selection samples are spent (c is the label; an input f_q gets wrong has p_q ≤ 1/2 and stops at the
+first looks with radius 0). The reward records `samples` = the f_q forward passes actually made (counted at the
+sampler), with the per-input mean, the share of inputs that stopped before the cap, and how many inputs' bound came
+from the IRS side.
 
 Every kind first quantizes the float model with the policy and calibrates its activation ranges on `calib` training
 images plus σ-noise (no fine-tuning inside the loop, as HAQ/ARQ). Rewards are cached by policy.
@@ -21,6 +43,7 @@ images plus σ-noise (no fine-tuning inside the loop, as HAQ/ARQ). Rewards are c
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +52,7 @@ import numpy as np
 
 from arq_deploy.certify.incremental import away_from, zeta_labels
 from arq_deploy.certify.results import CertifyLog, certify_dataset
+from arq_deploy.certify.sequential import look_schedule
 from arq_deploy.certify.smooth import ABSTAIN, Smooth
 from arq_deploy.certify.stats import cp_upper, radius, summarize
 from arq_deploy.core.errors import PolicyError
@@ -36,10 +60,11 @@ from arq_deploy.core.fileio import atomic_path
 from arq_deploy.export.pipeline import quantize_calibrated
 from arq_deploy.export.qdq import float_onnx, insert_qdq
 from arq_deploy.export.quantize.layers import extract_layer_specs
-from arq_deploy.runtime.noise import input_seed
+from arq_deploy.runtime.noise import input_seed, noise_range
 from arq_deploy.runtime.runners import OrtRunner, TorchRunner
 
-KINDS = ("irs", "full", "accuracy")
+KINDS = ("irs", "full", "accuracy", "adaptive")
+ADAPTIVE_FIELDS = ("first_n", "tolerance")  # in the manifest only for kind "adaptive" (old runs resume unchanged)
 
 
 @dataclass(frozen=True)
@@ -58,6 +83,8 @@ class RewardConfig:
     seed: int = 0
     batch_size: int = 500
     backend: str = "onnxruntime"  # runs f_q: its QDQ ONNX export in onnxruntime (what is deployed), or torch fake-quant
+    first_n: int = 25  # "adaptive": the first look (f_q samples); later looks double up to the cap n_p
+    tolerance: float = 0.05  # "adaptive": stop when the cap could add at most this much radius
 
     def __post_init__(self):
         if self.backend not in ("onnxruntime", "torch"):
@@ -72,9 +99,20 @@ class RewardConfig:
         for name in ("alpha", "alpha_zeta"):
             if not 0 < getattr(self, name) < 1:
                 raise PolicyError(f"{name} must lie strictly between 0 and 1, got {getattr(self, name)}")
+        if isinstance(self.first_n, bool) or int(self.first_n) < 1 or (
+                self.kind == "adaptive" and int(self.first_n) > int(self.n_p)):
+            raise PolicyError(f"first_n (the adaptive reward's first look) must lie in [1, n_p = {self.n_p}], got "
+                              f"{self.first_n}")
+        if not (isinstance(self.tolerance, (int, float)) and not isinstance(self.tolerance, bool)
+                and math.isfinite(self.tolerance) and self.tolerance > 0):
+            raise PolicyError(f"tolerance must be a radius > 0, got {self.tolerance!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.kind != "adaptive":  # a manifest written before the adaptive reward existed still matches
+            for name in ADAPTIVE_FIELDS:
+                d.pop(name)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RewardConfig":
@@ -148,7 +186,7 @@ class RewardEvaluator:
                 certs = certify_dataset(smooth, self.x_val, self.y_val, range(len(self.val_idx)), c.n0, c.n, c.alpha,
                                         c.seed, log, progress=self.progress)
             self.float_certs = certs
-        if c.kind == "irs":
+        if c.kind in ("irs", "adaptive"):  # the same file: f's labels on the first n_p samples of the IRS stream
             path = cache_dir / "float-irs-labels.npy"
             if path.exists():
                 labels = np.load(path, allow_pickle=False)
@@ -207,13 +245,17 @@ class RewardEvaluator:
             runner, per_image = None, self.pool.evaluate(self.quantized_onnx(policy))
         else:
             runner, per_image = self.quantized_runner(policy), None
-        reward, info = {"irs": self._irs, "full": self._full, "accuracy": self._accuracy}[self.cfg.kind](
-            runner, per_image)
+        reward, info = self.score(runner, per_image)
         info["seconds"] = time.perf_counter() - t0
         self.evaluations += 1
         self.seconds += info["seconds"]
         self.cache[key] = (reward, info)
         return reward, info | {"cached": False}
+
+    def score(self, runner, per_image: dict | None = None) -> tuple[float, dict]:
+        """This reward kind's (reward, info) of the quantized model `runner` (uncached; after `prepare`)."""
+        kinds = {"irs": self._irs, "full": self._full, "accuracy": self._accuracy, "adaptive": self._adaptive}
+        return kinds[self.cfg.kind](runner, per_image)
 
     def remember(self, policy, reward: float, info: dict) -> None:
         """Put a reward computed earlier (a resumed search's log) into the cache."""
@@ -249,6 +291,25 @@ class RewardEvaluator:
             radii.append(cert.radius if cert.correct else 0.0)
         return _acr_info(radii, len(radii) * (c.n0 + c.n))
 
+    def _adaptive(self, runner, per_image: dict | None = None) -> tuple[float, dict]:
+        """The adaptive reward (module docstring): per input the float model certified correctly, `adaptive_input`."""
+        if per_image is not None:
+            raise PolicyError("the adaptive reward runs without Ray actors")
+        c, radii, per_input, early, irs_side = self.cfg, [], [], 0, 0
+        for i, cert in enumerate(self.float_certs):
+            if not self.irs_needed(i):
+                radii.append(0.0)
+                continue
+            got = adaptive_input(runner, self.x_val[i], int(self.y_val[i]), self.float_labels[i], cert.pa_lower, c,
+                                 input_seed(c.seed, i))
+            radii.append(got["radius"])
+            per_input.append(got["samples"])
+            early += got["early"]
+            irs_side += got["bound"] == "irs"
+        acr, info = _acr_info(radii, sum(per_input))
+        return acr, info | {"samples_per_input": float(np.mean(per_input)) if per_input else 0.0,
+                            "inputs_sampled": len(per_input), "early_stops": early, "irs_bound_inputs": irs_side}
+
     def _accuracy(self, runner, per_image: dict | None = None) -> tuple[float, dict]:
         if per_image is not None:
             pred = np.array([per_image[i] for i in range(len(self.val_idx))])
@@ -262,6 +323,42 @@ def irs_noise_labels(runner, x: np.ndarray, n_p: int, sigma: float, seed: int, i
     """argmax of runner on x + σε_j, j < n_p, with IRS's noise stream of input i (int16, n_p); x: C×H×W."""
 
     return zeta_labels(runner, x, sigma, n_p, input_seed(seed, i), batch_size=batch_size).astype(np.int16)
+
+
+def adaptive_input(runner, x: np.ndarray, label: int, float_labels: np.ndarray, pa_lower: float, cfg: RewardConfig,
+                   seed: int) -> dict:
+    """One input of the adaptive reward (module docstring): f_q on looks of IRS's noise stream (seed, "irs") up to
+    cfg.n_p samples, the direct and IRS confidence sequences, and the stopping rule. float_labels: f's labels on the
+    first n_p samples of that stream; pa_lower: f's CERTIFY bound for c = label. Returns {"radius", "samples" (f_q
+    forward passes made), "looks", "early" (stopped before the cap), "bound" ("direct" or "irs": the larger side)}."""
+    direct = look_schedule(cfg.alpha, cfg.n_p, cfg.first_n)
+    zeta = look_schedule(cfg.alpha_zeta, cfg.n_p, cfg.first_n)
+    last, cap = len(direct.looks) - 1, direct.max_n
+    x = np.asarray(x, dtype=np.float32)
+    sig = np.float32(cfg.sigma)
+    h = k = n = 0
+    lo, hi, zeta_hi = 0.0, 1.0, 1.0
+
+    def radius_at(p: float) -> float:
+        return radius(cfg.sigma, p) if p > 0.5 else 0.0
+
+    for j, look in enumerate(direct.looks):
+        for start in range(n, look, cfg.batch_size):
+            stop = min(look, start + cfg.batch_size)
+            pred = np.asarray(runner(x[None] + sig * noise_range(x.shape, seed, "irs", start, stop))).argmax(axis=1)
+            on_c = float_labels[start:stop] == label
+            h += int(np.sum(pred == label))
+            k += int(np.sum(on_c & (pred != label)))
+        n = look
+        lj, uj = direct.bounds(j, h)
+        lo, hi, zeta_hi = max(lo, lj), min(hi, uj), min(zeta_hi, zeta.bounds(j, k)[1])
+        now = radius_at(max(lo, pa_lower - zeta_hi))
+        at_cap = radius_at(max(direct.cap_lower(round(h / n * cap)),
+                               pa_lower - zeta.bounds(last, round(k / n * cap))[1]))
+        if hi <= 0.5 or at_cap - now <= cfg.tolerance:
+            break
+    return {"radius": now, "samples": n, "looks": j + 1, "early": j < last,
+            "bound": "irs" if pa_lower - zeta_hi > lo else "direct"}
 
 
 def _acr_info(radii: list[float], samples: int) -> tuple[float, dict]:

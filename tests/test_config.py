@@ -26,6 +26,8 @@ EXAMPLES = [
     CheckConfig(check="attacks", model_path="m.onnx", out="checks", names=("fgsm", "pgd"), eps=(0.01, 0.03)),
     CheckConfig(check="corruptions", model_path="art", out="checks", severities=(1, 3)),
     SearchRunConfig(model=ModelSource(weights="f.pt"), out="run", sigma=0.25, greedy_grid=(2, 4, 8), rerank_top=5),
+    SearchRunConfig(model=ModelSource(weights="f.pt"), out="run", reward_kind="adaptive", n_p=400, first_n=50,
+                    tolerance=0.1),
 ]
 
 
@@ -79,6 +81,9 @@ def test_certify_fills_the_defaults_it_ran_with():
     (lambda: SearchRunConfig(model=ModelSource(), out="r", budget=0), "--budget"),
     (lambda: SearchRunConfig(model=ModelSource(), out="r", min_bits=6, max_bits=4), "--min-bits"),
     (lambda: SearchRunConfig(model=ModelSource(), out="r", rerank_top=-1), "--rerank-top"),
+    (lambda: SearchRunConfig(model=ModelSource(), out="r", reward_kind="adaptive", n_p=20, first_n=25), "--first-n"),
+    (lambda: SearchRunConfig(model=ModelSource(), out="r", reward_kind="adaptive", tolerance=-0.1), "--tolerance"),
+    (lambda: SearchRunConfig(model=ModelSource(), out="r", reward_kind="adaptive", ray_address="auto"), "--ray"),
     (lambda: CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, radii=(0.25,), adaptive=True), "--adaptive"),
     (lambda: CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, radii=(0.25, -1.0)), "--radii"),
     (lambda: CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, radii=(0.25,), max_n=100), "--max-n"),

@@ -557,9 +557,11 @@ class SearchRunConfig(StageConfig):
     rerank_top: int = 0
     rerank_images: int = 100
     greedy_grid: tuple[int, ...] | None = None
+    first_n: int = 25  # --reward adaptive: the first look of f_q samples per image (looks double up to the cap --n-p)
+    tolerance: float = 0.05  # --reward adaptive: stop an image when the cap could add at most this much radius
 
     METHODS: ClassVar[tuple[str, ...]] = ("ddpg", "random", "greedy")
-    REWARDS: ClassVar[tuple[str, ...]] = ("irs", "full", "accuracy")
+    REWARDS: ClassVar[tuple[str, ...]] = ("irs", "full", "accuracy", "adaptive")  # search.reward.KINDS
 
     def __post_init__(self):
         _require(isinstance(self.budget, (int, float)) and 0 < self.budget <= 1,
@@ -585,6 +587,14 @@ class SearchRunConfig(StageConfig):
         _optional_positive_int("--ray-workers", self.ray_workers)
         _positive_int("--rerank-top", self.rerank_top, 0)
         _positive_int("--rerank-images", self.rerank_images)
+        _positive_int("--first-n", self.first_n)
+        _require(self.reward_kind != "adaptive" or self.first_n <= self.n_p, f"--first-n {self.first_n} is above the adaptive reward's cap --n-p "
+                                           f"{self.n_p}: the cap must allow at least one look")
+        _require(isinstance(self.tolerance, (int, float)) and not isinstance(self.tolerance, bool)
+                 and math.isfinite(self.tolerance) and self.tolerance > 0,
+                 f"--tolerance must be a radius > 0, got {self.tolerance!r}")
+        _require(not (self.ray_address and self.reward_kind == "adaptive"),
+                 "--reward adaptive runs without --ray (its images stop at different looks; use irs or full with Ray)")
 
     @property
     def config_path(self) -> Path:

@@ -22,14 +22,20 @@ from arq_deploy.app.cli.options import data_opt, model_opts, model_source, parse
 @click.option("--episodes", type=int, default=200, show_default=True)
 @click.option("--method", type=click.Choice(["ddpg", "random", "greedy"]), default="ddpg", show_default=True,
               help="DDPG agent (ARQ/HAQ), random search, or the greedy sensitivity baseline")
-@click.option("--reward", "reward_kind", type=click.Choice(["irs", "full", "accuracy"]), default="irs",
-              show_default=True, help="ACR by incremental smoothing (ARQ), by full certification, or clean accuracy "
-              "(HAQ)")
+@click.option("--reward", "reward_kind", type=click.Choice(["irs", "full", "accuracy", "adaptive"]), default="irs",
+              show_default=True, help="ACR by incremental smoothing (ARQ), by full certification, clean accuracy "
+              "(HAQ), or ACR by adaptive certification (anytime-valid, at most --n-p samples per image, combined "
+              "with IRS's bound; fewer samples per reward)")
 @click.option("--val-images", type=int, default=50, show_default=True, help="validation subset of training images")
 @click.option("--calib-images", type=int, default=256, show_default=True)
 @click.option("--n0", type=int, default=100, show_default=True)
 @click.option("--n", "n", type=int, default=2000, show_default=True, help="float certification samples per input")
-@click.option("--n-p", "n_p", type=int, default=200, show_default=True, help="IRS disagreement samples per input")
+@click.option("--n-p", "n_p", type=int, default=200, show_default=True,
+              help="IRS disagreement samples per input (--reward adaptive: the cap per input)")
+@click.option("--first-n", "first_n", type=int, default=25, show_default=True,
+              help="--reward adaptive: samples of the first look per input (looks double up to --n-p)")
+@click.option("--tolerance", type=float, default=0.05, show_default=True,
+              help="--reward adaptive: stop an input when the cap could add at most this much radius")
 @click.option("--alpha", type=float, default=0.001, show_default=True)
 @click.option("--alpha-zeta", type=float, default=0.001, show_default=True)
 @click.option("--warmup", type=int, default=20, show_default=True, help="DDPG episodes with random actions")
@@ -47,8 +53,9 @@ from arq_deploy.app.cli.options import data_opt, model_opts, model_source, parse
 @click.option("--rerank-images", type=int, default=100, show_default=True,
               help="fresh training images (outside the search's validation and calibration sets) for --rerank-top")
 def search(model_name, weights, input_shape, data, resize, center_crop, sigma, budget, latency_budget_ms, target,
-           latency_table, episodes, method, reward_kind, val_images, calib_images, n0, n, n_p, alpha, alpha_zeta,
-           warmup, min_bits, max_bits, warm_start, seed, out, ray_address, ray_workers, rerank_top, rerank_images):
+           latency_table, episodes, method, reward_kind, val_images, calib_images, n0, n, n_p, first_n, tolerance,
+           alpha, alpha_zeta, warmup, min_bits, max_bits, warm_start, seed, out, ray_address, ray_workers, rerank_top,
+           rerank_images):
     """Search per-layer bit-widths under a BOPs (or latency) budget; reward: certified robustness (ARQ)."""
     from arq_deploy.app.stages import search_stage
     from arq_deploy.core.config import SearchRunConfig
@@ -60,7 +67,7 @@ def search(model_name, weights, input_shape, data, resize, center_crop, sigma, b
         method=method, reward_kind=reward_kind, val_images=val_images, calib_images=calib_images, n0=n0, n=n, n_p=n_p,
         alpha=alpha, alpha_zeta=alpha_zeta, warmup=warmup, min_bits=min_bits, max_bits=max_bits,
         warm_start=warm_start, seed=seed, ray_address=ray_address, ray_workers=ray_workers, rerank_top=rerank_top,
-        rerank_images=rerank_images)
+        rerank_images=rerank_images, first_n=first_n, tolerance=tolerance)
     summary = search_stage(cfg)
     if "rerank" in summary:
         r = summary["rerank"]
