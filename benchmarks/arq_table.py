@@ -25,6 +25,10 @@ baseline being higher). `--rows` builds only the named rows and runs only their 
 the searched rows alone:
 
     python benchmarks/arq_table.py --sigmas 0.25 --rows FP32,ARQ,HAQ,random,greedy --test-images 200 --full-episodes 0
+
+`--search-reward adaptive` gives ARQ, random and greedy the adaptive reward instead of IRS (anytime-valid certification
+with at most --n-p samples per image, `--first-n`, `--tolerance`; `arq_deploy.search.reward`); their searches then run
+in `<label>-adaptive` work directories, and the per-reward comparison with full certification measures that reward.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ def args_parser():
     ap.add_argument("--val-images", type=int, default=40)
     ap.add_argument("--n", type=int, default=2000, help="float-cache CERTIFY samples (search reward)")
     ap.add_argument("--n-p", type=int, default=200)
+    ap.add_argument("--search-reward", choices=("irs", "adaptive"), default="irs",
+                    help="the certified reward of ARQ, random and greedy (HAQ keeps clean accuracy)")
+    ap.add_argument("--first-n", type=int, default=25, help="--search-reward adaptive: first look per image")
+    ap.add_argument("--tolerance", type=float, default=0.05, help="--search-reward adaptive: radius tolerance")
     ap.add_argument("--greedy-grid", default="2,4,8")
     ap.add_argument("--full-episodes", type=int, default=3, help="episodes of the full-certification-reward search")
     ap.add_argument("--test-images", type=int, default=50)
@@ -86,7 +94,8 @@ def search(method, reward, args, sigma, weights, out, episodes=None, rerank=True
         episodes=episodes or args.episodes, method=method, reward_kind=reward, val_images=args.val_images,
         calib_images=256, n0=100, n=args.n, n_p=args.n_p, warmup=args.warmup, seed=args.seed,
         greedy_grid=tuple(int(b) for b in args.greedy_grid.split(",")), cache_dir=str(Path(out).parent / "float-cache"),
-        rerank_top=args.rerank_top if rerank and method != "greedy" else 0, rerank_images=args.rerank_images)
+        rerank_top=args.rerank_top if rerank and method != "greedy" else 0, rerank_images=args.rerank_images,
+        first_n=args.first_n, tolerance=args.tolerance)
     summary = run_search(cfg, progress=True)
     rows = [json.loads(x) for x in (Path(out) / "search.jsonl").read_text().splitlines()] \
         if (Path(out) / "search.jsonl").exists() else []
@@ -212,14 +221,15 @@ def run_sigma(sigma, args, train, test) -> dict:
     work = Path(args.work) / f"sigma{sigma}"
     wanted = None if not args.rows else {r.strip() for r in args.rows.split(",")}
     searches = {}
-    for label, method, reward in (("ARQ", "ddpg", "irs"), ("HAQ", "ddpg", "accuracy"), ("random", "random", "irs"),
-                                  ("greedy", "greedy", "irs")):
+    cert = args.search_reward
+    for label, method, reward in (("ARQ", "ddpg", cert), ("HAQ", "ddpg", "accuracy"), ("random", "random", cert),
+                                  ("greedy", "greedy", cert)):
         if wanted is not None and label not in wanted:
             continue
-        summary, rows, wall = search(method, reward, args, sigma, weights, work / label)
+        summary, rows, wall = search(method, reward, args, sigma, weights, work / run_dir(label, reward))
         searches[label] = {"summary": summary, "wall_seconds_this_run": wall, "rows": len(rows),
                            "reward_seconds": summary.get("reward_seconds"), "evaluations": summary["evaluations"],
-                           "policy": QuantPolicy.load(work / label / "policy.json")}
+                           "policy": QuantPolicy.load(work / run_dir(label, reward) / "policy.json")}
         print(f"σ={sigma} {label}: best reward {summary['best_reward']:.4f} at "
               f"{100 * summary['best_bops_fraction']:.2f}% BOPs, {summary['evaluations']} evaluations", flush=True)
     per_reward = irs_vs_full(args, sigma, weights, work, searches) if "ARQ" in searches and args.full_episodes else {}
@@ -244,9 +254,15 @@ def run_sigma(sigma, args, train, test) -> dict:
                 table[label]["rerank"] = s["summary"]["rerank"]
         print(f"σ={sigma} {label}: " + json.dumps({k: v for k, v in table[label].items()
                                                    if k not in ("test_indices", "certified_radius")}), flush=True)
-    floats = [work / label / "float.json" for label in searches if (work / label / "float.json").exists()]
+    floats = [work / run_dir(label, args.search_reward) / "float.json" for label in searches
+              if (work / run_dir(label, args.search_reward) / "float.json").exists()]
     return {"table": table, "irs_vs_full": per_reward,
             "float_cache": json.loads(floats[0].read_text()) if floats else None, "paired_vs_arq": paired_vs(table)}
+
+
+def run_dir(label: str, reward: str) -> str:
+    """A search's work directory: the row label, with `-adaptive` for the adaptive reward (not resumed as IRS)."""
+    return f"{label}-adaptive" if reward == "adaptive" else label
 
 
 def irs_vs_full(args, sigma, weights, work: Path, searches: dict) -> dict:
@@ -254,7 +270,8 @@ def irs_vs_full(args, sigma, weights, work: Path, searches: dict) -> dict:
     per reward against the IRS search's, and the ARQ search's wall time had every reward been full."""
     full_summary, full_rows, _ = search("ddpg", "full", args, sigma, weights, work / "ARQ-full-reward",
                                         episodes=args.full_episodes, rerank=False)
-    arq_rows = [json.loads(x) for x in (work / "ARQ" / "search.jsonl").read_text().splitlines()]
+    arq_rows = [json.loads(x) for x in (work / run_dir("ARQ", args.search_reward) / "search.jsonl").read_text()
+                .splitlines()]
     k = min(len(full_rows), len(arq_rows))
     per_reward = {
         "episodes_compared": k,
@@ -264,7 +281,7 @@ def irs_vs_full(args, sigma, weights, work: Path, searches: dict) -> dict:
         "full_samples_per_reward": sum(r["reward_info"].get("samples", 0) for r in full_rows[:k]) / k,
     }
     per_reward["time_ratio_full_over_irs"] = per_reward["full_seconds_per_reward"] / per_reward["irs_seconds_per_reward"]
-    float_prep = json.loads((work / "ARQ" / "float.json").read_text())
+    float_prep = json.loads((work / run_dir("ARQ", args.search_reward) / "float.json").read_text())
     arq_search_s = searches["ARQ"]["summary"]["episode_seconds"]
     per_reward["arq_search_seconds"] = arq_search_s
     per_reward["arq_search_seconds_with_full_reward_estimate"] = (
