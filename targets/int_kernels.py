@@ -1,6 +1,6 @@
 """Integer conv2d kernels: int8 data multiplied and summed into int32 by one SIMD instruction, exactly.
 
-Five kernels; `select` picks the best the target has:
+Six kernels; `select` picks the best the target has:
 
 * `vpdpbusd` (AVX-512 VNNI, or AVX-VNNI on 256-bit vectors): per int32 lane, four u8 × s8 products summed into the
   accumulator, `acc += Σ_{k<4} u8(a_k)·s8(b_k)`, with no intermediate saturation (the `vpdpbusds` form saturates;
@@ -8,6 +8,19 @@ Five kernels; `select` picks the best the target has:
 * `vpmaddwd` (SSE2/AVX2/AVX-512BW): 2 int16 × int16 products per int32 lane, `acc += lo(a)·lo(b) + hi(a)·hi(b)`,
   exact for 8-bit data (|x|·|w|·2 <= 255·128·2) and for weights up to 16 bits: the fallback without VNNI. (The
   u8 × s8 `vpmaddubsw` route saturates its int16 pair sums on 8-bit activations, 255·127·2 > 32767, so it is not used.)
+* `vpmaddubsw` (SSSE3/AVX2/AVX-512BW, narrow (w, a) pairs): u8 × s8 adjacent pairs summed into int16 lanes
+  (saturating), two per int32 word of 4 channels, 64 multiply-adds per 512-bit instruction (32 per 256-bit: 2× the
+  MACs of vpmaddwd), kept as int16 partial sums (`vpaddw`) over a chunk of input-channel words and widened into
+  int32 once per chunk (`vpmaddwd` with ones). Exact when no int16 sum can leave int16: with activations in
+  [0, a_max] every partial sum of pair lane j lies in [−a_max·Σw⁻, a_max·Σw⁺] over the chunk's weights of that
+  lane (`pair_chunk` picks the fewest equal chunks for which a_max·max(Σw⁺, Σw⁻) ≤ 32767 in every lane, from the
+  layer's actual weights): W4A4 3×3 ≤ 15·18·7 = 1,890 per word, 17 words = 68 channels per chunk; W2A2: 606 words;
+  W8A8 (255·2·127 > 32767): none, so vpmaddwd / vpdpbusd. `auto` gives AVX2 and AVX-512BW targets without VNNI
+  `vpmaddwd` with `vpmaddubsw` as its per-layer variant; VNNI targets keep vpdpbusd alone (64 exact MACs per
+  instruction already; vpmaddubsw + vpaddw measured slower there, benchmarks/x86_narrow_bench.py), unless the
+  family is named (`vpmaddubsw`: the narrow kernel per layer, else the target's exact kernel). The packed weights
+  hold each word twice, [.., j] with only pair j's bytes, so that the TE compute states the pair sums as word
+  dot products (no index arithmetic); the instruction runs on their union.
 * `sdot` (AArch64 dot product, FEAT_DotProd: Raspberry Pi 5's Cortex-A76, Jetson Orin's Cortex-A78AE): per int32
   lane, four s8 × s8 products summed into the accumulator, 16 multiply-adds per 128-bit instruction. uint8
   activations do not fit s8, so the pack stage stores x − 128 and the layer adds 128·Σ_{c,kh,kw} w[o] back (a
@@ -68,9 +81,11 @@ import numpy as np
 
 CONV_BLOCK, PACK_BLOCK = "arq_qconv", "arq_qconv_pack"
 UNROLL = ("oi", "ohi", "rw")
-KERNELS = ("vpdpbusd", "vpmaddwd", "sdot", "smlal", "smlal_narrow")  # x86 in preference order of
-# `select(.., "auto")`, then AArch64 (sdot with the dot-product extension, else smlal with smlal_narrow)
+KERNELS = ("vpdpbusd", "vpmaddwd", "vpmaddubsw", "sdot", "smlal", "smlal_narrow")  # x86 (vpdpbusd with VNNI,
+# else vpmaddwd with vpmaddubsw for narrow pairs), then AArch64 (sdot with the dot-product extension, else smlal
+# with smlal_narrow)
 NEON_KERNELS = ("smlal", "smlal_narrow")  # one channel per element (int16 / int8), not packed words
+NARROW_KERNELS = ("smlal_narrow", "vpmaddubsw")  # int16 partial sums per chunk of input channels, then widened
 INT16_MAX, INT32_MAX = 32767, 2**31 - 1
 
 
@@ -78,7 +93,7 @@ INT16_MAX, INT32_MAX = 32767, 2**31 - 1
 class Kernel:
     """One SIMD integer dot-product instruction at the vector widths a target has.
 
-    name: "vpdpbusd" | "vpmaddwd" | "sdot" | "smlal" | "smlal_narrow"; group: input channels per int32 word (4 | 2;
+    name: "vpdpbusd" | "vpmaddwd" | "vpmaddubsw" | "sdot" | "smlal" | "smlal_narrow"; group: input channels per int32 word (4 | 2;
     1 for the NEON kernels, which keep one channel per element); widths: ((accumulator lanes, LLVM intrinsic or ""),
     ...) widest first; w_range: the weight values it multiplies exactly; tile: (F, U) register tile; x_offset:
     subtracted from every uint8 activation before packing (128 for the signed-only sdot, whose caller adds
@@ -114,6 +129,11 @@ class Kernel:
 
 _VNNI = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256", 4: "llvm.x86.avx512.vpdpbusd.128"}
 _PMADDWD = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}
+# u8 × s8 adjacent pairs into saturating int16 (vpmaddubsw): keyed by int32 lanes (the result has twice as many
+# int16 lanes: two pair sums per 4-byte word)
+_PMADDUBSW = {16: "llvm.x86.avx512.pmaddubs.w.512", 8: "llvm.x86.avx2.pmadd.ub.sw", 4: "llvm.x86.ssse3.pmadd.ub.sw.128"}
+# Whether `auto` on a VNNI target also tries vpmaddubsw for narrow layers (measured: see `select`)
+VNNI_NARROW = False
 _SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 # AArch64 without the dot product (Cortex-A72, A57): smlal/smlal2 on one channel per element, output columns in the
 # lanes and one weight broadcast; the TE compute and the tensor intrinsic state plain widening multiply-adds, which
@@ -164,19 +184,27 @@ def select(tgt, name: str = "auto") -> Kernel | None:
 
     wide = has("avx512bw", "avx512vl")
     tile = _TILE["avx512" if has("avx512f") else "avx2"]
-    if name in ("auto", "vpdpbusd"):
-        if has("avx512vnni") and wide:
-            return Kernel("vpdpbusd", 4, tuple(_VNNI.items()), (-128, 127), tile)
-        if has("avxvnni"):  # the same intrinsics, VEX-encoded on 256-bit vectors
-            return Kernel("vpdpbusd", 4, ((8, _VNNI[8]), (4, _VNNI[4])), (-128, 127), tile)
-        if name == "vpdpbusd":
-            return None
+    vnni = None
+    if has("avx512vnni") and wide:
+        vnni = Kernel("vpdpbusd", 4, tuple(_VNNI.items()), (-128, 127), tile)
+    elif has("avxvnni"):  # the same intrinsics, VEX-encoded on 256-bit vectors
+        vnni = Kernel("vpdpbusd", 4, ((8, _VNNI[8]), (4, _VNNI[4])), (-128, 127), tile)
+    if name == "vpdpbusd":
+        return vnni
     lanes = [16] if has("avx512bw") else []
     lanes += [8] if has("avx2") else []
-    lanes += [4] if has("sse2") else []
-    if not lanes:
-        return None
-    return Kernel("vpmaddwd", 2, tuple((n, _PMADDWD[n]) for n in lanes), (-32768, 32767), tile)
+    pmaddwd = (Kernel("vpmaddwd", 2, tuple((n, _PMADDWD[n]) for n in lanes + [4]), (-32768, 32767), tile)
+               if has("sse2") else None)
+    if name == "vpmaddwd":  # the 8-bit kernel alone (for comparisons)
+        return pmaddwd
+    base = vnni or pmaddwd
+    narrow_lanes = lanes + ([4] if has("ssse3") else [])
+    if base is None or not narrow_lanes:
+        return base if name == "auto" else None
+    narrow = Kernel("vpmaddubsw", 4, tuple((n, _PMADDUBSW[n]) for n in narrow_lanes), (-128, 127), tile)
+    if name == "vpmaddubsw" or vnni is None or VNNI_NARROW:  # narrow layers on vpmaddubsw, the rest on base
+        return replace(base, variants=(narrow,))
+    return base
 
 
 def block_names(kernel: Kernel) -> tuple[str, str]:
@@ -259,6 +287,8 @@ def _intrin_funcs(kernel: Kernel, lanes: int):
 
     if kernel.operand != "int32":
         return _neon_intrin_funcs(kernel, lanes)
+    if kernel.name == "vpmaddubsw":
+        return _pair_intrin_funcs(kernel, lanes)
     vec16, vec32 = f"int16x{2 * lanes}", f"int32x{lanes}"
     llvm, group = kernel.llvm(lanes), kernel.group
     signed = kernel.x_offset != 0
@@ -299,6 +329,83 @@ def _intrin_funcs(kernel: Kernel, lanes: int):
                                                                             dtype=vec32)
 
     return desc, impl
+
+
+def _pair_intrin_funcs(kernel: Kernel, lanes: int):
+    """vpmaddubsw: C[i, j] += int16(word_dot(A[i], B[j], 4)) for i < lanes, j < 2: two int16 pair sums per int32
+    word of 4 u8 activations, B[j] being the weight word with only pair j's bytes (2j, 2j+1) kept, the others zero
+    (`packed_weights`). The implementation runs vpmaddubsw on the word B[0] | B[1], whose int16 lane 2i+j is the
+    sum over pair j's bytes, i.e. word_dot(A[i], B[j]) when B[0] and B[1] hold disjoint pairs, as packed. The
+    instruction saturates each pair sum to int16 and vpaddw wraps; both equal the stated int16 arithmetic where no
+    sum leaves int16, which `pair_chunk` guarantees."""
+    from tvm.script import tirx as T
+
+    llvm, vec32, vec8, vec16 = kernel.llvm(lanes), f"int32x{lanes}", f"int8x{4 * lanes}", f"int16x{2 * lanes}"
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((2,), "int32", offset_factor=1),
+             C: T.Buffer((lanes, 2), "int16", offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads(C[0:lanes, 0:2], A[0:lanes], B[0:2])
+            T.writes(C[0:lanes, 0:2])
+            for i, j in T.grid(lanes, 2):
+                with T.sblock("update"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    C[vi, vj] = C[vi, vj] + T.Cast("int16", word_dot(A[vi], B[vj], 4))
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((2,), "int32", offset_factor=1),
+             C: T.Buffer((lanes, 2), "int16", offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads(C[0:lanes, 0:2], A[0:lanes], B[0:2])
+            T.writes(C[0:lanes, 0:2])
+            a = T.reinterpret(A.vload([0], vec32), dtype=vec8)
+            b = T.reinterpret(T.broadcast(B[0] | B[1], lanes), dtype=vec8)
+            C[0, T.ramp(T.int32(0), 1, 2 * lanes)] = C[0, T.ramp(T.int32(0), 1, 2 * lanes)] + \
+                T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm), a, b, dtype=vec16)
+
+    return desc, impl
+
+
+def pair_widen_intrinsic(lanes: int) -> str:
+    """Register (once) and return the name of vpmaddubsw's widening step, C[i] += int32(A[i, 0]) + int32(A[i, 1])
+    for int16 A: `vpmaddwd` of the int16 pair sums with ones."""
+    key = ("pair_widen", lanes)
+    if key in _REGISTERED:
+        return _REGISTERED[key]
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    vec16, vec32, llvm = f"int16x{2 * lanes}", f"int32x{lanes}", _PMADDWD[lanes]
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((lanes, 2), "int16", offset_factor=1, scope="local"),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                with T.sblock("update"):
+                    vi = T.axis.spatial(lanes, i)
+                    C[vi] = C[vi] + (T.Cast("int32", A[vi, 0]) + T.Cast("int32", A[vi, 1]))
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((lanes, 2), "int16", offset_factor=1, scope="local"),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = C[T.ramp(T.int32(0), 1, lanes)] + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm), A[0, T.ramp(T.int32(0), 1, 2 * lanes)],
+                T.broadcast(T.int16(1), 2 * lanes), dtype=vec32)
+
+    name = f"arq_pair_widen_i16_i32x{lanes}"
+    try:
+        TensorIntrin.register(name, desc, impl)
+    except Exception:  # noqa: BLE001 - registered by an earlier import of this module
+        TensorIntrin.get(name)
+    _REGISTERED[key] = name
+    return name
 
 
 def _neon_intrin_funcs(kernel: Kernel, lanes: int):
@@ -377,6 +484,8 @@ def fits(kernel: Kernel | None, x_dtype: str, z_x: int, w_int: np.ndarray, group
         return w_int[0].size * int(a_max) * _w_abs_max(w_int) <= INT32_MAX
     if kernel.name == "smlal_narrow":
         return int(a_max) <= 127 and narrow_chunk(w_int, a_max) > 0
+    if kernel.name == "vpmaddubsw":
+        return pair_chunk(w_int, a_max) > 0
     return True
 
 
@@ -411,9 +520,55 @@ def narrow_chunk(w_int: np.ndarray, a_max: int) -> int:
     return -(-c // chunks)
 
 
+def pair_bounds(w_int: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """vpmaddubsw's sum bounds per word of 4 input channels: (pos, neg), each O×words×2 (int32 lane pair j holds
+    channels 4c+2j, 4c+2j+1): Σ over the pair's channels and KH·KW of max(w, 0), and of max(−w, 0). With
+    activations in [0, a_max], every sum of any subset of the pair's products lies in [−a_max·neg, a_max·pos]."""
+    o, c = w_int.shape[:2]
+    words = -(-c // 4)
+    w = np.zeros((o, words * 4, *w_int.shape[2:]), np.int64)
+    w[:, :c] = w_int
+    w = w.reshape(o, words, 2, 2, -1)
+    return np.maximum(w, 0).sum(axis=(3, 4)), np.maximum(-w, 0).sum(axis=(3, 4))
+
+
+def pair_chunk(w_int: np.ndarray, a_max: int) -> int:
+    """vpmaddubsw: words of 4 input channels per int16 partial sum (0: not even one word fits). A chunk of n words
+    adds, in each int16 lane, n·KH·KW pair sums of one output channel's weights; whatever the activations in
+    [0, a_max] and the order of the additions (vpmaddubsw's pair sums included), every partial sum lies within
+    [−a_max·Σneg, a_max·Σpos] over the chunk (`pair_bounds`), so the chunk is exact when a_max·max(Σpos, Σneg)
+    ≤ 32767 in every lane of every output channel. The words are split into the fewest equal chunks (the last
+    zero-padded) for which that holds. Exact, not a worst case over all weights: it reads the layer's weights."""
+    if int(a_max) < 0 or w_int.size == 0:
+        return 0
+    pos, neg = pair_bounds(w_int)
+    words = pos.shape[1]
+    if int(a_max) * max(int(pos.max(initial=0)), int(neg.max(initial=0))) > INT16_MAX:
+        return 0
+    for chunks in range(1, words + 1):
+        n = -(-words // chunks)
+        pad = -(-words // n) * n - words
+        p = np.pad(pos, ((0, 0), (0, pad), (0, 0))).reshape(len(pos), -1, n, 2).sum(axis=2)
+        q = np.pad(neg, ((0, 0), (0, pad), (0, 0))).reshape(len(neg), -1, n, 2).sum(axis=2)
+        if int(a_max) * max(int(p.max()), int(q.max())) <= INT16_MAX:
+            return n
+    return 1
+
+
 def packed_weights(kernel: Kernel, w_int: np.ndarray, a_max: int = 255) -> np.ndarray:
     """The weight constant `qconv2d` takes for this kernel: words (`pack_weights`) for vpdpbusd/vpmaddwd/sdot;
-    O×C×KH×KW int16 for smlal; O×chunks×n×KH×KW int8 for smlal_narrow (n = `narrow_chunk`, missing channels 0)."""
+    O×chunks×n×KH×KW×2 words for vpmaddubsw (n = `pair_chunk` words, missing words 0; [.., j]: the word with only
+    pair j's bytes, 2j and 2j+1, the others 0); O×C×KH×KW int16 for smlal;
+    O×chunks×n×KH×KW int8 for smlal_narrow (n = `narrow_chunk`, missing channels 0)."""
+    if kernel.name == "vpmaddubsw":
+        words = pack_weights(w_int, kernel.group)
+        o, cg, kh, kw = words.shape
+        n = pair_chunk(w_int, a_max)
+        chunks = -(-cg // n)
+        out = np.zeros((o, chunks * n, kh, kw, 2), np.int32)
+        out[:, :cg, :, :, 0] = words & 0xFFFF  # pair 0: channels 4c, 4c+1 (bytes 0, 1)
+        out[:, :cg, :, :, 1] = words & ~0xFFFF  # pair 1: channels 4c+2, 4c+3 (bytes 2, 3)
+        return out.reshape(o, chunks, n, kh, kw, 2)
     if kernel.operand == "int32":
         return pack_weights(w_int, kernel.group)
     if kernel.operand == "int16":
@@ -437,6 +592,8 @@ def qconv2d(x, wp, strides, padding, kernel: Kernel):
     conv_name, pack_name = block_names(kernel)
     n_, c_, h_, w_ = (int(d) for d in x.shape)
     dims = [int(d) for d in wp.shape]  # cg_: channel words (packed), or channels (NEON: all chunks)
+    if kernel.name == "vpmaddubsw":  # O×chunks×n×KH×KW×2: the last axis is the pair
+        dims = dims[:-1]
     o_, cg_, kh_, kw_ = dims[0], int(np.prod(dims[1:-2])), dims[-2], dims[-1]
     sh, sw = (int(s) for s in strides)
     pt, pl, pb, pr = (int(p) for p in padding)
@@ -474,6 +631,8 @@ def qconv2d(x, wp, strides, padding, kernel: Kernel):
 
     if kernel.operand != "int32":
         return _neon_conv(load, wp, (n_, o_, oh_, ow_), kernel)
+    if kernel.name == "vpmaddubsw":
+        return _pair_conv(load, wp, (n_, o_, oh_, ow_), kernel)
     rc, rh, rw = te.reduce_axis((0, cg_), "rc"), te.reduce_axis((0, kh_), "rh"), te.reduce_axis((0, kw_), "rw")
 
     def acc(n, o, oh, ow):
@@ -485,6 +644,25 @@ def qconv2d(x, wp, strides, padding, kernel: Kernel):
 def part_name(kernel: Kernel) -> str:
     """smlal_narrow's int16 partial-sum stage (one chunk of input channels)."""
     return f"{CONV_BLOCK}_{kernel.name}_part"
+
+
+def _pair_conv(load, wp, out_shape, kernel: Kernel):
+    """vpmaddubsw: per chunk of n words (4 input channels each), two int16 partial sums per output pixel,
+    part[n, ch, o, oh, ow, j] = Σ_{c<n,kh,kw} int16(word_dot(x word, w word of pair j)) (exact: `pair_chunk` keeps
+    every partial sum within int16), then acc = Σ_ch int32(part[.., 0]) + int32(part[.., 1])."""
+    from tvm import te
+
+    conv_name = block_names(kernel)[0]
+    chunks, per = int(wp.shape[1]), int(wp.shape[2])
+    ri, rh, rw = (te.reduce_axis((0, e), nm) for e, nm in ((per, "ri"), (int(wp.shape[3]), "rh"),
+                                                            (int(wp.shape[4]), "rw")))
+    part = te.compute((out_shape[0], chunks, *out_shape[1:], 2), lambda n, ch, o, oh, ow, j: te.sum(
+        word_dot(load(n, ch * per + ri, oh, ow, rh, rw), wp[o, ch, ri, rh, rw, j], 4).astype("int16"),
+        axis=[ri, rh, rw]), name=part_name(kernel))
+    rch = te.reduce_axis((0, chunks), "rch")
+    return te.compute(out_shape, lambda n, o, oh, ow: te.sum(
+        part[n, rch, o, oh, ow, 0].astype("int32") + part[n, rch, o, oh, ow, 1].astype("int32"), axis=rch),
+        name=conv_name)
 
 
 def _neon_conv(load, wp, out_shape, kernel: Kernel):
@@ -525,7 +703,7 @@ def schedule_qconv(sch, kernel: Kernel, threads: int = 1) -> bool:
 
 def _schedule_one(sch, kernel: Kernel, names: set, threads: int) -> bool:
     conv_name, pack_name = block_names(kernel)
-    narrow = kernel.name == "smlal_narrow"
+    narrow = kernel.name in NARROW_KERNELS
     part = part_name(kernel) if narrow else None
     rb, pack = sch.get_sblock(conv_name), sch.get_sblock(pack_name)
     root = sch.get_sblock("root")
@@ -562,7 +740,9 @@ def _schedule_one(sch, kernel: Kernel, names: set, threads: int) -> bool:
     if narrow:  # int16 partial sums per chunk of input channels, tensorized; the chunk loop widens them into rb
         _schedule_partial(sch, sch.get_sblock(part), red[0], kernel, (f, u, lanes))
         init = sch.decompose_reduction(rb, red[0])
-        sch.tensorize(sch.get_loops(rb)[-1], widen_intrinsic(lanes))  # int32 += sext(int16): saddw/saddw2
+        # int32 += sext(int16): saddw/saddw2 (smlal_narrow); int32 += pair sum of int16: vpmaddwd with ones
+        widen = pair_widen_intrinsic(lanes) if kernel.name == "vpmaddubsw" else widen_intrinsic(lanes)
+        sch.tensorize(sch.get_loops(rb)[-1], widen)
         sch.vectorize(sch.get_loops(init)[-1])
         return True
     rw = red[-1]
@@ -579,13 +759,18 @@ def _schedule_partial(sch, pb, chunk_loop, kernel: Kernel, tile: tuple[int, int,
     """smlal_narrow's partial-sum block, already computed at the conv's chunk loop over the register tile:
     reductions (channels of the chunk, kh, kw) outside, the F×U×lanes int16 tile inside, the lanes tensorized."""
     depth = 1 + [sch.get(lp).same_as(sch.get(chunk_loop)) for lp in sch.get_loops(pb)].index(True)
-    # compute_at made one loop per iter var of extent > 1, in iter var order: (o, oh, ow) of the tile, then (ri, rh, rw)
+    # compute_at made one loop per iter var of extent > 1, in iter var order: (o, oh, ow) of the tile, (j: the two
+    # int16 pair sums of vpmaddubsw), then (ri, rh, rw)
+    pair = kernel.name == "vpmaddubsw"
     extents = dict(zip(("oi", "ohi", "owi"), tile, strict=True))
-    extents.update(zip(("ri", "rh", "rw"), (int(v.dom.extent) for v in sch.get(pb).iter_vars[5:]), strict=True))
+    if pair:
+        extents["j"] = 2
+    extents.update(zip(("ri", "rh", "rw"), (int(v.dom.extent) for v in sch.get(pb).iter_vars[6 if pair else 5:]),
+                       strict=True))
     names = [name for name, e in extents.items() if e > 1]
     loops = dict(zip(names, sch.get_loops(pb)[depth:], strict=True))
     red = [loops[n] for n in ("ri", "rh", "rw") if n in loops]
-    sch.reorder(*red, *[loops[n] for n in ("oi", "ohi") if n in loops], loops["owi"])
+    sch.reorder(*red, *[loops[n] for n in ("oi", "ohi") if n in loops], loops["owi"], *([loops["j"]] if pair else []))
     sch.set_scope(pb, 0, "local")
     init = sch.decompose_reduction(pb, red[0])
     sch.tensorize(loops["owi"], intrinsic(kernel, tile[2]))

@@ -29,7 +29,7 @@ rewritten, results differ from the float graph only where the float graph rounds
 integer sums are exact), which the tests bound against onnxruntime and an exact numpy reference.
 
 The conv layers that fit run on a SIMD dot-product kernel of `arq_deploy.targets.int_kernels` (x86: vpdpbusd with
-VNNI, else vpmaddwd; AArch64 with the dot-product extension: sdot; AArch64 without: smlal_narrow where the layer's
+VNNI, else vpmaddubsw where the layer's (w, a) pair keeps its int16 partial sums exact, else vpmaddwd; AArch64 with the dot-product extension: sdot; AArch64 without: smlal_narrow where the layer's
 (w, a) pair keeps int16 partial sums exact, else smlal; the same integer arithmetic); elsewhere on relax conv2d with
 int32 output. The choice is per layer (`int_kernels.choose`), from the layer's max |w| and its activation levels
 (a_max: 255 for uint8, or 2^b - 1 where the exporter's integer Clip bounds them), and recorded in the report.

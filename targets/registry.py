@@ -4,7 +4,7 @@ A `Target` is plain data (TVM's JSON target form, like TVM's tags). Values that 
 (`HOST`: the host CPU name, its feature flags, its core count) are filled in by `resolve_tvm_target` at build time,
 so importing this module imports neither TVM nor anything heavy.
 
-Registered: `x86` (this machine), `cuda` (a generic NVIDIA GPU on an x86-64 host, sm_80; `cuda-smNN` names the
+Registered: `x86` (this machine), `x86-avx2` (an AVX2 CPU without AVX-512, runnable here), `cuda` (a generic NVIDIA GPU on an x86-64 host, sm_80; `cuda-smNN` names the
 same target for another architecture, e.g. `cuda-sm75`, `cuda-sm90`), `jetson-nano` (sm_53 + Cortex-A57),
 `jetson-orin-nano` (sm_87 + Cortex-A78AE), `rpi4` (Cortex-A72), `rpi5` (Cortex-A76 with the dot-product
 instructions). ARM hosts are cross-compiled with `aarch64-linux-gnu-gcc` (Debian: gcc-aarch64-linux-gnu).
@@ -204,6 +204,17 @@ register(Target(
     kind="cpu",
 ))
 
+register(Target(
+    name="x86-avx2",
+    description="an x86-64 CPU with AVX2 and no AVX-512 (LLVM x86-64-v3: Haswell, Zen 1-3 and later; all cores of "
+                "this machine), built here and run here when this CPU has AVX2, e.g. to measure the AVX2 kernels",
+    tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3", "num-cores": HOST},
+    host_triple="x86_64-linux-gnu",
+    cross_compiler=None,
+    ort_providers=("CPUExecutionProvider",),
+    energy_probe="rapl",
+    kind="cpu",
+))
 
 # --------------------------------------------------------------------------------------------------------------------
 # GPU and ARM targets. Values from the boards' data sheets (CPU cores, CUDA compute capability, per-block limits).

@@ -80,9 +80,11 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
     tuning_db: a tuning database directory: its records are applied, and functions it lacks are tuned into it
         (with tune_trials > 0); reused by later builds. None with tune_trials > 0: a temporary database.
     integer: lower QDQ conv/matmul layers to integer arithmetic (`arq_deploy.targets.int_lowering`).
-    int_kernel: with integer, the SIMD conv kernel: "auto" (x86: vpdpbusd where the target has VNNI, else vpmaddwd;
-        AArch64: sdot with the dot-product extension, else smlal with smlal_narrow for narrow (w, a) pairs, chosen
-        per layer), "vpdpbusd", "vpmaddwd", "sdot", "smlal" (the 8-bit NEON kernel alone), "smlal_narrow" or "none"
+    int_kernel: with integer, the SIMD conv kernel: "auto" (x86: vpdpbusd where the target has VNNI, else vpmaddwd
+        with vpmaddubsw for narrow (w, a) pairs; AArch64: sdot with the dot-product extension, else smlal with
+        smlal_narrow for narrow pairs; chosen per layer), "vpdpbusd", "vpmaddwd" (the 8-bit kernel alone),
+        "vpmaddubsw" (per layer where exact, else the target's 8-bit kernel), "sdot", "smlal" (the 8-bit NEON
+        kernel alone), "smlal_narrow" or "none"
         (relax integer conv2d only); see `arq_deploy.targets.int_kernels`. The manifest records the kernel and, per
         conv layer, which one ran it (schedule.integer_lowering.conv2d_layers).
 

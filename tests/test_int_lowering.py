@@ -27,20 +27,26 @@ def _weights(rng, shape, w_u8: bool, w_max: int):
 
 
 def qdq_graph(kind="conv", *, cin=16, cout=16, k=3, stride=1, pad=1, w_u8=True, w_max=127, z_x=0, relu=True,
-              bias=True, out_q=True, seed=0):
-    """A one-layer QDQ model; input 'x' float (N×cin×H×W or N×cin), output 'y' (uint8 when out_q, else float)."""
+              bias=True, out_q=True, seed=0, a_bits=8, w_q=None):
+    """A one-layer QDQ model; input 'x' float (N×cin×H×W or N×cin), output 'y' (uint8 when out_q, else float).
+    a_bits < 8: the exporter's integer Clip of the activation levels to [0, 2^a_bits − 1] after the QuantizeLinear;
+    w_q: the int8 weights themselves (zero point 0) instead of random ones."""
     rng = np.random.default_rng(seed)
     s_w = (rng.random(cout).astype(np.float32) * 0.01 + 0.002).astype(np.float32)
     wshape = (cout, cin, k, k) if kind == "conv" else (cout, cin)
-    w_q, z_w = _weights(rng, wshape, w_u8, w_max)
+    w_q, z_w = _weights(rng, wshape, w_u8, w_max) if w_q is None else (np.asarray(w_q, np.int8), np.int8(0))
     b_q = rng.integers(-4000, 4000, cout).astype(np.int32)
     inits = [nh.from_array(S_X, "sx"), nh.from_array(np.uint8(z_x), "zx"), nh.from_array(s_w, "sw"),
              nh.from_array(np.full(cout, z_w, w_q.dtype), "zw"), nh.from_array(w_q, "wq"),
              nh.from_array(b_q, "bq"), nh.from_array((S_X * s_w).astype(np.float32), "sb"),
              nh.from_array(np.zeros(cout, np.int32), "zb"), nh.from_array(S_Y, "sy"),
              nh.from_array(np.uint8(0), "zy")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+    quant = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"])]
+    if a_bits < 8:
+        inits += [nh.from_array(np.uint8(0), "alo"), nh.from_array(np.uint8(2**a_bits - 1), "ahi")]
+        quant = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq8"]),
+                 helper.make_node("Clip", ["xq8", "alo", "ahi"], ["xq"])]
+    nodes = [*quant, helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
              helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0)]
     ins = ["xd", "wd"]
     if bias:
@@ -269,6 +275,183 @@ def test_avx_vnni_build_without_avx512_is_exact():
     assert np.array_equal(got, reference("conv", x, params, z_x=0))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# vpmaddubsw: u8 × s8 pairs into int16 partial sums per chunk of input channels, for narrow (w, a) pairs
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+X86_ISAS = {  # target name: (the kernels `vpmaddubsw` falls back to, the CPU flag it needs to run here)
+    "x86": ("vpdpbusd", "avx512bw"),  # this machine's target; on a Zen 4: AVX-512 with VNNI
+    "x86-avx2": ("vpmaddwd", "avx2"),  # x86-64-v3: AVX2, no AVX-512, no VNNI
+}
+
+
+def _narrow_target(name: str) -> dict:
+    from arq_deploy.targets.registry import get_target, resolve_tvm_target
+
+    flag = X86_ISAS[name][1]
+    if not _cpu_has(flag):
+        pytest.skip(f"this CPU lacks {flag}: the {name} build cannot run here")
+    return resolve_tvm_target(get_target(name))
+
+
+def _pair_case(w_bits: int, a_bits: int, cin: int, seed: int, extreme: bool = False):
+    """A conv layer at (w_bits, a_bits): symmetric int8 weights in ±(2^(w−1) − 1) (−128 too at 8 bits), activation
+    levels clipped to 2^a − 1 by the graph. extreme: every output channel's weights at +w_max or −w_max (one of
+    each sign), and activations at a_max everywhere: every int16 partial sum reaches its chunk bound."""
+    rng = np.random.default_rng(seed)
+    w_max, a_max = 2 ** (w_bits - 1) - 1, 2**a_bits - 1
+    if extreme:
+        sign = np.where(np.arange(8) % 2 == 0, 1, -1).reshape(8, 1, 1, 1)
+        w = np.broadcast_to(sign * w_max, (8, cin, 3, 3)).copy()
+        if w_bits == 8:
+            w[1::2] = -128
+        q = np.full((2, cin, 8, 8), a_max)
+    else:
+        lo = -128 if w_bits == 8 else -w_max
+        w = rng.integers(lo, w_max + 1, (8, cin, 3, 3))
+        q = rng.integers(0, a_max + 1, (2, cin, 8, 8))
+    model, params = qdq_graph("conv", cin=cin, cout=8, w_q=w, relu=False, bias=not extreme, out_q=False, seed=seed,
+                              a_bits=a_bits)
+    x = (q * S_X + (0 if extreme else rng.uniform(-0.4, 0.4, q.shape) * S_X)).astype(np.float32)
+    return model, params, x, a_max
+
+
+def _check_pair_layer(model, params, x, a_max, tgt, int_kernel):
+    from arq_deploy.targets import int_kernels
+
+    got, info = tvm_run(model, x, int_kernel=int_kernel, tvm_target=tgt)
+    layer = info["integer_lowering"]["conv2d_layers"][0]
+    w = params["w_q"]
+    want = "vpmaddubsw" if int_kernels.pair_chunk(w, a_max) > 0 else None
+    assert layer["a_max"] == a_max and layer["kernel"] == (want or layer["kernel"]), layer
+    assert want or layer["kernel"] != "vpmaddubsw"  # a pair that could overflow int16 never runs on it
+    ref = reference("conv", x, params, z_x=0, relu=False, out_q=False)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)  # a wrapped int16 sum would be off by 65536·s
+    return layer["kernel"]
+
+
+PAIRS_FAST = [(8, 7), (7, 8), (4, 4), (2, 2), (3, 5), (6, 6), (8, 8), (5, 2)]
+
+
+@pytest.mark.parametrize("target", sorted(X86_ISAS))
+def test_vpmaddubsw_bit_exact_at_narrow_and_wide_pairs(target):
+    """Random layers at several (w, a) pairs, on the AVX-512 (this host) and AVX2 targets, the vpmaddubsw family
+    named: narrow pairs run on vpmaddubsw, the others on the target's exact 8-bit kernel; all equal the exact
+    integer reference."""
+    tgt = _narrow_target(target)
+    kernels = set()
+    for i, (wb, ab) in enumerate(PAIRS_FAST):
+        model, params, x, a_max = _pair_case(wb, ab, cin=16 + 4 * (i % 3), seed=i)
+        kernels.add(_check_pair_layer(model, params, x, a_max, tgt, "vpmaddubsw"))
+    assert kernels == {"vpmaddubsw", X86_ISAS[target][0]}, kernels
+
+
+@pytest.mark.parametrize("target", sorted(X86_ISAS))
+@pytest.mark.parametrize("wb,ab", [(8, 7), (7, 8), (4, 4), (2, 8), (8, 2), (2, 2)])
+def test_vpmaddubsw_exact_at_the_chunk_bound(target, wb, ab):
+    """Extreme weights (all ±w_max, −128 at 8 bits) and activations (all a_max): the int16 partial sums reach the
+    chunk's bound, a_max·Σ|w| ≤ 32767, and one more word per chunk would overflow it; still exact."""
+    from arq_deploy.targets import int_kernels
+
+    tgt = _narrow_target(target)
+    model, params, x, a_max = _pair_case(wb, ab, cin=64, seed=1, extreme=True)
+    w = params["w_q"]
+    n = int_kernels.pair_chunk(w, a_max)
+    per_word = a_max * 2 * 9 * int(np.abs(w).max())  # one pair lane's sum over one word's 3×3 window
+    if n:  # the sums reach n·per_word ≤ 32767; the fewest equal chunks: one chunk fewer would overflow
+        chunks = -(-16 // n)
+        assert n * per_word <= 32767 and (chunks == 1 or -(-16 // (chunks - 1)) * per_word > 32767)
+    assert _check_pair_layer(model, params, x, a_max, tgt, "vpmaddubsw") == ("vpmaddubsw" if n else
+                                                                               X86_ISAS[target][0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", sorted(X86_ISAS))
+def test_vpmaddubsw_bit_exact_on_every_pair(target):
+    """Every (w, a) pair in 2..8 × 2..8, random and extreme layers, on both x86 targets."""
+    tgt = _narrow_target(target)
+    for wb in range(2, 9):
+        for ab in range(2, 9):
+            for extreme in (False, True):
+                model, params, x, a_max = _pair_case(wb, ab, cin=32, seed=10 * wb + ab, extreme=extreme)
+                _check_pair_layer(model, params, x, a_max, tgt, "vpmaddubsw")
+
+
+def test_pair_chunk_is_exact_and_maximal():
+    """pair_chunk: words of 4 channels per int16 sum; the bound is a_max·max(Σw⁺, Σw⁻) per pair lane and chunk."""
+    from arq_deploy.targets.int_kernels import pair_bounds, pair_chunk
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        c, a_max = int(rng.integers(1, 40)), int(rng.integers(1, 256))
+        w = rng.integers(-int(rng.integers(1, 129)), 128, (3, c, 3, 3))
+        n = pair_chunk(w, a_max)
+        pos, neg = pair_bounds(w)
+        words = pos.shape[1]
+        if n == 0:
+            assert a_max * max(pos.max(), neg.max()) > 32767
+            continue
+        chunks = -(-words // n)
+        for ch in range(chunks):
+            sl = slice(ch * n, (ch + 1) * n)
+            assert a_max * max(pos[:, sl].sum(axis=1).max(), neg[:, sl].sum(axis=1).max()) <= 32767
+        if chunks > 1:  # fewer chunks would overflow
+            m = -(-words // (chunks - 1))
+            over = [a_max * max(pos[:, i:i + m].sum(axis=1).max(), neg[:, i:i + m].sum(axis=1).max()) > 32767
+                    for i in range(0, words, m)]
+            assert any(over)
+
+
+def test_vpmaddubsw_selection_per_isa():
+    """auto: AVX2 / AVX-512BW without VNNI get vpmaddwd with vpmaddubsw as the per-layer variant; VNNI targets keep
+    vpdpbusd alone (measured faster than vpmaddubsw there, benchmarks/x86_narrow_bench.py); `vpmaddubsw` names the
+    family on any x86 (falling back to the target's exact kernel); `vpmaddwd` is the 8-bit kernel alone."""
+    import tvm
+
+    from arq_deploy.targets import int_kernels
+
+    def sel(mcpu, name="auto"):
+        k = int_kernels.select(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}), name)
+        return None if k is None else (k.name, [v.name for v in k.variants], [n for n, _ in k.widths])
+
+    assert sel("x86-64-v3") == ("vpmaddwd", ["vpmaddubsw"], [8, 4])
+    assert sel("skylake-avx512") == ("vpmaddwd", ["vpmaddubsw"], [16, 8, 4])
+    assert sel("znver4") == ("vpdpbusd", [], [16, 8, 4])
+    assert sel("znver4", "vpmaddubsw") == ("vpdpbusd", ["vpmaddubsw"], [16, 8, 4])
+    assert sel("x86-64-v3", "vpmaddwd") == ("vpmaddwd", [], [8, 4])
+    assert sel("x86-64-v3", "vpmaddubsw") == ("vpmaddwd", ["vpmaddubsw"], [8, 4])
+    a72 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
+    assert int_kernels.select(a72, "vpmaddubsw") is None
+
+
+def test_vpmaddubsw_library_runs_the_instruction(tmp_path):
+    """The AVX2 build of a W4A4 layer holds vpmaddubsw (the pair products) and vpaddw (int16 partial sums)."""
+    import shutil
+    import subprocess
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from arq_deploy.targets.registry import get_target, resolve_tvm_target
+    from arq_deploy.targets.tvm_build import build
+
+    model, _ = qdq_graph("conv", w_u8=False, w_max=7, a_bits=4)
+    mod = from_onnx(model, shape_dict={"x": [2, 16, 16, 16]}, keep_params_in_input=False)
+    ex, info = build(mod, resolve_tvm_target(get_target("x86-avx2")), integer=True)
+    assert info["integer_lowering"]["conv2d_kernels"] == {"vpmaddubsw": 1}
+    ex.export_library(str(tmp_path / "m.so"))
+    asm = subprocess.run([objdump, "-d", str(tmp_path / "m.so")], capture_output=True, text=True).stdout
+    assert asm.count("vpmaddubsw") > 0 and asm.count("vpaddw") > 0 and "zmm" not in asm and "vpdpbusd" not in asm
+
+
 def test_float_output_conv_matches_within_float_rounding():
     """A conv whose output feeds float ops is dequantized: float(acc)·s_x·s_w[o], exact up to float32 rounding."""
     model, params = qdq_graph("conv", out_q=False, relu=True)
@@ -389,6 +572,58 @@ def test_resnet20_integer_build_agrees_with_onnxruntime(policy, models_dir, cifa
     ref = OrtRunner(onnx_path)(x).argmax(1)
     agree = {k: (TvmRunner(a)(x).argmax(1) == ref).mean() for k, a in arts.items()}
     assert agree["int"] >= 0.999 and agree["float"] >= 0.999, agree
+
+
+def test_digits_mixed_policy_on_the_avx2_target_runs_narrow_layers_on_vpmaddubsw(digits, digits_model, tmp_path):
+    """The digits CNN at the mixed 4/6/8-bit policy built for x86-avx2: the layers whose (w, a) pair keeps int16
+    sums exact run on vpmaddubsw, the rest on vpmaddwd (the manifest says which), and it agrees with onnxruntime."""
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate, load
+    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
+
+    _narrow_target("x86-avx2")
+    train_ds, test_ds = digits
+    lm = load("digits_cnn", str(digits_model[1]))
+    pol = QuantPolicy.from_dict({"format": "arq-deploy/policy", "version": 1, "default": [8, 8],
+                                 "layers": DIGITS_MIXED})
+    onnx_path = tmp_path / "mixed.onnx"
+    export_and_validate(lm, pol, train_ds, test_ds, onnx_path, sigma=0.25, validate_images=200, min_agreement=0.9)
+    art = compile_onnx(onnx_path, "x86-avx2", tmp_path / "art", batch_size=64, integer=True)
+    lowering = json.loads((art / "manifest.json").read_text())["compile"]["schedule"]["integer_lowering"]
+    kernels = [ly["kernel"] for ly in lowering["conv2d_layers"]]
+    assert "vpmaddubsw" in kernels and set(kernels) <= {"vpmaddubsw", "vpmaddwd", None}, lowering["conv2d_layers"]
+    for ly in lowering["conv2d_layers"]:  # never a layer whose single pair could saturate
+        assert ly["kernel"] != "vpmaddubsw" or 2 * ly["a_max"] * ly["w_max"] <= 32767, ly
+    x = test_ds.x()
+    agree = (TvmRunner(art)(x).argmax(1) == OrtRunner(onnx_path)(x).argmax(1)).mean()
+    assert agree >= 0.998, agree
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_resnet20_mixed_policy_on_the_avx2_target_agrees(models_dir, cifar_dir, tmp_path):
+    """ResNet-20 at the mixed 2/4/6/8-bit acceptance policy built for x86-avx2 (vpmaddubsw where the pair fits, else
+    vpmaddwd): agrees with onnxruntime on at least 99.9% of the 1,000 lossless test images."""
+    from arq_deploy.core.data import load_dataset
+    from arq_deploy.core.policy import QuantPolicy
+    from arq_deploy.export.pipeline import export_and_validate, load
+    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
+
+    _narrow_target("x86-avx2")
+    lm = load("resnet20", str(models_dir / "resnet20-12fca82f.th"))
+    train, test = load_dataset(str(cifar_dir), "train"), load_dataset(str(cifar_dir), "test")
+    onnx_path = tmp_path / "mixed.onnx"
+    export_and_validate(lm, QuantPolicy.from_dict(R20_MIXED_POLICY), train, test, onnx_path, validate_images=200)
+    art = compile_onnx(onnx_path, "x86-avx2", tmp_path / "int", batch_size=100, integer=True, single=False)
+    lowering = json.loads((art / "manifest.json").read_text())["compile"]["schedule"]["integer_lowering"]
+    assert lowering["conv2d_kernels"].get("vpmaddubsw", 0) >= 1, lowering["conv2d_kernels"]
+    x = test.x()
+    agree = (TvmRunner(art)(x).argmax(1) == OrtRunner(onnx_path)(x).argmax(1)).mean()
+    assert agree >= 0.999, agree
 
 
 def test_cli_compile_integer(cli, tmp_path):

@@ -29,7 +29,7 @@ from arq_deploy.core.validation import check_alpha, check_count, check_seed, che
 CONFIG_FORMAT = "arq-deploy/config"
 CONFIG_VERSION = 1
 BACKENDS = ("auto", "onnxruntime", "tvm", "qemu", "torch")
-INT_KERNELS = ("auto", "vpdpbusd", "vpmaddwd", "sdot", "smlal", "smlal_narrow", "none")  # targets.int_kernels.KERNELS
+INT_KERNELS = ("auto", "vpdpbusd", "vpmaddwd", "vpmaddubsw", "sdot", "smlal", "smlal_narrow", "none")  # targets.int_kernels.KERNELS
 CHECKS = ("corruptions", "systematic", "attacks")
 
 

@@ -18,7 +18,8 @@ from arq_deploy.core.config import INT_KERNELS
               help="tuning database directory: records are applied and new ones added; reuse it across builds")
 @click.option("--integer", is_flag=True, help="compute QDQ conv/dense layers in integer arithmetic (int32 accumulate)")
 @click.option("--int-kernel", type=click.Choice(list(INT_KERNELS)), default="auto", show_default=True,
-              help="SIMD conv kernel of --integer builds (auto: x86 vpdpbusd with VNNI, else vpmaddwd; AArch64 sdot "
+              help="SIMD conv kernel of --integer builds (auto: x86 vpdpbusd with VNNI, else vpmaddubsw per layer "
+                   "where its int16 sums cannot overflow, else vpmaddwd; AArch64 sdot "
                    "with the dot product, else smlal_narrow per layer where its int16 sums cannot overflow, else smlal)")
 def compile_cmd(onnx_path, target, batch_size, out, tune_trials, tuning_db, integer, int_kernel):
     """Compile an ONNX model with TVM into an artifact directory (model library + manifest.json with hashes)."""
