@@ -69,6 +69,7 @@ DECISIONS = (ROBUST, NOT_ROBUST, UNDECIDED)
 DEFAULT_FIRST_N = 500
 DEFAULT_RATIO = 2.0
 FINAL_SHARE = 0.5  # the share of α spent on the last look (the cap)
+FUTILITY_BETA = 0.01  # per-look level of the futility stop's upper bound (decide_at_radii; no guarantee rests on it)
 
 MODES = ("fixed", "randomized-cp", "sequential", "adaptive", "irs")
 
@@ -221,24 +222,50 @@ def _run_sequence(sample, schedule: LookSchedule):
         yield j, n, k, lo, hi
 
 
+def cap_reach(t: float, schedule: LookSchedule) -> float:
+    """p*: the smallest success rate k/max_n whose cap bound certifies threshold t (cap_lower(k) ≥ t); 1.0 where no
+    k does. A p_A below p* would, at the cap, most likely not be certified at t."""
+    lo, hi = 0, schedule.max_n
+    if schedule.cap_lower(hi) < t:
+        return 1.0
+    while lo < hi:  # cap_lower is increasing in k
+        mid = (lo + hi) // 2
+        if schedule.cap_lower(mid) >= t:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo / schedule.max_n
+
+
 def decide_at_radii(sample: Callable[[int], int], sigma: float, radii: Sequence[float],
-                    schedule: LookSchedule) -> SequentialDecision:
+                    schedule: LookSchedule, futility: float | None = FUTILITY_BETA) -> SequentialDecision:
     """Decide, for every radius r, whether the smoothed classifier is robust at r around the input (g(x + δ) = c_A for
     ‖δ‖ < r), stopping at the first look where every radius is decided.
 
     sample(num) -> how many of num fresh base-classifier samples land on c_A. Guarantee: P[some "robust" claim is
-    false] ≤ schedule.alpha, whatever the stopping; see the module docstring."""
+    false] ≤ schedule.alpha, whatever the stopping; see the module docstring.
+
+    `futility` (β, or None for no futility stop): also stop at r (UNDECIDED: abstain there) once the one-sided
+    Clopper-Pearson upper bound at level β of the samples so far is below p*(r) (`cap_reach`): the cap itself would
+    then most likely not certify r, so the rest of the samples would only confirm an abstention. Abstaining never
+    certifies anything, so β touches no guarantee (it need not be corrected for the looks): it only sets how often an
+    input that the cap would have certified is given up early (at most β per look where p_A ≥ p*). This is what makes
+    inputs whose p_A sits between Φ(r/σ) and p*(r) cheap; without it they run to the cap and abstain there."""
     sigma = check_sigma(sigma)
     radii = check_radii(radii, sigma, schedule)
     thresholds = [float(norm.cdf(r / sigma)) for r in radii]
+    reach = [cap_reach(t, schedule) if futility else 0.0 for t in thresholds]
     decided: list[str | None] = [None] * len(radii)
     for j, n, k, lo, hi in _run_sequence(sample, schedule):
+        give_up = 1.0 - betaincinv(n - k, k + 1.0, futility) if futility and k < n else 1.0
         for i, t in enumerate(thresholds):
             if decided[i] is None:
                 if lo >= t:
                     decided[i] = ROBUST
                 elif hi < t:
                     decided[i] = NOT_ROBUST
+                elif give_up < reach[i]:
+                    decided[i] = UNDECIDED
         if all(d is not None for d in decided) or lo > hi:  # lo > hi: the sequence has failed; stop where it is
             break
     return SequentialDecision(radii=radii, decisions=tuple(d or UNDECIDED for d in decided), samples=n, count=k,

@@ -28,6 +28,7 @@ from arq_deploy.certify.sequential import (
     certify_sequential,
     check_log_mode,
     check_radii,
+    cap_reach,
     decide_at_radii,
     estimate_radius,
     look_schedule,
@@ -78,14 +79,14 @@ def test_bad_schedules_and_radii_fail_with_one_line(make, fragment):
 
 
 # ------------------------------------------------------------------------------------------------ soundness
-def false_robust_rate(p_a: float, radii, schedule, seed: int, m: int = M) -> tuple[float, float]:
+def false_robust_rate(p_a: float, radii, schedule, seed: int, m: int = M, futility=0.01) -> tuple[float, float]:
     """Share of m sequential certifications (stopping rule in force) with a false "robust at r" claim, and the mean
     samples used."""
     rng = np.random.default_rng(seed)
     false, used = 0, 0
     true_radius = SIGMA * norm.ppf(p_a)
     for _ in range(m):
-        d = decide_at_radii(binomial_sampler(p_a, rng), SIGMA, radii, schedule)
+        d = decide_at_radii(binomial_sampler(p_a, rng), SIGMA, radii, schedule, futility=futility)
         false += any(dec == ROBUST and r > true_radius for r, dec in zip(d.radii, d.decisions))
         used += d.samples
     return false / m, used / m
@@ -96,12 +97,13 @@ def test_false_robust_claims_stay_within_alpha_under_optional_stopping():
     # is a chance to cross it; the claim at 0.25 is true
     p_a = norm.cdf(0.5 / SIGMA) - 0.004
     schedule = look_schedule(ALPHA, 20_000, 100)
-    rate, _used = false_robust_rate(p_a, (0.25, 0.5), schedule, seed=1)
     bound = three_sd_bound(ALPHA, M)
-    assert rate <= bound, (rate, bound)
+    for futility in (0.01, None):
+        rate, _used = false_robust_rate(p_a, (0.25, 0.5), schedule, seed=1, futility=futility)
+        assert rate <= bound, (futility, rate, bound)
     # the mutant: fixed-N Clopper-Pearson at α re-tested after every batch of 100, no correction for the looks
     mutant = LookSchedule(tuple(range(100, 20_001, 100)), (ALPHA,) * 200)
-    mutant_rate, _ = false_robust_rate(p_a, (0.25, 0.5), mutant, seed=1)
+    mutant_rate, _ = false_robust_rate(p_a, (0.25, 0.5), mutant, seed=1, futility=None)
     assert mutant_rate > bound, (mutant_rate, bound)  # measured: about 0.4 against the bound of 0.12
 
 
@@ -119,9 +121,31 @@ def test_clear_inputs_stop_early_and_decide_every_radius():
     assert d.decisions == (ROBUST,) * 3 and d.samples <= 2000
     d = decide_at_radii(binomial_sampler(0.3, rng), SIGMA, (0.25, 0.5), schedule)
     assert d.decisions == (NOT_ROBUST,) * 2 and d.samples == 500 and d.pa_upper < 0.5
-    # p_A exactly at Φ(r/σ): neither claim can be made; the cap is reached and it abstains there
-    d = decide_at_radii(binomial_sampler(norm.cdf(0.5 / SIGMA), rng), SIGMA, (0.5,), look_schedule(0.001, 4000, 500))
+    # p_A exactly at Φ(r/σ): neither claim can be made; without the futility stop the cap is reached and it abstains
+    # there, with it the abstention comes as soon as p_A < p*(r) is clear (the cap would not certify r either)
+    d = decide_at_radii(binomial_sampler(norm.cdf(0.5 / SIGMA), rng), SIGMA, (0.5,), look_schedule(0.001, 4000, 500),
+                        futility=None)
     assert d.decisions == (UNDECIDED,) and d.samples == 4000
+
+
+def test_futility_stop_abstains_early_only_where_the_cap_would_not_certify():
+    schedule = look_schedule(0.001, 100_000, 500)
+    t = norm.cdf(0.5 / SIGMA)
+    reach = cap_reach(t, schedule)
+    assert t < reach < 1 and schedule.cap_lower(round(reach * 100_000)) >= t > schedule.cap_lower(
+        round(reach * 100_000) - 1)
+    rng = np.random.default_rng(4)
+    # p_A just below Φ(r/σ): not robust, but too close to the threshold for the upper sequence at α to say so before
+    # the cap; the futility stop abstains once p_A < p* is clear at level β (measured: ~24,000 samples against 100,000)
+    p_a = t - 0.003
+    with_f = [decide_at_radii(binomial_sampler(p_a, rng), SIGMA, (0.5,), schedule) for _ in range(40)]
+    without = [decide_at_radii(binomial_sampler(p_a, rng), SIGMA, (0.5,), schedule, futility=None) for _ in range(40)]
+    assert not any(d.decisions == (ROBUST,) for d in with_f + without)
+    assert all(d.decisions == (UNDECIDED,) for d in with_f)
+    assert np.mean([d.samples for d in with_f]) < 0.5 * np.mean([d.samples for d in without])
+    # p_A clearly above p*: futility never fires, robust as before
+    d = decide_at_radii(binomial_sampler(min(1.0, reach + 0.01), rng), SIGMA, (0.5,), schedule)
+    assert d.decisions == (ROBUST,)
 
 
 def test_adaptive_radius_is_sound_and_saves_samples():
