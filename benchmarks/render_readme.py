@@ -354,9 +354,38 @@ def adaptive() -> str:
     return text
 
 
+def reward_rank() -> str:
+    name = "reward_rank_bench.json"
+    d = load(name)
+    h, sc = d["host"], d["scale"]
+    end = h.get("load_average_at_end")
+    mach = (f"CPU {h['cpu_model']}, {h['cpus']} cores, flags {', '.join(h['isa_flags']) or 'none recorded'}; load "
+            f"average {h['load_average'][0]} at the start" + (f", {end[0]} at the end" if end else ""))
+    labels = {"full": f"full CERTIFY (n0 = {sc['n0']}, N = {sc['n']:,})", "irs": f"IRS (n_p = {sc['n_p']})",
+              "irs-small": f"IRS (n_p = {sc['small_n_p']})"}
+    rows = []
+    for key, k in d["kinds"].items():
+        label = labels.get(key) or (f"adaptive (cap {sc['n_p']}, first look {sc['first_n']}, tolerance "
+                                    f"{key.split('-', 1)[1]})")
+        rows.append([label, f2(k["spearman_vs_full"]), n0(k["samples_per_reward"]), ratio(k["cheaper_than_irs"]),
+                     f3(k["mean_reward"]), f"{k['seconds_per_reward']:.1f}"])
+    text = (source(name, mach) + f", {d['runtime']}; {d['model']}, {sc['policies']} random mixed policies "
+            f"({sc['policy_sampling']}), {sc['images']} validation images, α = α_ζ = {sc['alpha']}; the float model's "
+            f"one-off cost ({n0(d['float_model']['one_off_evaluations']['certify'])} CERTIFY + "
+            f"{n0(d['float_model']['one_off_evaluations']['irs_labels'])} IRS-label evaluations) is not in the "
+            "per-reward counts:\n\n"
+            + table(["reward", "Spearman ρ vs full", "f_q evaluations / reward", "cheaper than IRS", "mean reward",
+                     "s / reward"], rows))
+    rows = [[k, ratio(g["cheaper_than_irs_x"]), f2(g["spearman"]), "yes" if g["met"] else "no"]
+            for k, g in d["goals"].items()]
+    text += ("\n\nAgainst the goal (≥ 3× fewer samples than the IRS reward, ρ ≥ 0.9 against the full-N reward):\n\n"
+             + table(["reward", "cheaper than IRS", "ρ", "met"], rows))
+    return text
+
+
 SECTIONS = {"tvm_int8": tvm_int8, "runtime": runtime, "certify": certify, "bops": bops, "arq": arq,
             "arq_paired": paired, "irs": irs, "irs_equal_acr": equal_acr, "robustness": robustness,
-            "adaptive": adaptive}
+            "adaptive": adaptive, "reward_rank": reward_rank}
 
 
 def main(argv: list[str]) -> None:
