@@ -63,7 +63,7 @@ def rewards(digits, digits_model, tmp_path_factory):
     lm, _ = digits_model
     train_ds, _ = digits
     cache = tmp_path_factory.mktemp("adaptive-reward")
-    base = dict(sigma=0.25, images=16, calib_images=64, n0=50, n=300, n_p=300, seed=2)
+    base = {"sigma": 0.25, "images": 16, "calib_images": 64, "n0": 50, "n": 300, "n_p": 300, "seed": 2}
     evs = {kind: RewardEvaluator(lm, train_ds, RewardConfig(kind=kind, first_n=25, **base))
            for kind in ("full", "adaptive")}
     for ev in evs.values():
@@ -108,9 +108,9 @@ def test_reward_config_fields():
     assert "first_n" not in RewardConfig(kind="irs").to_dict()  # an IRS search's manifest is unchanged
     cfg = RewardConfig(kind="adaptive", n_p=400, first_n=50, tolerance=0.1)
     assert RewardConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    for bad in (dict(first_n=500), dict(first_n=0), dict(tolerance=0.0), dict(tolerance=float("nan"))):
+    for bad in ({"first_n": 500}, {"first_n": 0}, {"tolerance": 0.0}, {"tolerance": float("nan")}):
         with pytest.raises(PolicyError):
-            RewardConfig(**(dict(kind="adaptive", n_p=400) | bad))
+            RewardConfig(**({"kind": "adaptive", "n_p": 400} | bad))
 
 
 def test_search_cli_runs_with_the_adaptive_reward(cli, digits_model, tmp_path):
@@ -121,6 +121,7 @@ def test_search_cli_runs_with_the_adaptive_reward(cli, digits_model, tmp_path):
                           "--reward", "adaptive", "--first-n", "20", "--tolerance", "0.1", "--episodes", "2",
                           "--method", "random", "--out", out)
     assert rc == 0, err
+    assert "best reward" in stdout
     rows = [json.loads(line) for line in Path(out, "search.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for r in rows:
