@@ -220,13 +220,16 @@ def intrinsic(kernel: Kernel, lanes: int) -> str:
     key = (kernel.name, lanes)
     if key in _REGISTERED:
         return _REGISTERED[key]
+    return _register(key, f"arq_{kernel.name}_i32x{lanes}", *_intrin_funcs(kernel, lanes))
+
+
+def _register(key: tuple[str, int], name: str, desc, impl) -> str:
+    """Register the tensor intrinsic `name` (desc, impl) once per process and remember it under `key`."""
     from tvm.s_tir import TensorIntrin
 
-    name = f"arq_{kernel.name}_i32x{lanes}"
-    desc, impl = _intrin_funcs(kernel, lanes)
     try:
         TensorIntrin.register(name, desc, impl)
-    except Exception:  # registered by an earlier import of this module (e.g. reloaded)
+    except Exception:  # noqa: BLE001 - registered by an earlier import of this module (e.g. reloaded)
         TensorIntrin.get(name)
     _REGISTERED[key] = name
     return name
@@ -237,7 +240,6 @@ def widen_intrinsic(lanes: int) -> str:
     key = ("widen", lanes)
     if key in _REGISTERED:
         return _REGISTERED[key]
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
@@ -260,13 +262,7 @@ def widen_intrinsic(lanes: int) -> str:
             C[T.ramp(T.int32(0), 1, lanes)] = C[T.ramp(T.int32(0), 1, lanes)] + T.Cast(
                 f"int32x{lanes}", A.vload([0], f"int16x{lanes}"))
 
-    name = f"arq_widen_i16_i32x{lanes}"
-    try:
-        TensorIntrin.register(name, desc, impl)
-    except Exception:  # noqa: BLE001 - registered by an earlier import of this module
-        TensorIntrin.get(name)
-    _REGISTERED[key] = name
-    return name
+    return _register(key, f"arq_widen_i16_i32x{lanes}", desc, impl)
 
 
 def word_dot(a, b, group: int, signed_a: bool = False):
@@ -373,10 +369,9 @@ def pair_widen_intrinsic(lanes: int) -> str:
     key = ("pair_widen", lanes)
     if key in _REGISTERED:
         return _REGISTERED[key]
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    vec16, vec32, llvm = f"int16x{2 * lanes}", f"int32x{lanes}", _PMADDWD[lanes]
+    vec32, llvm = f"int32x{lanes}", _PMADDWD[lanes]
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((lanes, 2), "int16", offset_factor=1, scope="local"),
@@ -399,13 +394,7 @@ def pair_widen_intrinsic(lanes: int) -> str:
                 T.llvm_lookup_intrinsic_id(llvm), A[0, T.ramp(T.int32(0), 1, 2 * lanes)],
                 T.broadcast(T.int16(1), 2 * lanes), dtype=vec32)
 
-    name = f"arq_pair_widen_i16_i32x{lanes}"
-    try:
-        TensorIntrin.register(name, desc, impl)
-    except Exception:  # noqa: BLE001 - registered by an earlier import of this module
-        TensorIntrin.get(name)
-    _REGISTERED[key] = name
-    return name
+    return _register(key, f"arq_pair_widen_i16_i32x{lanes}", desc, impl)
 
 
 def _neon_intrin_funcs(kernel: Kernel, lanes: int):
