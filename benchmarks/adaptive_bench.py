@@ -32,18 +32,6 @@ import numpy as np
 RADII = (0.25, 0.5, 0.75, 1.0)
 
 
-class Counted:
-    """A runner's `counts` with every model evaluation counted."""
-
-    def __init__(self, runner):
-        self.runner, self.evaluations = runner, 0
-        self.name, self.input_shape, self.num_classes = runner.name, runner.input_shape, runner.num_classes
-
-    def counts(self, x, num, sigma, seed, purpose="estimation"):
-        self.evaluations += int(num)
-        return self.runner.counts(x, num, sigma, seed, purpose)
-
-
 def summary(certs, evaluations, seconds, sequential_radii=None) -> dict:
     from arq_deploy.certify.stats import summarize
 
@@ -74,14 +62,14 @@ def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
     from arq_deploy.export.pipeline import load
     from arq_deploy.export.qdq import float_onnx, save_onnx
     from arq_deploy.runtime.noise import input_seed
-    from arq_deploy.runtime.runners import OrtRunner
+    from arq_deploy.runtime.runners import CountingRunner, OrtRunner
 
     name = f"resnet20-gauss{sigma:.2f}"
     lm = load("resnet20", str(shared / "models" / f"{name}.pt"))
     lm.model.eval()
     onnx_path = tmp / f"{name}.onnx"
     save_onnx(float_onnx(lm.model, lm.input_shape), onnx_path)
-    counted = Counted(OrtRunner(onnx_path, batch_size=args.batch_size))
+    counted = CountingRunner(OrtRunner(onnx_path, batch_size=args.batch_size))
     smooth = Smooth(counted, 10, sigma, batch_size=args.batch_size)
     schedule = look_schedule(args.alpha, args.n, args.first_n)
     top = max_radius(sigma, schedule)

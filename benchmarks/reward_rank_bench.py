@@ -35,22 +35,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Counted:
-    """A runner with every model evaluation counted (plain calls and the runner's own `counts` sampling)."""
-
-    def __init__(self, runner):
-        self.runner, self.evaluations = runner, 0
-        self.name, self.input_shape, self.num_classes = runner.name, runner.input_shape, runner.num_classes
-
-    def __call__(self, x):
-        self.evaluations += len(x)
-        return self.runner(x)
-
-    def counts(self, x, num, sigma, seed, purpose="estimation"):
-        self.evaluations += int(num)
-        return self.runner.counts(x, num, sigma, seed, purpose)
-
-
 def random_policies(names, count: int, seed: int):
     from arq_deploy.core.policy import QuantPolicy
 
@@ -86,6 +70,7 @@ def main(argv=None):
     from arq_deploy.core.fileio import write_json
     from arq_deploy.core.host import host_info
     from arq_deploy.export.pipeline import load
+    from arq_deploy.runtime.runners import CountingRunner
     from arq_deploy.search.reward import RewardConfig, RewardEvaluator
 
     torch.set_num_threads(2)
@@ -121,7 +106,7 @@ def main(argv=None):
     build_seconds = []
     for p, policy in enumerate(policies):
         t = time.perf_counter()
-        counted = Counted(first.quantized_runner(policy))
+        counted = CountingRunner(first.quantized_runner(policy))
         build_seconds.append(time.perf_counter() - t)
         for key, ev in evs.items():
             before, t = counted.evaluations, time.perf_counter()

@@ -9,6 +9,7 @@ from scipy.stats import norm
 
 from arq_deploy.core.errors import PolicyError
 from arq_deploy.core.policy import QuantPolicy
+from arq_deploy.runtime.runners import CountingRunner
 from arq_deploy.search.reward import RewardConfig, RewardEvaluator, adaptive_input
 
 
@@ -27,16 +28,6 @@ class Bernoulli:
         logits = np.zeros((len(xb), 3), np.float32)
         logits[np.arange(len(xb)), np.where(eps < self.cut, 1, 2)] = 1.0
         return logits
-
-
-class Counted:
-    def __init__(self, runner):
-        self.runner, self.evaluations = runner, 0
-        self.name, self.input_shape, self.num_classes = runner.name, runner.input_shape, runner.num_classes
-
-    def __call__(self, x):
-        self.evaluations += len(x)
-        return self.runner(x)
 
 
 def test_adaptive_input_stops_at_once_when_hopeless_and_never_overstates_the_radius():
@@ -76,7 +67,7 @@ def test_adaptive_reward_is_a_radius_cheaper_than_full_at_the_same_cap(rewards):
     ada, full = evs["adaptive"], evs["full"]
     got = {}
     for bits in (8, 2):
-        runner = Counted(ada.quantized_runner(QuantPolicy.uniform(bits)))
+        runner = CountingRunner(ada.quantized_runner(QuantPolicy.uniform(bits)))
         r_a, info_a = ada.score(runner)
         assert info_a["samples"] == runner.evaluations  # what the reward records is what it ran
         before = runner.evaluations

@@ -40,6 +40,26 @@ def check_input(x: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+class CountingRunner:
+    """A runner with every model evaluation counted in `evaluations`: its calls (images) and, where the runner samples
+    the noise itself (`counts`), the samples it draws. Has `counts` only where the wrapped runner has it, so `Smooth`
+    takes the same path with and without the wrapper."""
+
+    def __init__(self, runner):
+        self.runner, self.evaluations = runner, 0
+        self.name, self.input_shape, self.num_classes = runner.name, runner.input_shape, runner.num_classes
+        if callable(getattr(runner, "counts", None)):
+            self.counts = self._counts
+
+    def __call__(self, x):
+        self.evaluations += len(x)
+        return self.runner(x)
+
+    def _counts(self, x, num, sigma, seed, purpose="estimation"):
+        self.evaluations += int(num)
+        return self.runner.counts(x, num, sigma, seed, purpose)
+
+
 class SamplingMixin:
     """`counts(x, n, σ, seed, purpose)`: the runner samples the smoothing noise itself, batch by batch through its
     `_run`, with the noise made ahead in a background thread (`arq_deploy.runtime.sampling.counts_loop`)."""
