@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import platform
 import tempfile
 from pathlib import Path
@@ -47,7 +48,7 @@ from arq_deploy.targets.backends import open_runner
 from arq_deploy.targets.bench import measure
 from arq_deploy.targets.registry import get_target
 
-BACKENDS = ("auto", "onnxruntime", "tvm")
+BACKENDS = ("auto", "onnxruntime", "tvm", "tvm-int")
 PAIRS = [(w, a) for w in range(2, 9) for a in range(2, 9)]
 E2E_POLICIES = ((8, 8), (4, 8), (4, 4))
 
@@ -58,7 +59,7 @@ def pair_key(w: int, a: int) -> str:
 
 # ------------------------------------------------------------------------------------------------ checks before work
 
-def check_setup(target_name: str, backend: str = "auto", remote: str | None = None):
+def check_setup(target_name: str, backend: str = "auto", remote: str | None = None, int_kernel: str = "auto"):
     """(Target, backend) after every check that needs no model: ArqError with one line otherwise.
 
     Timing a cross-compiled (e.g. aarch64) build under qemu-user measures the emulator, not the device, so a target
@@ -74,8 +75,17 @@ def check_setup(target_name: str, backend: str = "auto", remote: str | None = No
         raise ArqError(f"target {t.name!r} is {t.host_arch}, this machine is {machine_arch()}: timing it here under "
                        f"qemu would measure the emulator, not the device; run a TVM RPC server on the device and "
                        f"pass --remote HOST:PORT")
-    if remote and backend != "tvm":
-        raise ArqError("--remote runs TVM-compiled layers on the device: use --backend tvm (or leave it to auto)")
+    if remote and backend not in ("tvm", "tvm-int"):
+        raise ArqError("--remote runs TVM-compiled layers on the device: use --backend tvm or tvm-int (or leave it to "
+                       "auto)")
+    if backend == "tvm-int" and t.kind != "cpu":
+        raise ArqError(f"--backend tvm-int: integer builds are implemented for CPU targets only, not {t.name!r}")
+    if int_kernel != "auto" and backend != "tvm-int":
+        raise ArqError("--int-kernel chooses the integer build's kernel: it needs --backend tvm-int")
+    if backend == "tvm-int":
+        from arq_deploy.targets.tvm_build import check_int_kernel
+
+        check_int_kernel(int_kernel)
     if t.kind == "gpu" and not remote:
         from arq_deploy.runtime.runners import cuda_driver_present
 
@@ -188,23 +198,47 @@ def quantized_layer_graphs(prefix, layer, x, float_graph) -> dict:
 # ------------------------------------------------------------------------------------------------ timing one graph
 
 class Timer:
-    """Times ONNX graphs on one target/backend with `arq_deploy.targets.bench.measure` (batch 1, median of `repeats`)."""
+    """Times ONNX graphs on one target/backend with `arq_deploy.targets.bench.measure` (batch 1, median of `repeats`).
 
-    def __init__(self, target, backend: str, remote: str | None, repeats: int, warmup: int, seed: int, workdir):
+    backend "tvm-int": TVM integer builds with `int_kernel`; `plan(graph)` then names the code such a build runs
+    (per conv layer its kernel and narrow chunk, `tvm_build.integer_plan`), which the graph's structure alone does not
+    tell: every width 2..8 has the same QDQ structure, but the kernel and its int16 chunk follow the (w, a) pair."""
+
+    def __init__(self, target, backend: str, remote: str | None, repeats: int, warmup: int, seed: int, workdir,
+                 int_kernel: str = "auto"):
         self.target, self.backend, self.remote = target, backend, remote
         self.repeats, self.warmup, self.seed = repeats, warmup, seed
+        self.int_kernel = int_kernel
         self.workdir = Path(workdir)
         self.count = 0
+        self.planned = 0
+
+    def plan(self, graph) -> tuple[str, str]:
+        """(key, label) of the code a build of this graph runs beyond its structure: ("", "") except for tvm-int."""
+        if self.backend != "tvm-int":
+            return "", ""
+        from arq_deploy.targets.tvm_build import integer_plan
+
+        self.planned += 1
+        path = self.workdir / f"plan{self.planned}.onnx"
+        save_onnx(graph, path)
+        report = integer_plan(path, self.target, batch_size=1, int_kernel=self.int_kernel)
+        path.unlink()
+        layers = [(c["kernel"] or "int-conv2d", c["chunk"]) for c in report["conv2d_layers"]]
+        label = ",".join(k if c is None else f"{k}/chunk{c}" for k, c in layers) or "int-matmul"
+        return json.dumps([layers, report["matmul"], report["requantized"]]), label
 
     def __call__(self, graph) -> dict:
 
         self.count += 1
         path = self.workdir / f"g{self.count}.onnx"
         save_onnx(graph, path)
-        if self.backend == "tvm":
+        if self.backend in ("tvm", "tvm-int"):
             from arq_deploy.targets.backends import compile_onnx
 
-            path = compile_onnx(path, self.target, self.workdir / f"a{self.count}", batch_size=1, single=False)
+            extra = {"integer": True, "int_kernel": self.int_kernel} if self.backend == "tvm-int" else {}
+            path = compile_onnx(path, self.target, self.workdir / f"a{self.count}", batch_size=1, single=False,
+                                **extra)
         runner, _ = open_runner(path, self.target.name, self.remote)
         try:
             t = measure(runner, 1, self.repeats, self.warmup, self.seed)
@@ -231,13 +265,13 @@ def trivial_graph():
 
 def measure_table(lm, target_name: str, backend: str = "auto", remote: str | None = None, *, repeats: int = 50,
                   warmup: int = 5, seed: int = 0, sigma: float = 0.0, end_to_end: bool = True,
-                  progress: bool = True):
+                  progress: bool = True, int_kernel: str = "auto"):
     """The `LatencyTable` of model `lm` (a `LoadedModel`) on a target (see the module docstring)."""
 
     for what, v, lo in (("--repeats", repeats, 1), ("--warmup", warmup, 0)):
         if v < lo:
             raise ArqError(f"{what} must be >= {lo}, got {v}")
-    target, backend = check_setup(target_name, backend, remote)
+    target, backend = check_setup(target_name, backend, remote, int_kernel)
     specs = extract_layer_specs(lm.model, lm.input_shape)
     if not specs:
         raise ArqError(f"model {lm.name!r} has no quantizable layers (Conv2d or Linear)")
@@ -246,7 +280,7 @@ def measure_table(lm, target_name: str, backend: str = "auto", remote: str | Non
     entries, source, variants, float_ms, shapes = {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="arq-latency-") as tmp, \
             progress_bar("latency", len(specs) + (1 + len(E2E_POLICIES) if end_to_end else 0), progress) as (bar, task):
-        timer = Timer(target, backend, remote, repeats, warmup, seed, tmp)
+        timer = Timer(target, backend, remote, repeats, warmup, seed, tmp, int_kernel)
         overhead = timer(trivial_graph())["ms"]
         for s in specs:
             bar.update(task, info=s.name)
@@ -259,7 +293,7 @@ def measure_table(lm, target_name: str, backend: str = "auto", remote: str | Non
             bar.update(task, advance=1)
         e2e = _end_to_end(lm, folded, entries, float_ms, timer, sigma, seed, bar, task) if end_to_end else None
     details = {
-        "backend": backend, "remote": remote, "batch": 1, "statistic": "median of repeats (ms)",
+        "backend": backend, "int_kernel": int_kernel if backend == "tvm-int" else None, "remote": remote, "batch": 1, "statistic": "median of repeats (ms)",
         "repeats": repeats, "warmup": warmup, "seed": seed, "calibration_sigma": sigma,
         "input_shape": list(lm.input_shape), "layer_input_shapes": shapes, "overhead_ms": overhead,
         "variants": variants, "float_ms": {n: v["ms"] for n, v in float_ms.items()}, "end_to_end": e2e,
@@ -269,15 +303,18 @@ def measure_table(lm, target_name: str, backend: str = "auto", remote: str | Non
 
 
 def _measure_layer(graphs: dict, timer) -> tuple[dict, dict, dict]:
-    """(entries, source, variants) of one layer: one measurement per distinct graph signature."""
-    by_sig: dict[str, list] = {}
+    """(entries, source, variants) of one layer: one measurement per distinct graph signature and build plan."""
+    by_sig: dict[tuple[str, str], list] = {}
+    labels: dict[tuple[str, str], str] = {}
     for pair, (g, sig) in graphs.items():
-        by_sig.setdefault(sig, []).append(pair)
+        key, plan_label = timer.plan(g)
+        by_sig.setdefault((sig, key), []).append(pair)
+        labels[(sig, key)] = plan_label
     entries, source, variants = {}, {}, {}
-    for sig, pairs in by_sig.items():
+    for (sig, key), pairs in by_sig.items():
         rep = max(pairs)  # the widest pair stands for its variant
         g = graphs[rep][0]
-        label = variant_label(g)
+        label = variant_label(g) + (f"|{labels[(sig, key)]}" if labels[(sig, key)] else "")
         if label in variants:
             label = f"{label}#{sig[:6]}"
         stats = timer(g)

@@ -544,6 +544,17 @@ def pair_chunk(w_int: np.ndarray, a_max: int) -> int:
     return 1
 
 
+def kernel_chunk(kernel: Kernel, w_int: np.ndarray, a_max: int = 255) -> int | None:
+    """A narrow kernel's int16 partial-sum chunk for this layer (`pair_chunk` words of vpmaddubsw, `narrow_chunk`
+    channels of smlal_narrow), which shapes its loops and weight layout; None for the other kernels, whose code does
+    not depend on the layer's weights."""
+    if kernel.name == "vpmaddubsw":
+        return pair_chunk(w_int, a_max)
+    if kernel.name == "smlal_narrow":
+        return narrow_chunk(w_int, a_max)
+    return None
+
+
 def packed_weights(kernel: Kernel, w_int: np.ndarray, a_max: int = 255) -> np.ndarray:
     """The weight constant `qconv2d` takes for this kernel: words (`pack_weights`) for vpdpbusd/vpmaddwd/sdot;
     O×chunks×n×KH×KW×2 words for vpmaddubsw (n = `pair_chunk` words, missing words 0; [.., j]: the word with only

@@ -36,7 +36,8 @@ int32 output. The choice is per layer (`int_kernels.choose`), from the layer's m
 
     lower_integer(mod, kernel=None) -> (mod, report)
         report: {"conv2d": n, "matmul": n, "requantized": n, "float_out": n, "conv2d_kernel": n, "kernel": name,
-                 "conv2d_kernels": {kernel name: n}, "conv2d_layers": [{"shape", "w_max", "a_max", "kernel"}, ...]}
+                 "conv2d_kernels": {kernel name: n},
+                 "conv2d_layers": [{"shape", "w_max", "a_max", "kernel", "chunk"}, ...]}
     integer_lowering_pass(report, kernel)   the same as a tvm.transform module pass
 """
 
@@ -80,7 +81,8 @@ def lower_integer(mod, func_name: str = "main", kernel=None):
         it fits, or one of its variants (smlal_narrow) where that fits first (`int_kernels.choose`, from the layer's
         weights and activation levels); report["conv2d_kernel"] counts the layers on a kernel, report["conv2d_kernels"]
         per kernel name, and report["conv2d_layers"] lists every conv in graph order with its weight shape, max |w|,
-        activation levels (a_max) and kernel (None: the plain integer conv2d). None: plain integer conv2d everywhere.
+        activation levels (a_max), kernel (None: the plain integer conv2d) and a narrow kernel's int16 partial-sum chunk
+        (`int_kernels.kernel_chunk`). kernel None: plain integer conv2d everywhere.
     The input module is not modified."""
     from tvm import relax
 
@@ -420,10 +422,9 @@ def emit_layer(bb, ly: _Layer, x_q, kernel=None, report: dict | None = None):
     if ly.kind == "conv2d" and report is not None:
         report.setdefault("conv2d_layers", []).append({
             "shape": [int(d) for d in ly.w_int.shape], "w_max": int(np.abs(ly.w_int.astype(np.int64)).max()),
-            "a_max": int(ly.a_max), "kernel": chosen.name if chosen is not None else None})
+            "a_max": int(ly.a_max), "kernel": chosen.name if chosen is not None else None,
+            "chunk": int_kernels.kernel_chunk(chosen, ly.w_int, ly.a_max) if chosen is not None else None})
     if chosen is not None:
-        from arq_deploy.targets import int_kernels
-
         a = ly.attrs
         strides, padding = [int(v) for v in a.strides], [int(v) for v in a.padding]
         acc = bb.emit_te(lambda xq, wp: int_kernels.qconv2d(xq, wp, strides, padding, chosen), x_q,

@@ -240,6 +240,31 @@ def build(mod, tvm_target: dict, *, opt_level: int = 3, schedule: str = "arq", i
     return ex, info
 
 
+def integer_plan(onnx_path: str | os.PathLike, target: str | Target = "x86", *, batch_size: int = 1,
+                 int_kernel: str = "auto") -> dict:
+    """What an integer build (`compile_onnx(..., integer=True)`) of this QDQ ONNX model would run, without building
+    it: the integer lowering's report (`int_lowering.lower_integer`: per conv layer its kernel and a narrow kernel's
+    int16 chunk). Two models with the same graph structure and the same plan compile to the same code; only their
+    constants differ (the latency table measures one of them)."""
+    import tvm
+
+    t = get_target(target) if isinstance(target, str) else target
+    check_build_options(t, batch_size, integer=True, int_kernel=int_kernel)
+    from arq_deploy.targets import int_kernels
+    from arq_deploy.targets.int_lowering import lower_integer
+
+    onnx_path = Path(onnx_path)
+    model = load_onnx(onnx_path)
+    inp, _ = io_spec(model, batch_size)
+    check_supported(model)
+    mod = import_onnx(model, inp["name"], inp["shape"], onnx_path, fold_weights=False)
+    tgt = tvm.target.Target(resolve_tvm_target(t))
+    kernel = int_kernels.select(tgt, check_int_kernel(int_kernel))
+    if kernel is None and int_kernel not in ("auto", "none"):
+        raise ArqError(f"integer kernel {int_kernel!r} needs CPU features target {t.name!r} lacks; use auto")
+    return lower_integer(mod, kernel=kernel)[1]
+
+
 def prepare(mod, tgt, opt_level: int = 3):
     """The module as `cpu_pipeline` has it right before scheduling (legalized and fused): what tuning tunes."""
     import tvm

@@ -125,3 +125,66 @@ def test_tvm_backend_table(cli, digits_model, tmp_path):
     t = LatencyTable.load(out)
     assert t.details["backend"] == "tvm" and t.details["end_to_end"] is None
     assert all(len(set(src.values())) == 3 for src in t.source.values())
+
+
+def one_conv_net():
+    """A first conv (its input has a zero point: the plain integer conv2d), a second one on ReLU outputs wide enough
+    for the narrow kernel's int16 chunks to follow the bits, then a Linear."""
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def test_integer_table_tells_the_kernels_apart(tmp_path):
+    """--backend tvm-int on the AVX2 target: the variants follow the kernel each pair's integer build runs (narrow
+    pairs on vpmaddubsw, with the int16 chunk their bits allow; W8A8 on vpmaddwd), not only the QDQ structure, and
+    a variant's label is what a real build of one of its pairs reports."""
+    import numpy as np
+    import torch
+
+    from arq_deploy.core.artifact import load_artifact
+    from arq_deploy.export.pipeline import load
+    from arq_deploy.export.qdq import float_onnx, save_onnx
+    from arq_deploy.export.quantize.quant import fold_batchnorm
+    from arq_deploy.search.latency import _wrap, layer_inputs, measure_table, quantized_layer_graphs, single_layer
+    from arq_deploy.targets.backends import compile_onnx
+
+    torch.manual_seed(0)
+    lm = load(f"{__name__}:one_conv_net", None, input_shape=(3, 16, 16))
+    t = measure_table(lm, "x86-avx2", "tvm-int", repeats=3, warmup=1, sigma=0.25, progress=False, end_to_end=False)
+    assert t.details["backend"] == "tvm-int" and t.details["int_kernel"] == "auto"
+    conv = t.details["variants"]["2"]
+    kernels = {label.split("|")[1].split("/")[0] for label in conv}
+    assert kernels == {"vpmaddubsw", "vpmaddwd"}, conv
+    src = t.source["2"]
+    assert "vpmaddwd" in src["w8a8"] and "vpmaddubsw" in src["w2a2"]
+    chunks = {int(label.split("chunk")[1]) for label in conv if "chunk" in label}
+    assert len(chunks) >= 2  # narrower pairs keep more words in one int16 sum
+    assert int(src["w2a2"].split("chunk")[1]) == max(chunks)  # the narrowest pair gets the longest chunk
+    first = t.details["variants"]["0"]
+    assert {lab.split("|")[1] for lab in first} == {"int-conv2d"} and len(first) == 3  # structure only
+    assert len(t.details["variants"]["6"]) == 3  # the Linear: int matmul at every width
+    assert t.details["measured"] == 1 + (1 + 3) + (1 + len(conv)) + (1 + 3)  # overhead; float + variants per layer
+
+    # the plan is what the build runs: compile one pair's layer graph and read its manifest
+    folded = fold_batchnorm(lm.model)
+    x = layer_inputs(folded, lm.input_shape, ["2"], sigma=0.25)["2"]
+    prefix, shape, xin, layer = single_layer(folded.get_submodule("2"), x)
+    graphs = quantized_layer_graphs(prefix, layer, xin, float_onnx(_wrap(prefix, layer), shape))
+    save_onnx(graphs[(2, 2)][0], tmp_path / "w2a2.onnx")
+    art = load_artifact(compile_onnx(tmp_path / "w2a2.onnx", "x86-avx2", tmp_path / "a", batch_size=1, single=False,
+                                     integer=True))
+    built = art.manifest["compile"]["schedule"]["integer_lowering"]["conv2d_layers"][0]
+    assert src["w2a2"].split("|")[1] == f"{built['kernel']}/chunk{built['chunk']}"
+    assert np.isfinite(list(t.entries["2"].values())).all()
+
+
+def test_integer_backend_bad_setups():
+    with pytest.raises(ArqError, match="CPU targets only"):
+        check_setup("cuda", "tvm-int")
+    with pytest.raises(ArqError, match="needs --backend tvm-int"):
+        check_setup("x86", "onnxruntime", int_kernel="vpmaddubsw")
+    with pytest.raises(ArqError, match="unknown integer kernel"):
+        check_setup("x86", "tvm-int", int_kernel="avx9000")
+    assert check_setup("x86-avx2", "tvm-int", int_kernel="vpmaddubsw")[1] == "tvm-int"

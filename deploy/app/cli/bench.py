@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from arq_deploy.app.cli.options import backend_opt, model_opts, parse_shape, remote_opt
+from arq_deploy.core.config import INT_KERNELS
 
 
 @click.command(name="bench")
@@ -37,8 +38,11 @@ def bench_cmd(artifact, target, backend, remote, batch_large, repeats, warmup, p
 @click.command(name="latency-table")
 @model_opts
 @click.option("--target", required=True, help="registered target whose per-layer latency is measured")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tvm"]), default="auto", show_default=True,
-              help="auto: onnxruntime here, TVM with --remote or for another architecture")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tvm", "tvm-int"]), default="auto",
+              show_default=True, help="auto: onnxruntime here, TVM with --remote or for another architecture; "
+                                      "tvm-int: TVM integer builds (every kernel the (w, a) pairs run on, measured)")
+@click.option("--int-kernel", type=click.Choice(list(INT_KERNELS)), default="auto", show_default=True,
+              help="with --backend tvm-int: the integer builds' kernel (as `compile --int-kernel`)")
 @click.option("--remote", default=None, metavar="HOST:PORT", help="time TVM builds on the device over TVM RPC")
 @click.option("--repeats", type=int, default=50, show_default=True, help="timed calls per graph (median)")
 @click.option("--warmup", type=int, default=5, show_default=True, help="untimed calls first")
@@ -46,18 +50,18 @@ def bench_cmd(artifact, target, backend, remote, batch_large, repeats, warmup, p
 @click.option("--no-end-to-end", "no_e2e", is_flag=True, help="skip the whole-model additivity check")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="latency table JSON to write")
-def latency_table_cmd(model_name, weights, input_shape, target, backend, remote, repeats, warmup, sigma, no_e2e, seed,
-                      out):
+def latency_table_cmd(model_name, weights, input_shape, target, backend, int_kernel, remote, repeats, warmup, sigma,
+                      no_e2e, seed, out):
     """Per-layer latency of every (w, a) pair 2..8 on a target (for `search --latency-budget-ms`)."""
     from arq_deploy.core.fileio import write_json
     from arq_deploy.export.pipeline import load
     from arq_deploy.search.latency import check_setup, measure_table
 
-    check_setup(target, backend, remote)  # before the model loads
+    check_setup(target, backend, remote, int_kernel)  # before the model loads
     lm = load(model_name or (None if weights else "digits_cnn"), weights, input_shape=parse_shape(input_shape))
     sigma = float(lm.meta.get("sigma") or 0.0) if sigma is None else sigma
     table = measure_table(lm, target, backend, remote, repeats=repeats, warmup=warmup, seed=seed, sigma=sigma,
-                          end_to_end=not no_e2e)
+                          end_to_end=not no_e2e, int_kernel=int_kernel)
     write_json(out, table.to_dict())
     d = table.details
     variants = {v for row in table.source.values() for v in row.values()}
