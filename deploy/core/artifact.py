@@ -5,6 +5,11 @@ manifest.json holds the format version, the target (name and the TVM target dict
 metadata entry of the ONNX model (policy, BOPs, normalisation, sigma, ...; JSON values parsed), the tool versions, the
 creation time and `files`: {relative path: sha256} of every other file in the directory. `load_artifact` checks all
 of it, so a runner never executes a library that differs from the one that was built and recorded.
+
+Integer builds keep their integer weights outside the library, bit-packed in `weights.bin` (`arq_deploy.core.weights`):
+the manifest's `weights` entry indexes that file (hashed like the others), and `main` takes the unpacked tensors after
+its input. Such artifacts are format version 2 (a reader of version 1 refuses them rather than calling `main` without
+its weights); all others stay version 1. `storage` gives the files' sizes (`artifact_sizes`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from arq_deploy.core.fileio import sha256_file, write_json
 from arq_deploy.core.policy import QuantPolicy
 
 FORMAT = "arq-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written: 2 when the weights are stored outside the library, else 1
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 SOURCE_ONNX = "model.onnx"
@@ -71,6 +77,24 @@ def hash_files(root: str | Path) -> dict[str, str]:
     return files
 
 
+def artifact_sizes(root: str | Path, info: dict) -> dict:
+    """Sizes in bytes of an artifact's files (all but the manifest) before its manifest is written:
+    {"artifact_bytes": all files, "runtime_bytes": what a runner loads (the libraries and the weights file),
+    "library_bytes": {library: size}, and with external weights "weights_packed_bytes" (the file) and
+    "weights_container_bytes" (the same tensors at their compiled 8-bit-or-wider types, as a library held them)}."""
+    root = Path(root)
+    sizes = {rel: (root / rel).stat().st_size for rel in hash_files(root)}
+    libs = {n: sizes[n] for n in (info.get("library", LIBRARY), info.get("library_b1")) if n and n in sizes}
+    weights = info.get("weights") or {}
+    out = {"artifact_bytes": sum(sizes.values()),
+           "runtime_bytes": sum(libs.values()) + (sizes.get(weights["file"], 0) if weights else 0),
+           "library_bytes": libs}
+    if weights:
+        out.update(weights_packed_bytes=int(weights["packed_bytes"]),
+                   weights_container_bytes=int(weights["container_bytes"]))
+    return out
+
+
 def write_manifest(out_dir: str | Path, info: dict) -> dict:
     """Write `out_dir/manifest.json` (atomically) for the files now in out_dir and return the manifest.
 
@@ -94,7 +118,7 @@ def write_manifest(out_dir: str | Path, info: dict) -> dict:
         arq.update(onnx_arq_metadata(onnx.load(str(src), load_external_data=False)))
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if info.get("weights") else 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "target": info["target"],
         "input": inp,
@@ -152,6 +176,12 @@ class Artifact:
         """The batch-1 library, when the artifact has one."""
         name = self.manifest.get("library_b1")
         return self.path / name if name else None
+
+    @property
+    def weights_path(self) -> Path | None:
+        """The bit-packed weights file (`arq_deploy.core.weights`) when the library takes its weights as parameters."""
+        w = self.manifest.get("weights")
+        return self.path / w["file"] if w else None
 
     @property
     def onnx_path(self) -> Path:
@@ -233,8 +263,9 @@ def _check_manifest(m: Any, mpath: Path) -> None:
 
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         bad(f"not an {FORMAT} manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        bad(f"format version {m.get('format_version')!r}, this arq-deploy reads version {FORMAT_VERSION}")
+    if m.get("format_version") not in READ_VERSIONS:
+        bad(f"format version {m.get('format_version')!r}, this arq-deploy reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}")
     files = m.get("files")
     if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
         bad("'files' must map relative paths to sha256 digests")
@@ -247,6 +278,15 @@ def _check_manifest(m: Any, mpath: Path) -> None:
         for name in (cuda.get(group) or {}).values():
             if name not in files:
                 bad(f"the CUDA file {name} is not among the hashed files")
+    weights = m.get("weights")
+    if weights is not None:
+        if m["format_version"] < 2:
+            bad("a version-1 manifest cannot have external weights")
+        if not isinstance(weights, dict) or weights.get("file") not in files or not isinstance(weights.get("tensors"),
+                                                                                               list):
+            bad("'weights' must name a hashed file and list its tensors")
+    elif m["format_version"] >= 2:
+        bad("a version-2 manifest must index its weights file ('weights')")
     inp = m.get("input")
     if not isinstance(inp, dict) or not isinstance(inp.get("shape"), list) or len(inp["shape"]) != 4:
         bad("'input' must give an N×C×H×W shape")
