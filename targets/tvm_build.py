@@ -64,7 +64,7 @@ TILE = {"U": 2, "F": 4}  # rows × output channels per register tile (× one vec
 def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out_dir: str | os.PathLike | None = None,
                  *, batch_size: int = DEFAULT_BATCH, opt_level: int = 3, schedule: str = "arq",
                  single: bool = True, tune_trials: int = 0, tuning_db: str | os.PathLike | None = None,
-                 integer: bool = False, int_kernel: str = "auto") -> Path:
+                 integer: bool = False, int_kernel: str = "auto", external_weights: bool = True) -> Path:
     """Compile an ONNX classifier (input N×C×H×W float32 pixels in [0, 1], output N×K logits) into an artifact.
 
     onnx_path: float or QDQ ONNX model with one 4-D input (the batch dimension symbolic, or fixed to batch_size).
@@ -87,6 +87,10 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
         kernel alone), "smlal_narrow" or "none"
         (relax integer conv2d only); see `arq_deploy.targets.int_kernels`. The manifest records the kernel and, per
         conv layer, which one ran it (schedule.integer_lowering.conv2d_layers).
+    external_weights: with integer, keep the integer weights out of the libraries: `main` takes them as parameters
+        (`arq_deploy.targets.external_weights`) and the artifact stores them bit-packed in `weights.bin`, each
+        tensor at the bits its values need (`arq_deploy.core.weights`; manifest `weights`). False: the weights stay
+        constants inside the libraries (8-bit or wider containers). The manifest's `storage` gives the sizes.
 
     Cross-compiled targets (rpi4, rpi5, jetson-*: aarch64) link with the target's cross compiler; GPU targets
     (cuda, jetson-nano, jetson-orin-nano) are built by `arq_deploy.targets.gpu_build.compile_gpu` (`schedule` does not
@@ -112,15 +116,19 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
     check_supported(model)
     mod = import_onnx(model, inp["name"], inp["shape"], onnx_path, fold_weights=not integer)
     tvm_target = resolve_tvm_target(t)
+    lifted = [] if integer and external_weights else None  # (name, array) of main's weight parameters
 
     with database_dir(tuning_db) if tuning else contextlib.nullcontext() as db:  # None: a temporary database
         ex, sched_info = build(mod, tvm_target, opt_level=opt_level, schedule=schedule, integer=integer,
-                               tune_trials=tune_trials, tuning_db=db, int_kernel=int_kernel)
+                               tune_trials=tune_trials, tuning_db=db, int_kernel=int_kernel, external_weights=lifted)
         libraries = {LIBRARY: ex}
         if single and batch_size > 1:  # batch 1: the database's records where they fit, no new trials
             one = import_onnx(model, inp["name"], [1, *inp["shape"][1:]], onnx_path, fold_weights=not integer)
+            lifted_b1 = [] if lifted is not None else None
             libraries[LIBRARY_B1] = build(one, tvm_target, opt_level=opt_level, schedule=schedule, integer=integer,
-                                          tuning_db=db, int_kernel=int_kernel)[0]
+                                          tuning_db=db, int_kernel=int_kernel, external_weights=lifted_b1)[0]
+            if lifted is not None:
+                _same_weights(lifted, lifted_b1)
     out_shape = _output_shape(mod["main"]) or out["shape"]
     compile_s = time.perf_counter() - t0
 
@@ -149,12 +157,18 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
         except Exception as e:  # compiler missing or failing: TVM raises several types
             require_cross_compiler(t)  # missing: say what to install
             raise ArqError(f"linking the library for target {t.name!r} failed: {_first_line(e)}") from None
+        if lifted:
+            from arq_deploy.core.weights import WEIGHTS_FILE, pack_tensors
+
+            data, info["weights"] = pack_tensors(lifted, WEIGHTS_FILE)
+            (tmp / WEIGHTS_FILE).write_bytes(data)
         shutil.copyfile(onnx_path, tmp / "model.onnx")
         paired = onnx_path.with_suffix(".qmodel.pt")  # export's torch model, for white-box checks (arq_deploy.app.checks)
         if paired.is_file():
             shutil.copyfile(paired, tmp / "model.qmodel.pt")
-        from arq_deploy.core.artifact import load_artifact, write_manifest
+        from arq_deploy.core.artifact import artifact_sizes, load_artifact, write_manifest
 
+        info["storage"] = artifact_sizes(tmp, info)
         write_manifest(tmp, info)
         load_artifact(tmp)  # re-hash what was written before it is published
     return out_dir
@@ -162,6 +176,15 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
 
 # --------------------------------------------------------------------------------------------------------------------
 # Relax pipeline and build
+
+
+def _same_weights(a: list, b: list) -> None:
+    """The batch-1 library must take the very weights of the main one (one weights file serves both)."""
+    import numpy as np
+
+    if len(a) != len(b) or any(x[1].dtype != y[1].dtype or x[1].shape != y[1].shape or not np.array_equal(x[1], y[1])
+                               for x, y in zip(a, b)):
+        raise ArqError("the batch-1 build lifted other weights than the main build; compile with single=False")
 
 
 def check_build_options(t: Target, batch_size: int, schedule: str = "arq", tune_trials: int = 0, tuning_db=None,
@@ -188,12 +211,16 @@ def check_build_options(t: Target, batch_size: int, schedule: str = "arq", tune_
 
 
 def build(mod, tvm_target: dict, *, opt_level: int = 3, schedule: str = "arq", integer: bool = False,
-          tune_trials: int = 0, tuning_db: str | os.PathLike | None = None, int_kernel: str = "auto"):
+          tune_trials: int = 0, tuning_db: str | os.PathLike | None = None, int_kernel: str = "auto",
+          external_weights: list | None = None):
     """tvm.compile with the CPU pipeline; returns (executable, schedule info for the manifest).
 
     integer: first rewrite QDQ conv/matmul layers into integer operators (`arq_deploy.targets.int_lowering`; the
         module must keep its weights as dequantize(constant), i.e. imported with `fold_weights=False`).
     int_kernel: the x86 SIMD conv kernel for integer builds (`compile_onnx`).
+    external_weights: with integer, a list: the lowered module's integer weight constants become parameters of
+        `main` after the input (`arq_deploy.targets.external_weights.lift_weights`) and their (name, array) pairs
+        are appended to the list, in parameter order; info["external_weights"] counts them. None: kept as constants.
     tune_trials, tuning_db: MetaSchedule-tune the fused functions the database lacks with this many trials
         (`arq_deploy.targets.tuning`), then apply the database's best records; functions without a record get the
         arq schedules. tuning_db alone (tune_trials=0) applies existing records only.
@@ -220,6 +247,12 @@ def build(mod, tvm_target: dict, *, opt_level: int = 3, schedule: str = "arq", i
                            f"({tgt.attrs.get('mcpu', 'generic')}); use --int-kernel auto")
         mod, info["integer_lowering"] = lower_integer(mod, kernel=kernel)
         info["int_kernel"] = kernel.to_json() if kernel is not None else None
+        if external_weights is not None:
+            from arq_deploy.targets.external_weights import lift_weights
+
+            mod, lifted = lift_weights(mod)
+            external_weights.extend(lifted)
+            info["external_weights"] = len(lifted)
     database = None
     if tuning_db is not None:
         from arq_deploy.targets import tuning
