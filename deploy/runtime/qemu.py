@@ -12,7 +12,8 @@ The environment (`make aarch64-env`, in `.aarch64/` of the repository, or wherev
 
 The aarch64 side (`qemu_worker.py`) loads TVM's runtime only (TVM_USE_RUNTIME_LIB=1, as on a device) and each
 library with `tvm.runtime.load_module` + the Relax VM; batches travel as .npy files. Every library is checked against
-the artifact's sha256 before it is loaded. Emulation is slow (tens of times slower than native), so this checks
+the artifact's sha256 before it is loaded; an integer build's bit-packed weights (`weights.bin`) are checked and
+unpacked here and handed to the worker once, as an .npz, to pass after the input on every call. Emulation is slow (tens of times slower than native), so this checks
 correctness, never speed: timings taken under qemu say nothing about a real board.
 """
 
@@ -35,6 +36,7 @@ import numpy as np
 
 from arq_deploy.core.artifact import Artifact, load_artifact
 from arq_deploy.core.errors import ArqError, ArtifactIntegrityError
+from arq_deploy.core.weights import read_artifact_weights
 from arq_deploy.runtime.runners import SamplingMixin, _batched, check_input
 
 ENV_VAR = "ARQ_AARCH64_ENV"
@@ -117,15 +119,20 @@ class QemuWorker:
         """Ask the worker to quit, then remove its temporary files (idempotent)."""
         self._finalizer()
 
-    def load(self, library: Path, sha256: str) -> int:
-        """Load a library after checking its bytes against `sha256`; returns the handle for `run`."""
+    def load(self, library: Path, sha256: str, params: list[np.ndarray] | None = None) -> int:
+        """Load a library after checking its bytes against `sha256`; returns the handle for `run`. params: the
+        tensors `main` takes after its input (an artifact's unpacked external weights), passed on every run."""
         data = Path(library).read_bytes()
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ArtifactIntegrityError(f"{library} does not match its sha256 in the manifest (modified or corrupt)")
         k = next(self._ids)
         private = self._dir / f"lib{k}-{Path(library).name}"  # a private copy: the bytes checked are the bytes loaded
         private.write_bytes(data)
-        self._request({"op": "load", "id": k, "path": str(private)}, f"cannot load {library} under qemu")
+        req = {"op": "load", "id": k, "path": str(private)}
+        if params:
+            req["params"] = str(self._dir / f"params{k}.npz")
+            np.savez(req["params"], *[np.ascontiguousarray(a) for a in params])
+        self._request(req, f"cannot load {library} under qemu")
         return k
 
     def run(self, handle: int, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -214,7 +221,8 @@ class QemuRunner(SamplingMixin):
         self._own = worker is None
         self.worker = worker or QemuWorker()
         rel = self.artifact.library_path.relative_to(self.artifact.path).as_posix()
-        self._handle = self.worker.load(self.artifact.library_path, self.artifact.files[rel])
+        self._handle = self.worker.load(self.artifact.library_path, self.artifact.files[rel],
+                                        read_artifact_weights(self.artifact))
         self.seconds = 0.0
 
     def close(self) -> None:

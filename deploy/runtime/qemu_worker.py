@@ -3,8 +3,9 @@ and numpy importable (it imports nothing else of arq_deploy).
 
 Protocol: one JSON request per line on stdin; one reply per line on stdout, prefixed with `@arq ` (anything else a
 library prints goes to stderr). Requests:
-    {"op": "load", "id": K, "path": LIB}          load a compiled library into a Relax VM under handle K
-    {"op": "run", "id": K, "in": X.npy, "out": Y.npy}   Y = main(X); float32 N×C×H×W in, logits out
+    {"op": "load", "id": K, "path": LIB[, "params": P.npz]}   load a compiled library into a Relax VM under handle
+        K; P.npz (arr_0, arr_1, ...): the tensors main takes after its input (external weights), kept on the device
+    {"op": "run", "id": K, "in": X.npy, "out": Y.npy}   Y = main(X, *params); float32 N×C×H×W in, logits out
     {"op": "quit"}
 Replies: {"ok": true, ...} or {"ok": false, "error": "Type: message"}. The first reply, sent once TVM is imported,
 is {"ok": true, "ready": true, "machine": ..., "tvm": ..., "import_s": ...}.
@@ -37,7 +38,7 @@ def main() -> int:
     _reply(out, {"ok": True, "ready": True, "machine": platform.machine(), "tvm": tvm.__version__,
                  "numpy": np.__version__, "python": platform.python_version(),
                  "import_s": round(time.perf_counter() - t0, 2)})
-    vms, mains = {}, {}
+    vms, mains, params = {}, {}, {}
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -50,11 +51,16 @@ def main() -> int:
             if op == "load":
                 vm = VirtualMachine(tvm.runtime.load_module(req["path"]), dev)
                 vms[req["id"]], mains[req["id"]] = vm, vm["main"]
+                params[req["id"]] = []
+                if req.get("params"):
+                    with np.load(req["params"]) as z:
+                        params[req["id"]] = [tvm.runtime.tensor(z[f"arr_{i}"], dev) for i in range(len(z.files))]
                 _reply(out, {"ok": True})
             elif op == "run":
                 x = np.load(req["in"])
                 t = time.perf_counter()
-                y = mains[req["id"]](tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), dev)).numpy()
+                y = mains[req["id"]](tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), dev),
+                                     *params[req["id"]]).numpy()
                 seconds = time.perf_counter() - t
                 np.save(req["out"], y)
                 _reply(out, {"ok": True, "seconds": round(seconds, 4), "shape": list(y.shape)})

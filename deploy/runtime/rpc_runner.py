@@ -7,7 +7,8 @@ On the device, start a server once (it needs only the `apache-tvm` wheel for the
 then, on the workstation, `RpcTvmRunner(artifact_dir, "HOST:9090")` verifies the artifact (every file against the
 sha256 in its manifest), uploads its libraries into the server's session folder, loads them there and runs the Relax
 VM on the device: inputs go over the network, the model runs on the device's CPU or GPU, logits come back. The
-artifact must have been compiled for the device's target (e.g. `arq-deploy compile m.onnx --target rpi4`).
+artifact must have been compiled for the device's target (e.g. `arq-deploy compile m.onnx --target rpi4`). An
+integer build's bit-packed weights (`weights.bin`) are unpacked here and copied into the device's memory once.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ class RpcTvmRunner(CompiledRunner):
     def close(self) -> None:
         """Drop the remote VMs and the session (the server removes the uploaded files when the session ends)."""
         self._main = self._single = None
+        self._params = []
         self._vms.clear()
         self.session = None
 

@@ -78,10 +78,15 @@ class SamplingMixin:
 class CompiledRunner(SamplingMixin):
     """What the TVM runners share: the artifact's library at its compiled batch size and its optional batch-1
     library, loaded from bytes checked against the manifest (`_load_vm(path, data)` does the loading), and batches
-    cut to the compiled size, the last one zero-padded unless at most `single_max` images run one by one."""
+    cut to the compiled size, the last one zero-padded unless at most `single_max` images run one by one. An artifact
+    with external weights (`arq_deploy.core.weights`): the weights file is checked, unpacked once and copied to the
+    device once, and every call passes the tensors after the input."""
 
     def _load_libraries(self, single_max: int | None) -> None:
+        from arq_deploy.core.weights import read_artifact_weights
+
         self._vms = []  # keep the VMs (and their libraries) alive
+        self._params = [self._tvm.runtime.tensor(a, self._dev) for a in read_artifact_weights(self.artifact) or []]
         self._main = self._load(self.artifact.library_path)
         b1 = self.artifact.library_b1_path
         self._single = self._load(b1) if b1 is not None else None
@@ -101,10 +106,10 @@ class CompiledRunner(SamplingMixin):
 
         n = len(xb)
         if n <= self.single_max and n < self.batch_size:
-            return np.concatenate([self._single(tensor(xb[i: i + 1])).numpy() for i in range(n)])
+            return np.concatenate([self._single(tensor(xb[i: i + 1]), *self._params).numpy() for i in range(n)])
         if n != self.batch_size:
             xb = np.concatenate([xb, np.zeros((self.batch_size - n, *xb.shape[1:]), np.float32)])
-        return self._main(tensor(xb)).numpy()[:n]
+        return self._main(tensor(xb), *self._params).numpy()[:n]
 
 
 def _batched(fn, x: np.ndarray, batch_size: int, num_classes: int = 0) -> np.ndarray:
