@@ -157,3 +157,25 @@ def test_tampered_artifact_is_refused_before_upload(remote, tmp_path):
         f.write(b"\0")
     with pytest.raises(ArtifactIntegrityError, match="model.so"):
         RpcTvmRunner(bad, address)
+
+
+def test_remote_runner_runs_an_integer_build_with_packed_weights(remote, digits, tmp_path):
+    """An integer build keeps its weights bit-packed in weights.bin (core/weights.py): the RPC runner unpacks them
+    here, copies them to the device once and passes them on every call; the logits equal the local runner's, and a
+    tampered weights file is refused before anything is uploaded."""
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
+
+    address, _, onnx_path = remote
+    art = compile_onnx(onnx_path, "x86", tmp_path / "int", batch_size=32, integer=True)
+    assert (art / "weights.bin").is_file()
+    x = digits[1].x(np.arange(0, 300, 6))
+    rpc = RpcTvmRunner(art, address)
+    for batch in (x, x[:3]):  # x[:3]: the batch-1 library, with the same weights
+        assert np.array_equal(rpc(batch), TvmRunner(art)(batch))
+    rpc.close()
+    data = bytearray((art / "weights.bin").read_bytes())
+    data[0] ^= 0xFF
+    (art / "weights.bin").write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError, match="weights.bin"):
+        RpcTvmRunner(art, address)

@@ -24,11 +24,39 @@ from arq_deploy.core.config import INT_KERNELS
 def compile_cmd(onnx_path, target, batch_size, out, tune_trials, tuning_db, integer, int_kernel):
     """Compile an ONNX model with TVM into an artifact directory (model library + manifest.json with hashes)."""
     from arq_deploy.app.stages import compile_stage
+    from arq_deploy.core.artifact import load_artifact
     from arq_deploy.core.config import CompileConfig
 
     cfg = CompileConfig(onnx=onnx_path, out=out, target=target, batch_size=batch_size, tune_trials=tune_trials,
                         tuning_db=tuning_db, integer=integer, int_kernel=int_kernel)
-    click.echo(f"wrote {compile_stage(cfg)}")
+    path = compile_stage(cfg)
+    click.echo(f"wrote {path}")
+    click.echo(size_summary(load_artifact(path).manifest))
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1000:,.1f} kB"
+
+
+def size_summary(manifest: dict) -> str:
+    """One line: the model's BOPs next to the artifact's sizes (manifest `storage`) and, with external weights, the
+    packed weights beside the bytes the same tensors take at their 8-bit-or-wider compiled types."""
+    arq, st = manifest.get("arq") or {}, manifest.get("storage") or {}
+    parts = []
+    if arq.get("bops") is not None:
+        frac = arq.get("bops_fraction")
+        parts.append(f"{arq.get('policy_summary') or 'model'}: BOPs {int(arq['bops']):,}"
+                     + (f" ({100 * frac:.3f}% of W32A32)" if frac is not None else ""))
+    if st:
+        libs = sum((st.get("library_bytes") or {}).values())
+        line = f"artifact {_kb(st['artifact_bytes'])}, runtime {_kb(st['runtime_bytes'])} (libraries {_kb(libs)}"
+        if "weights_packed_bytes" in st:
+            line += (f", weights {_kb(st['weights_packed_bytes'])} packed vs {_kb(st['weights_container_bytes'])} "
+                     f"at 8-bit-or-wider containers)")
+        else:
+            line += ", weights inside the libraries)"
+        parts.append(line)
+    return "; ".join(parts) or "no size information in the manifest"
 
 
 @click.command()
