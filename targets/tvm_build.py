@@ -134,6 +134,7 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
 
     info = {
         "target": {"name": t.name, "kind": t.kind, "tvm_target": tvm_target, "host_triple": t.host_triple,
+                   "cpu_features": cpu_features(tvm_target),
                    "cross_compiler": t.cross_compiler, "ort_providers": list(t.ort_providers),
                    "energy_probe": t.energy_probe},
         "input": inp,
@@ -176,6 +177,20 @@ def compile_onnx(onnx_path: str | os.PathLike, target: str | Target = "x86", out
 
 # --------------------------------------------------------------------------------------------------------------------
 # Relax pipeline and build
+
+
+def cpu_features(tvm_target: dict) -> list[str]:
+    """The SIMD features (as /proc/cpuinfo names them, `core.host.SIMD_FLAGS`) an LLVM target lets the compiled code
+    use: a CPU without one of them cannot run the library (`runtime.tvm_runner.require_native` refuses it)."""
+    import tvm
+    from tvm.target import codegen
+
+    from arq_deploy.core.host import LLVM_FEATURES
+
+    tgt = tvm.target.Target(tvm_target)
+    if tgt.kind.name != "llvm":
+        return []
+    return sorted(flag for feature, flag in LLVM_FEATURES.items() if codegen.llvm_cpu_has_features(feature, tgt))
 
 
 def _same_weights(a: list, b: list) -> None:

@@ -386,3 +386,31 @@ def test_modules_import_without_tvm():
             "sys.exit(1 if bad else 0)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_artifact_for_a_cpu_feature_this_host_lacks_is_refused_before_it_runs(models, artifacts, tmp_path, cli):
+    """The manifest records the SIMD features the build may use; a CPU without one of them gets one line, not an
+    illegal instruction. The host's own build records the host's features; a build for a CPU model with AVX-VNNI
+    (VEX-encoded, absent from Zen 3 and Zen 4) is refused here."""
+    from arq_deploy.core.artifact import load_artifact
+    from arq_deploy.core.host import cpu_model_and_flags
+    from arq_deploy.runtime.tvm_runner import TvmRunner
+    from arq_deploy.targets.backends import compile_onnx
+    from arq_deploy.targets.registry import Target, get_target
+
+    _, have = cpu_model_and_flags()
+    own = load_artifact(artifacts[0]["float"]).manifest["target"]["cpu_features"]
+    assert "avx2" in own and set(own) <= set(have)
+    if "avx_vnni" in have:
+        pytest.skip("this CPU has AVX-VNNI: a Sapphire Rapids build would run here")
+    x86 = get_target("x86")
+    # an `x86` artifact as a Sapphire Rapids machine would build it, then copied here
+    spr = Target(name="x86", description="Sapphire Rapids", host_triple=x86.host_triple,
+                 tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"})
+    art = compile_onnx(models / "float.onnx", spr, tmp_path / "spr", batch_size=BATCH, single=False)
+    assert "avx_vnni" in load_artifact(art).manifest["target"]["cpu_features"]
+    with pytest.raises(ArqError, match=r"built for a CPU with .*avx_vnni.*which this CPU lacks"):
+        TvmRunner(art)
+    rc, _, err = cli("bench", art, "--out", tmp_path / "b.json")
+    assert rc == 2 and "which this CPU lacks" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "b.json").exists()

@@ -12,7 +12,7 @@ import numpy as np
 
 from arq_deploy.core.artifact import Artifact, load_artifact
 from arq_deploy.core.errors import ArqError, DeviceUnavailableError
-from arq_deploy.core.host import machine_arch
+from arq_deploy.core.host import cpu_model_and_flags, machine_arch
 from arq_deploy.runtime.runners import CompiledRunner, _batched, check_input
 
 # runtime.config_threadpool affinity mode: worker threads may run on any of the given cores (no pinning).
@@ -28,13 +28,22 @@ def available_cores() -> list[int]:
 
 
 def require_native(artifact: Artifact) -> None:
-    """ArqError when the artifact's library was compiled for another CPU architecture than this machine's."""
+    """ArqError when the artifact's library was compiled for another CPU architecture than this machine's, or uses
+    SIMD features this CPU lacks (manifest target.cpu_features against /proc/cpuinfo): an AVX-512 VNNI build on an
+    AVX2-only CPU would otherwise die of an illegal instruction in the middle of a run."""
     arch = str(artifact.manifest["target"].get("host_triple") or "").split("-")[0]
     here = machine_arch()
     if arch and arch != here:
         raise ArqError(f"artifact {artifact.path} was cross-compiled for {arch} ({artifact.target_name!r}) and cannot "
                        f"run on this {here} machine: run it on the device (--remote HOST:PORT), or here under "
                        f"qemu-user with arq_deploy.runtime.qemu.QemuRunner (set up with `make aarch64-env`)")
+    needed = artifact.manifest["target"].get("cpu_features") or []
+    _, have = cpu_model_and_flags()
+    missing = [f for f in needed if f not in have]
+    if missing and have:  # no flags at all: /proc/cpuinfo unreadable, nothing to compare with
+        raise ArqError(f"artifact {artifact.path} was built for a CPU with {', '.join(missing)} "
+                       f"({artifact.target_name!r}, mcpu {artifact.tvm_target.get('mcpu', 'generic')}), which this "
+                       f"CPU lacks: rebuild it here (--target x86, or x86-avx2 for any AVX2 CPU)")
 
 
 class TvmRunner(CompiledRunner):
