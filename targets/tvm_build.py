@@ -4,7 +4,8 @@
 
 The batch size is compiled in (static shapes give TVM fixed loop bounds to schedule); `TvmRunner` pads the last
 partial batch, or runs a short remainder through a second, batch-1 library. The artifact holds `model.so` (batch_size),
-`model_b1.so` (batch 1), a byte copy of the source `model.onnx` and `manifest.json` (see `arq_deploy.core.artifact`).
+`model_b1.so` (batch 1), a byte copy of the source `model.onnx` and `manifest.json` (see `arq_deploy.core.artifact`);
+integer builds also `weights.bin`, their integer weights bit-packed outside the libraries (`external_weights`).
 It is built in a temporary directory next to out_dir and renamed into place at the end, so a failed build leaves
 nothing behind and never damages an existing artifact.
 
