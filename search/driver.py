@@ -48,7 +48,7 @@ def run_search(cfg: SearchRunConfig, progress: bool = True) -> dict:
             raise ArqError("give --sigma (the checkpoint does not record the noise it was trained with)")
     rcfg = RewardConfig(kind=cfg.reward_kind, sigma=sigma, images=cfg.val_images, calib_images=cfg.calib_images, n0=cfg.n0,
                         n=cfg.n, alpha=cfg.alpha, n_p=cfg.n_p, alpha_zeta=cfg.alpha_zeta, seed=cfg.seed,
-                        first_n=cfg.first_n, tolerance=cfg.tolerance)
+                        first_n=cfg.first_n, tolerance=cfg.tolerance, stop=cfg.stop)
     scfg = SearchConfig(episodes=cfg.episodes, budget=cfg.budget, latency_budget_ms=cfg.latency_budget_ms, target=cfg.target,
                         min_bits=cfg.min_bits, max_bits=cfg.max_bits, method=cfg.method, seed=cfg.seed)
     if cfg.method == "ddpg":  # replay of ~40 episodes (HAQ: 2000 transitions for ~50 layers): older episodes' rewards

@@ -26,7 +26,12 @@ summing to α, resp. α_ζ; running max/min of the bounds):
 and p̲_q,j = max(L_j, p̲_A − U_j), where p̲_A is f's CERTIFY bound (p_A − ζ_A ≤ p_q, as in IRS). The stopping time τ is
 the first look where (a) the upper direct bound is ≤ 1/2 (nothing can be certified), or (b) the radius now,
 σ·Φ⁻¹(p̲_q,j), is within `tolerance` of what the cap would give at the current rates h/n and k/n (the same rule as
-`estimate_radius`, applied to the combined bound). R_i = σ·Φ⁻¹(p̲_q,τ) if p̲_q,τ > 1/2, else 0.
+`estimate_radius`, applied to the combined bound), or, with stop = "float", (c) the radius now is within `tolerance`
+of f's own certified radius σ·Φ⁻¹(p̲_A) on x_i (f_q is already about as robust there as the float model; more samples
+could add at most `tolerance` up to f's radius, and beyond it only show f_q more robust than f: a ranking of
+quantized models, which lose robustness against f, needs little of that, and it is where the cap rule spends most
+samples on near-float policies).
+R_i = σ·Φ⁻¹(p̲_q,τ) if p̲_q,τ > 1/2, else 0.
 Soundness: c is fixed before any f_q sample (the label), so h_j and k_j are binomial counts of fixed-n prefixes of
 i.i.d. samples, and each sequence holds at every look simultaneously (union bound over the looks), hence at the
 data-dependent τ. R_i overstates the radius of the smoothed f_q only if the float bound fails (≤ α), the direct
@@ -64,7 +69,8 @@ from arq_deploy.runtime.noise import input_seed, noise_range
 from arq_deploy.runtime.runners import OrtRunner, TorchRunner
 
 KINDS = ("irs", "full", "accuracy", "adaptive")
-ADAPTIVE_FIELDS = ("first_n", "tolerance")  # in the manifest only for kind "adaptive" (old runs resume unchanged)
+ADAPTIVE_FIELDS = ("first_n", "tolerance", "stop")  # in the manifest only for kind "adaptive" (old runs resume unchanged)
+STOPS = ("cap", "float")  # the adaptive reward's stopping rule: (a)+(b), or (a)+(b)+(c) of the module docstring
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class RewardConfig:
     backend: str = "onnxruntime"  # runs f_q: its QDQ ONNX export in onnxruntime (what is deployed), or torch fake-quant
     first_n: int = 25  # "adaptive": the first look (f_q samples); later looks double up to the cap n_p
     tolerance: float = 0.05  # "adaptive": stop when the cap could add at most this much radius
+    stop: str = "cap"  # "adaptive": "float" also stops when the radius is within tolerance of f's certified radius
 
     def __post_init__(self):
         if self.backend not in ("onnxruntime", "torch"):
@@ -106,12 +113,16 @@ class RewardConfig:
         if not (isinstance(self.tolerance, (int, float)) and not isinstance(self.tolerance, bool)
                 and math.isfinite(self.tolerance) and self.tolerance > 0):
             raise PolicyError(f"tolerance must be a radius > 0, got {self.tolerance!r}")
+        if self.stop not in STOPS:
+            raise PolicyError(f"unknown stopping rule {self.stop!r}; choose one of {', '.join(STOPS)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.kind != "adaptive":  # a manifest written before the adaptive reward existed still matches
             for name in ADAPTIVE_FIELDS:
                 d.pop(name)
+        elif self.stop == "cap":  # an adaptive run from before the "float" rule resumes unchanged
+            d.pop("stop")
         return d
 
     @classmethod
@@ -329,7 +340,8 @@ def adaptive_input(runner, x: np.ndarray, label: int, float_labels: np.ndarray, 
                    seed: int) -> dict:
     """One input of the adaptive reward (module docstring): f_q on looks of IRS's noise stream (seed, "irs") up to
     cfg.n_p samples, the direct and IRS confidence sequences, and the stopping rule. float_labels: f's labels on the
-    first n_p samples of that stream; pa_lower: f's CERTIFY bound for c = label. Returns {"radius", "samples" (f_q
+    first n_p samples of that stream; pa_lower: f's CERTIFY bound for c = label (with cfg.stop = "float", its radius
+    σ·Φ⁻¹(pa_lower) is where rule (c) stops). Returns {"radius", "samples" (f_q
     forward passes made), "looks", "early" (stopped before the cap), "bound" ("direct" or "irs": the larger side)}."""
     direct = look_schedule(cfg.alpha, cfg.n_p, cfg.first_n)
     zeta = look_schedule(cfg.alpha_zeta, cfg.n_p, cfg.first_n)
@@ -341,6 +353,8 @@ def adaptive_input(runner, x: np.ndarray, label: int, float_labels: np.ndarray, 
 
     def radius_at(p: float) -> float:
         return radius(cfg.sigma, p) if p > 0.5 else 0.0
+
+    near_float = radius_at(pa_lower) - cfg.tolerance if cfg.stop == "float" else math.inf
 
     for j, look in enumerate(direct.looks):
         for start in range(n, look, cfg.batch_size):
@@ -355,7 +369,7 @@ def adaptive_input(runner, x: np.ndarray, label: int, float_labels: np.ndarray, 
         now = radius_at(max(lo, pa_lower - zeta_hi))
         at_cap = radius_at(max(direct.cap_lower(round(h / n * cap)),
                                pa_lower - zeta.bounds(last, round(k / n * cap))[1]))
-        if hi <= 0.5 or at_cap - now <= cfg.tolerance:
+        if hi <= 0.5 or at_cap - now <= cfg.tolerance or now >= near_float:
             break
     return {"radius": now, "samples": n, "looks": j + 1, "early": j < last,
             "bound": "irs" if pa_lower - zeta_hi > lo else "direct"}

@@ -28,6 +28,7 @@ EXAMPLES = [
     SearchRunConfig(model=ModelSource(weights="f.pt"), out="run", sigma=0.25, greedy_grid=(2, 4, 8), rerank_top=5),
     SearchRunConfig(model=ModelSource(weights="f.pt"), out="run", reward_kind="adaptive", n_p=400, first_n=50,
                     tolerance=0.1),
+    SearchRunConfig(model=ModelSource(weights="f.pt"), out="run", reward_kind="adaptive", stop="float"),
 ]
 
 
@@ -83,6 +84,7 @@ def test_certify_fills_the_defaults_it_ran_with():
     (lambda: SearchRunConfig(model=ModelSource(), out="r", rerank_top=-1), "--rerank-top"),
     (lambda: SearchRunConfig(model=ModelSource(), out="r", reward_kind="adaptive", n_p=20, first_n=25), "--first-n"),
     (lambda: SearchRunConfig(model=ModelSource(), out="r", reward_kind="adaptive", tolerance=-0.1), "--tolerance"),
+    (lambda: SearchRunConfig(model=ModelSource(), out="r", reward_kind="adaptive", stop="never"), "--stop"),
     (lambda: SearchRunConfig(model=ModelSource(), out="r", reward_kind="adaptive", ray_address="auto"), "--ray"),
     (lambda: CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, radii=(0.25,), adaptive=True), "--adaptive"),
     (lambda: CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, radii=(0.25, -1.0)), "--radii"),

@@ -49,6 +49,30 @@ def test_adaptive_input_stops_at_once_when_hopeless_and_never_overstates_the_rad
     assert np.mean(samples) < 800  # the tolerance stops some inputs before the cap
 
 
+def test_float_stop_stops_near_the_float_radius_and_stays_sound():
+    """stop = "float": an input whose bound is already within the tolerance of f's radius stops there, where the cap
+    rule goes on; the radius is still a lower bound (the rule only picks the look)."""
+    x, ones = np.zeros((1, 2, 2), np.float32), np.ones(800, np.int16)
+    base = {"kind": "adaptive", "sigma": 0.5, "n_p": 800, "first_n": 25, "tolerance": 0.1}
+    cap, near = RewardConfig(**base), RewardConfig(**base, stop="float")
+    # p_q = 0.995 (true radius 1.29) and f's bound 0.8 (radius 0.42): the direct bound passes f's radius early, while
+    # the cap could still add more than 0.1 of radius
+    a, b = adaptive_input(Bernoulli(0.995, 0.5), x, 1, ones, 0.8, cap, seed=4), \
+        adaptive_input(Bernoulli(0.995, 0.5), x, 1, ones, 0.8, near, seed=4)
+    f_radius = 0.5 * norm.ppf(0.8)
+    assert b["samples"] < a["samples"] and b["early"]
+    assert f_radius - 0.1 <= b["radius"] <= a["radius"]
+    # an f_q far below f on the input never stops on rule (c): the same looks as the cap rule
+    for seed in range(5):
+        r1 = adaptive_input(Bernoulli(0.7, 0.5), x, 1, ones, 0.999, cap, seed=seed)
+        r2 = adaptive_input(Bernoulli(0.7, 0.5), x, 1, ones, 0.999, near, seed=seed)
+        assert r1 == r2
+    true_r, over = 0.5 * norm.ppf(0.9), 0
+    for seed in range(150):
+        over += adaptive_input(Bernoulli(0.9, 0.5), x, 1, ones, 0.999, near, seed=seed)["radius"] > true_r
+    assert over <= 2
+
+
 @pytest.fixture(scope="module")
 def rewards(digits, digits_model, tmp_path_factory):
     lm, _ = digits_model
@@ -99,7 +123,10 @@ def test_reward_config_fields():
     assert "first_n" not in RewardConfig(kind="irs").to_dict()  # an IRS search's manifest is unchanged
     cfg = RewardConfig(kind="adaptive", n_p=400, first_n=50, tolerance=0.1)
     assert RewardConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    for bad in ({"first_n": 500}, {"first_n": 0}, {"tolerance": 0.0}, {"tolerance": float("nan")}):
+    assert "stop" not in cfg.to_dict()  # the default rule: an adaptive run's manifest from before "float" still matches
+    near = RewardConfig(kind="adaptive", n_p=400, stop="float")
+    assert near.to_dict()["stop"] == "float" and RewardConfig.from_dict(near.to_dict()) == near
+    for bad in ({"first_n": 500}, {"first_n": 0}, {"tolerance": 0.0}, {"tolerance": float("nan")}, {"stop": "never"}):
         with pytest.raises(PolicyError):
             RewardConfig(**({"kind": "adaptive", "n_p": 400} | bad))
 
@@ -109,7 +136,7 @@ def test_search_cli_runs_with_the_adaptive_reward(cli, digits_model, tmp_path):
     out = tmp_path / "run"
     rc, stdout, err = cli("search", "--weights", ckpt, "--data", "digits", "--budget", "0.02", "--warmup", "1",
                           "--val-images", "12", "--n", "100", "--n-p", "100", "--calib-images", "32", "--n0", "50",
-                          "--reward", "adaptive", "--first-n", "20", "--tolerance", "0.1", "--episodes", "2",
+                          "--reward", "adaptive", "--first-n", "20", "--tolerance", "0.1", "--stop", "float", "--episodes", "2",
                           "--method", "random", "--out", out)
     assert rc == 0, err
     assert "best reward" in stdout
@@ -120,10 +147,11 @@ def test_search_cli_runs_with_the_adaptive_reward(cli, digits_model, tmp_path):
         assert info["acr"] == pytest.approx(r["reward"]) and 0 < info["samples"] <= 12 * 100
     manifest = json.loads(Path(out, "manifest.json").read_text())
     assert manifest["reward"]["kind"] == "adaptive" and manifest["reward"]["first_n"] == 20
+    assert manifest["reward"]["stop"] == "float"
     from arq_deploy.core.config import SearchRunConfig
 
     cfg = SearchRunConfig.load(out / "search.config.json")
-    assert (cfg.reward_kind, cfg.first_n, cfg.tolerance) == ("adaptive", 20, 0.1)
+    assert (cfg.reward_kind, cfg.first_n, cfg.tolerance, cfg.stop) == ("adaptive", 20, 0.1, "float")
     rc, _, err = cli("search", "--weights", ckpt, "--data", "digits", "--reward", "adaptive", "--n-p", "10",
                      "--episodes", "1", "--out", tmp_path / "bad")
     assert rc == 2 and "--first-n" in err and "Traceback" not in err

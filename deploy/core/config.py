@@ -559,9 +559,11 @@ class SearchRunConfig(StageConfig):
     greedy_grid: tuple[int, ...] | None = None
     first_n: int = 25  # --reward adaptive: the first look of f_q samples per image (looks double up to the cap --n-p)
     tolerance: float = 0.05  # --reward adaptive: stop an image when the cap could add at most this much radius
+    stop: str = "cap"  # --reward adaptive: "float" also stops an image within --tolerance of the float model's radius
 
     METHODS: ClassVar[tuple[str, ...]] = ("ddpg", "random", "greedy")
     REWARDS: ClassVar[tuple[str, ...]] = ("irs", "full", "accuracy", "adaptive")  # search.reward.KINDS
+    STOPS: ClassVar[tuple[str, ...]] = ("cap", "float")  # search.reward.STOPS
 
     def __post_init__(self):
         _require(isinstance(self.budget, (int, float)) and 0 < self.budget <= 1,
@@ -593,6 +595,7 @@ class SearchRunConfig(StageConfig):
         _require(isinstance(self.tolerance, (int, float)) and not isinstance(self.tolerance, bool)
                  and math.isfinite(self.tolerance) and self.tolerance > 0,
                  f"--tolerance must be a radius > 0, got {self.tolerance!r}")
+        _choice("--stop", self.stop, self.STOPS)
         _require(not (self.ray_address and self.reward_kind == "adaptive"),
                  "--reward adaptive runs without --ray (its images stop at different looks; use irs or full with Ray)")
 

@@ -36,6 +36,9 @@ from arq_deploy.app.cli.options import data_opt, model_opts, model_source, parse
               help="--reward adaptive: samples of the first look per input (looks double up to --n-p)")
 @click.option("--tolerance", type=float, default=0.05, show_default=True,
               help="--reward adaptive: stop an input when the cap could add at most this much radius")
+@click.option("--stop", type=click.Choice(["cap", "float"]), default="cap", show_default=True,
+              help="--reward adaptive: float also stops an input once its radius is within --tolerance of the float "
+              "model's certified radius on it")
 @click.option("--alpha", type=float, default=0.001, show_default=True)
 @click.option("--alpha-zeta", type=float, default=0.001, show_default=True)
 @click.option("--warmup", type=int, default=20, show_default=True, help="DDPG episodes with random actions")
@@ -54,8 +57,8 @@ from arq_deploy.app.cli.options import data_opt, model_opts, model_source, parse
               help="fresh training images (outside the search's validation and calibration sets) for --rerank-top")
 def search(model_name, weights, input_shape, data, resize, center_crop, sigma, budget, latency_budget_ms, target,
            latency_table, episodes, method, reward_kind, val_images, calib_images, n0, n, n_p, first_n, tolerance,
-           alpha, alpha_zeta, warmup, min_bits, max_bits, warm_start, seed, out, ray_address, ray_workers, rerank_top,
-           rerank_images):
+           stop, alpha, alpha_zeta, warmup, min_bits, max_bits, warm_start, seed, out, ray_address, ray_workers,
+           rerank_top, rerank_images):
     """Search per-layer bit-widths under a BOPs (or latency) budget; reward: certified robustness (ARQ)."""
     from arq_deploy.app.stages import search_stage
     from arq_deploy.core.config import SearchRunConfig
@@ -67,7 +70,7 @@ def search(model_name, weights, input_shape, data, resize, center_crop, sigma, b
         method=method, reward_kind=reward_kind, val_images=val_images, calib_images=calib_images, n0=n0, n=n, n_p=n_p,
         alpha=alpha, alpha_zeta=alpha_zeta, warmup=warmup, min_bits=min_bits, max_bits=max_bits,
         warm_start=warm_start, seed=seed, ray_address=ray_address, ray_workers=ray_workers, rerank_top=rerank_top,
-        rerank_images=rerank_images, first_n=first_n, tolerance=tolerance)
+        rerank_images=rerank_images, first_n=first_n, tolerance=tolerance, stop=stop)
     summary = search_stage(cfg)
     if "rerank" in summary:
         r = summary["rerank"]
