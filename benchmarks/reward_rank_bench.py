@@ -9,20 +9,28 @@ onnxruntime, by each reward kind of `arq_deploy.search.reward`, interleaved poli
   irs        today's ARQ reward: IRS with n_p disagreement samples per image the float model certified correctly
   irs-small  the IRS reward with a small n_p (`--small-n-p`): the obvious cheap control
   adaptive-T the adaptive reward (anytime-valid confidence sequences, cap n_p, first look --first-n), tolerance T
+  adaptive-float-T  the same with stop = "float": an image also stops once its radius is within T of f's radius
+  adaptive-capC-T   the adaptive reward with a lower cap C (`--low-cap`, first look --low-cap-first-n)
 
-Reported per kind: Spearman ρ (scipy) of its rewards against the full-N rewards over the policies, mean f_q model
-evaluations per reward (counted at the runner, and as each reward records them in `samples`), seconds per reward.
-The float model's one-off cost (CERTIFY with n0 + N per image, and its labels on the IRS noise) is recorded apart: it
-is paid once per search, not per reward. Goals (issue item 4): a reward >= 3x cheaper in samples than the IRS reward
-with ρ >= 0.9 against the full-N reward.
+The IRS, small-n_p IRS and adaptive rewards all run f_q on prefixes of the same noise stream (seed, "irs"): a
+`SharedRows` runner computes each row once per policy and the others replay it, while each reward is still charged
+every row it asks for (`counted`, its cost alone; `computed` holds the rows actually run, so the seconds of a reward
+that replayed rows are not its cost alone). Reported per kind: Spearman ρ (scipy) of its rewards against the full-N
+rewards over the policies, mean f_q model evaluations per reward (counted at the runner, and as each reward records
+them in `samples`), seconds per reward. The float model's one-off cost (CERTIFY with n0 + N per image, and its labels
+on the IRS noise) is recorded apart: it is paid once per search, not per reward. Goals (issue item 4): a reward >= 3x
+cheaper in samples than the IRS reward with ρ >= 0.9 against the full-N reward.
 
     python benchmarks/reward_rank_bench.py [--images 12] [--policies 12] [--n 500] [--n-p 200]
-        [--tolerances 0.05,0.15] [--first-n 25] [--small-n-p 64] [--out benchmarks/results/reward_rank_bench.json]
+        [--tolerances 0.05,0.15] [--float-tolerances 0.1,0.15,0.2] [--first-n 25] [--small-n-p 64]
+        [--low-cap 64] [--low-cap-first-n 16] [--low-cap-tolerances 0.05,0.1,0.15]
+        [--out benchmarks/results/reward_rank_bench.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -33,6 +41,37 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class SharedRows:
+    """A runner that runs each distinct input row once per policy and answers repeats from memory (keyed by the
+    row's bytes): the IRS, small-n_p IRS and adaptive rewards all draw f_q's samples from the same noise stream (seed,
+    "irs"), so after the IRS reward the others replay prefixes of what it computed. Wrapped in a `CountingRunner`, each
+    reward is still charged every row it asks for (its cost as the only reward of a search); `computed` counts the
+    rows actually run. `counts` (CERTIFY's own sampling, the full reward) passes through uncached."""
+
+    def __init__(self, runner):
+        self.runner, self.memory, self.computed = runner, {}, 0
+        self.name, self.input_shape, self.num_classes = runner.name, runner.input_shape, runner.num_classes
+        if callable(getattr(runner, "counts", None)):
+            self.counts = self._counts
+
+    def __call__(self, x):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in x]
+        missing: dict[bytes, int] = {}  # first row of each key not in memory
+        for i, key in enumerate(keys):
+            if key not in self.memory:
+                missing.setdefault(key, i)
+        if missing:
+            logits = np.asarray(self.runner(x[list(missing.values())]))
+            self.computed += len(missing)
+            self.memory.update(zip(missing, logits))
+        return np.stack([self.memory[key] for key in keys])
+
+    def _counts(self, x, num, sigma, seed, purpose="estimation"):
+        self.computed += int(num)
+        return self.runner.counts(x, num, sigma, seed, purpose)
 
 
 def random_policies(names, count: int, seed: int):
@@ -59,10 +98,20 @@ def main(argv=None):
     ap.add_argument("--small-n-p", type=int, default=64, help="n_p of the irs-small control (0: leave it out)")
     ap.add_argument("--tolerances", default="0.05,0.15", help="adaptive rewards' radius tolerances")
     ap.add_argument("--first-n", type=int, default=25)
+    ap.add_argument("--float-tolerances", default="0.1,0.15,0.2",
+                    help="tolerances of adaptive rewards with stop = float (also stop near f's radius)")
+    ap.add_argument("--low-cap", type=int, default=64, help="cap n_p of a second adaptive family (0: leave it out)")
+    ap.add_argument("--low-cap-first-n", type=int, default=16, help="first look of the low-cap adaptive rewards")
+    ap.add_argument("--low-cap-tolerances", default="0.05,0.1,0.15")
     ap.add_argument("--calib-images", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reward_rank_bench.json"))
+    ap.add_argument("--cluster", type=float, default=0.02,
+                    help="near-float policies: full-N reward within this of the best (ρ reported apart)")
+    ap.add_argument("--rescore", default=None, help="recompute the summary of this finished JSON and exit")
     args = ap.parse_args(argv)
+    if args.rescore:
+        return rescore(args.rescore, args.cluster)
 
     import torch
 
@@ -86,15 +135,24 @@ def main(argv=None):
         kinds["irs-small"] = RewardConfig(kind="irs", **(base | {"n_p": args.small_n_p}))
     for t in (float(v) for v in args.tolerances.split(",") if v):
         kinds[f"adaptive-{t:g}"] = RewardConfig(kind="adaptive", first_n=args.first_n, tolerance=t, **base)
+    for t in (float(v) for v in args.float_tolerances.split(",") if v):
+        kinds[f"adaptive-float-{t:g}"] = RewardConfig(kind="adaptive", first_n=args.first_n, tolerance=t, stop="float",
+                                                      **base)
+    if args.low_cap:
+        for t in (float(v) for v in args.low_cap_tolerances.split(",") if v):
+            kinds[f"adaptive-cap{args.low_cap}-{t:g}"] = RewardConfig(
+                kind="adaptive", first_n=args.low_cap_first_n, tolerance=t, **(base | {"n_p": args.low_cap}))
+    settings = {key: {"kind": c.kind, "n_p": c.n_p} | ({"first_n": c.first_n, "tolerance": c.tolerance, "stop": c.stop}
+                                                       if c.kind == "adaptive" else {}) for key, c in kinds.items()}
     work = Path(tempfile.mkdtemp(prefix="reward-rank-"))
     evs, float_info = {}, {}
     t0 = time.perf_counter()
     for key, cfg in kinds.items():
         ev = RewardEvaluator(lm, train, cfg)
-        cache = work / ("small" if cfg.n_p != args.n_p else "main")
+        cache = work / f"n_p{cfg.n_p}"  # f's IRS labels per n_p; f's certificates are the same for all
         cache.mkdir(exist_ok=True)
-        if cache.name == "small" and (work / "main" / "float-cert.tsv").exists():  # same float certificates
-            shutil.copy(work / "main" / "float-cert.tsv", cache / "float-cert.tsv")
+        if cfg.n_p != args.n_p and (work / f"n_p{args.n_p}" / "float-cert.tsv").exists():
+            shutil.copy(work / f"n_p{args.n_p}" / "float-cert.tsv", cache / "float-cert.tsv")
         t = time.perf_counter()
         float_info[key] = ev.prepare(cache) | {"seconds": time.perf_counter() - t}
         evs[key] = ev
@@ -106,13 +164,15 @@ def main(argv=None):
     build_seconds = []
     for p, policy in enumerate(policies):
         t = time.perf_counter()
-        counted = CountingRunner(first.quantized_runner(policy))
+        shared = SharedRows(first.quantized_runner(policy))
+        counted = CountingRunner(shared)
         build_seconds.append(time.perf_counter() - t)
         for key, ev in evs.items():
-            before, t = counted.evaluations, time.perf_counter()
+            before, ran, t = counted.evaluations, shared.computed, time.perf_counter()
             reward, info = ev.score(counted)
             rows[key].append({"reward": reward, "samples": int(info["samples"]),
-                              "counted": counted.evaluations - before, "seconds": time.perf_counter() - t}
+                              "counted": counted.evaluations - before, "computed": shared.computed - ran,
+                              "seconds": time.perf_counter() - t}
                              | {k: info[k] for k in ("samples_per_input", "early_stops", "irs_bound_inputs")
                                 if k in info})
         print(f"policy {p + 1}/{len(policies)} ({time.perf_counter() - t0:.0f} s): "
@@ -120,8 +180,9 @@ def main(argv=None):
               file=sys.stderr, flush=True)
         if p >= 2:  # the results so far, rewritten after every policy (a run cut short still leaves its numbers)
             write_json(args.out, results(args, rows, policies[: p + 1], first.names, float_info, host, build_seconds,
-                                         time.perf_counter() - t0))
-    result = results(args, rows, policies, first.names, float_info, host, build_seconds, time.perf_counter() - t0)
+                                         time.perf_counter() - t0, settings))
+    result = results(args, rows, policies, first.names, float_info, host, build_seconds, time.perf_counter() - t0,
+                     settings)
     result["host"]["load_average_at_end"] = host_info()["load_average"]
     write_json(args.out, result)
     shutil.rmtree(work, ignore_errors=True)
@@ -129,38 +190,67 @@ def main(argv=None):
     print(f"wrote {args.out} in {result['wall_seconds']:.0f} s")
 
 
-def results(args, rows, policies, names, float_info, host, build_seconds, wall) -> dict:
-    """The JSON of the policies scored so far: per kind ρ against full, samples and seconds per reward; goals."""
-    import torch
-    from scipy.stats import spearmanr
+def summarize(rows: dict, settings: dict, cluster: float) -> dict:
+    """Per kind: ρ against full, samples and seconds per reward; the goals; and how each kind ranks the near-float
+    policies (full-N reward within `cluster` of the best one) and the others, with Pearson's r over all."""
+    from scipy.stats import pearsonr, spearmanr
 
-    full = [r["reward"] for r in rows["full"]]
+    def rho(fn, a, b):
+        return float(fn(a, b).statistic) if len(a) > 2 and np.std(a) > 0 and np.std(b) > 0 else float("nan")
+
+    full = np.array([r["reward"] for r in rows["full"]])
+    near = full >= full.max() - cluster
     summary = {}
     for key, rs in rows.items():
         rs = rs[: len(full)]
-        rewards = [r["reward"] for r in rs]
-        rho = spearmanr(rewards, full).statistic if np.std(rewards) > 0 and np.std(full) > 0 else float("nan")
-        summary[key] = {"spearman_vs_full": float(rho), "samples_per_reward": float(np.mean([r["counted"] for r in rs])),
+        rewards = np.array([r["reward"] for r in rs])
+        summary[key] = {"settings": settings[key], "spearman_vs_full": rho(spearmanr, rewards, full),
+                        "spearman_near_float": rho(spearmanr, rewards[near], full[near]),
+                        "spearman_others": rho(spearmanr, rewards[~near], full[~near]),
+                        "pearson_vs_full": rho(pearsonr, rewards, full),
+                        "samples_per_reward": float(np.mean([r["counted"] for r in rs])),
                         "recorded_samples_per_reward": float(np.mean([r["samples"] for r in rs])),
+                        "computed_per_reward": float(np.mean([r["computed"] for r in rs])),
                         "seconds_per_reward": float(np.mean([r["seconds"] for r in rs])),
                         "mean_reward": float(np.mean(rewards))}
     irs_samples = summary["irs"]["samples_per_reward"]
     for s in summary.values():
         s["cheaper_than_irs"] = irs_samples / s["samples_per_reward"] if s["samples_per_reward"] else None
-    adaptive = {k: s for k, s in summary.items() if k.startswith("adaptive")}
     goals = {k: {"cheaper_than_irs_x": s["cheaper_than_irs"], "spearman": s["spearman_vs_full"],
-                 "met": bool(s["cheaper_than_irs"] >= 3 and s["spearman_vs_full"] >= 0.9)} for k, s in adaptive.items()}
+                 "met": bool(s["cheaper_than_irs"] >= 3 and s["spearman_vs_full"] >= 0.9)}
+             for k, s in summary.items() if k not in ("full", "irs")}
+    return {"kinds": summary, "goals": goals,
+            "near_float": {"cluster": cluster, "policies": int(near.sum()),
+                           "full_reward_range": [float(full[near].min()), float(full[near].max())]}}
+
+
+def rescore(path: str, cluster: float) -> None:
+    """Recompute the summary of a finished run's JSON from its per-policy rows (no model is run)."""
+    from arq_deploy.core.fileio import write_json
+
+    d = json.loads(Path(path).read_text())
+    rows = {k: [p[k] for p in d["per_policy"]] for k in d["kinds"]}
+    d |= summarize(rows, {k: v["settings"] for k, v in d["kinds"].items()}, cluster)
+    write_json(path, d)
+
+
+def results(args, rows, policies, names, float_info, host, build_seconds, wall, settings) -> dict:
+    """The JSON of the policies scored so far: the summary (`summarize`), the scale, the host, the per-policy rows."""
+    import torch
+
     return {
         "host": dict(host), "torch_threads": torch.get_num_threads(), "runtime": "onnxruntime (QDQ graph of each policy)",
         "model": f"resnet20-gauss{args.sigma:.2f}",
-        "scale": {"images": args.images, "policies": len(policies), "policies_planned": args.policies, "n0": args.n0, "n": args.n, "n_p": args.n_p,
-                  "small_n_p": args.small_n_p, "first_n": args.first_n, "calib_images": args.calib_images,
+        "scale": {"images": args.images, "policies": len(policies), "policies_planned": args.policies, "n0": args.n0,
+                  "n": args.n, "n_p": args.n_p,
+                  "small_n_p": args.small_n_p, "first_n": args.first_n, "low_cap": args.low_cap,
+                  "low_cap_first_n": args.low_cap_first_n, "calib_images": args.calib_images,
                   "alpha": 0.001, "alpha_zeta": 0.001, "seed": args.seed,
                   "policy_sampling": "per policy floor b ~ U{2..6}; each layer's w and a bits ~ U{b..8}"},
         "float_model": {"acr": float_info["full"]["acr"], "clean_accuracy": float_info["full"]["clean_accuracy"],
                         "one_off_evaluations": {"certify": args.images * (args.n0 + args.n),
                                                 "irs_labels": args.images * args.n_p}},
-        "kinds": summary, "goals": goals,
+        **summarize(rows, settings, args.cluster),
         "per_policy": [{"bits": [[b.w_bits, b.a_bits] for b in (pol.bits(n) for n in names)],
                         **{k: rows[k][i] for k in rows}} for i, pol in enumerate(policies)],
         "policy_build_seconds_mean": float(np.mean(build_seconds)), "wall_seconds": wall,
