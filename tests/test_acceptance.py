@@ -27,6 +27,7 @@ def test_demo_fast_end_to_end(cli, tmp_path):
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow  # run by .ci/run (SLOW_TESTS); keeps `make test` near 15 minutes
 def test_resnet20_mixed_policy_onnxruntime_and_tvm_agree_with_torch(models_dir, cifar_dir, tmp_path):
     """Issue 2's acceptance: a policy with 2-, 4- and 6-bit layers exports, and onnxruntime and TVM both agree with
     the torch fake-quant model on >= 99% of the 1,000 lossless test images."""

@@ -82,6 +82,7 @@ def test_check_corruptions_on_the_onnx_export_agrees_with_torch_and_resumes(expo
     assert json.loads((out / "corruptions.json").read_text())["rows"] == res["rows"]
 
 
+@pytest.mark.slow  # run by .ci/run (SLOW_TESTS); keeps `make test` near 15 minutes
 def test_check_systematic_and_attacks_then_report(exported, cli, tmp_path):
     run = tmp_path / "run"
     rc, _, err = cli("check", "systematic", exported / "w8a8.onnx", "--data", "digits", "--max", "120", "--variations",

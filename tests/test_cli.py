@@ -161,6 +161,7 @@ def test_train_cli_qat(cli, digits_model, tmp_path):
     assert rep["policy_summary"] == "W4A6" and rep["validation"]["top1_agreement"] >= 0.99
 
 
+@pytest.mark.slow  # run by .ci/run (SLOW_TESTS); keeps `make test` near 15 minutes
 def test_certify_on_ray_matches_sequential(cli, digits_model, tmp_path):
     _, ckpt = digits_model
     rc, _, err = cli("export", "--weights", ckpt, "--bits", "W4A8", "--out", tmp_path / "m.onnx")
@@ -181,6 +182,7 @@ def test_certify_on_ray_matches_sequential(cli, digits_model, tmp_path):
                           "MODEL_PATH")
 
 
+@pytest.mark.slow  # run by .ci/run (SLOW_TESTS); keeps `make test` near 15 minutes
 def test_certify_incremental_from_float_log(cli, digits_model, tmp_path):
     """float certify -> quantized IRS from its log: the IRS path is taken, radii shrink by at most the ζ effect,
     and a cache from another model is refused without touching the output."""

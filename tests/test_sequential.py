@@ -285,6 +285,7 @@ def _rows(path):
     return [l for l in path.read_text().splitlines() if l and not l.startswith(("#", "idx"))]
 
 
+@pytest.mark.slow  # run by .ci/run (SLOW_TESTS); keeps `make test` near 15 minutes
 def test_cli_sequential_adaptive_and_errors(cli, digits_model, tmp_path):
     from test_cli import assert_one_line_error
 
