@@ -131,29 +131,60 @@ def certify() -> str:
     return text
 
 
+def _host(h: dict) -> str:
+    flags = ", ".join(h.get("isa_flags") or []) or "no ISA flags recorded"
+    return f"{h.get('cpu_model') or 'CPU model not recorded'}, {h['cpus']} CPUs ({flags}), load {h['load_average']}"
+
+
 def bops() -> str:
     d = load("bops_vs_latency.json")
-    h = d["host"]
     fp = next(m for m in d["models"] if m["name"] == "fp32")
+    peer = d["peer"]["onnxruntime"]
+    backends = ("onnxruntime", "tvm-int", "tvm-int-avx2")
     rows = []
     for m in d["models"]:
-        ti = m["tvm-int"]["images_per_s"]
-        rows.append([m["name"], f"{100 * m['bops_fraction']:.2f}", n0(m["onnxruntime"]["images_per_s"]),
-                     n0(m["tvm"]["images_per_s"]), f"{n0(ti)} ({ti / fp['tvm']['images_per_s']:.2f}×)",
-                     " / ".join(f"{m[b]['latency_p50_ms']:.2f}" for b in ("onnxruntime", "tvm", "tvm-int"))])
-    text = (source("bops_vs_latency.json", f"{h['machine']}, {h['cpus']} CPUs, Python {h['python']}; no CPU model "
-                   "recorded") + f", ResNet-20 gauss0.25, σ = {d['sigma']}, {d['rounds']} interleaved rounds, "
-            f"{d['aggregation']}:\n\n" +
-            table(["policy", "BOPs %", "onnxruntime img/s", "TVM float img/s",
-                   "TVM integer img/s (vs TVM float fp32)", "p50 ms at batch 1: onnxruntime / TVM float / TVM integer"],
-                  rows))
+        st = m.get("tvm-int-storage") or {}
+        packed = st.get("weights_packed_bytes")
+        rows.append([m["name"], f"{100 * m['bops_fraction']:.2f}"]
+                    + [f"{n0(m[b]['images_per_s'])} ({m[b]['images_per_s'] / fp[b]['images_per_s']:.2f}×)"
+                       for b in backends]
+                    + [" / ".join(f"{m[b]['latency_p50_ms']:.2f}" for b in backends),
+                       "–" if packed is None else f"{packed / 1e3:.1f}"])
+    rows.append([d["peer"]["name"], f"{100 * d['peer']['bops_fraction']:.2f}", n0(peer["images_per_s"]), "", "",
+                 f"{peer['latency_p50_ms']:.2f}", ""])
+    text = (source("bops_vs_latency.json", _host(d["host"])) + f", ResNet-20 gauss0.25, σ = {d['sigma']}, "
+            f"batch {d['batch_large']}, {d['rounds']} interleaved rounds, {d['aggregation']}:\n\n" +
+            table(["policy", "BOPs %", "onnxruntime img/s (vs fp32)", "TVM integer x86 img/s (vs TVM fp32)",
+                   "TVM integer x86-avx2 img/s (vs TVM fp32)",
+                   "p50 ms at batch 1: onnxruntime / x86 / x86-avx2", "x86 weights kB (packed)"], rows))
     rows = []
-    for b, s in d["spearman"].items():
-        rows.append([b] + [f"{s[k]['rho']:+.2f} (p = {s[k]['p_value']:.2f}, n = {s[k]['n']})"
+    for b, c in d["spearman"].items():
+        rows.append([b] + [f"{c[k]['rho']:+.2f} (p = {c[k]['p_value']:.2f}, n = {c[k]['n']})"
                            for k in ("per_image_quantized", "latency_quantized")])
     text += "\n\nSpearman's ρ between BOPs and time over the quantized policies:\n\n" + table(
-        ["backend", "ρ, ms per image at batch 256", "ρ, p50 latency at batch 1"], rows)
+        ["backend", "ρ, ms per image at the large batch", "ρ, p50 latency at batch 1"], rows)
+    rows = []
+    for b, g in d["goals"].items():
+        rows.append([b, ratio(g["W4A4_over_W8A8_throughput"]), ratio(g["W2A2_over_W8A8_throughput"]),
+                     ratio(g["W8A8_over_peer_throughput"]), ratio(g["W8A8_over_peer_batch1_speedup"]),
+                     ", ".join(g["sub8_behind_peer_throughput"]) or "none"])
+    text += "\n\nThe kernel goals, from the same run:\n\n" + table(
+        ["build", "W4A4 / W8A8 throughput", "W2A2 / W8A8 throughput", "W8A8 / peer throughput",
+         "W8A8 / peer batch-1 speed", "sub-8-bit policies at or below the peer's throughput"], rows)
     return text
+
+
+def schemes() -> str:
+    d = load("subbyte_schemes.json")
+    rows = []
+    for isa, table_ in d["schemes"].items():
+        for scheme, r in table_.items():
+            rows.append([isa, scheme, r["macs_per_step"], f"{r['ns_per_step']:.3f}", f"{r['macs_per_ns']:.0f}",
+                         ratio(r["vs_8bit_kernel"]), r["pairs"]])
+    return (source("subbyte_schemes.json", _host(d["host"])) + f", {d['rounds']} rounds of {d['steps']:,} steps, "
+            f"{d['aggregation']}:\n\n" +
+            table(["ISA", "scheme", "MACs per step", "ns per step", "MACs per ns", "vs the ISA's 8-bit kernel",
+                   "exact for"], rows))
 
 
 ARQ_ROWS = ["FP32", "W8A8", "W4A4", "best uniform (W3A3)", "HAQ", "random", "greedy", "ARQ"]
@@ -400,7 +431,7 @@ def reward_rank() -> str:
     return text
 
 
-SECTIONS = {"tvm_int8": tvm_int8, "runtime": runtime, "certify": certify, "bops": bops, "arq": arq,
+SECTIONS = {"tvm_int8": tvm_int8, "runtime": runtime, "certify": certify, "bops": bops, "schemes": schemes, "arq": arq,
             "arq_paired": paired, "irs": irs, "irs_equal_acr": equal_acr, "robustness": robustness,
             "adaptive": adaptive, "adaptive_10k": adaptive_10k, "reward_rank": reward_rank}
 
