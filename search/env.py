@@ -11,7 +11,11 @@ One episode visits the quantizable layers in execution order (`LayerSpec` list),
 After the last layer the *action wall* enforces the budget: while the policy's cost exceeds the budget, the layer with
 the largest cost contribution among those that can still lose a bit gives up one bit (the larger of its weight and
 activation widths, weights on a tie). Cost is BOPs (Σ MACs·b_w·b_a, `QuantPolicy.bops`) or, with a latency table,
-the sum of per-layer latencies on a target (`LatencyTable`). The episode's reward is `reward_fn(policy)`, given at the
+the sum of per-layer latencies on a target (`LatencyTable`). A measured latency need not fall with the bits (a
+narrower pair can run on another, slower kernel, or a wider one on a faster kernel), so with a latency cost the wall
+instead moves, while over budget, the one layer whose move to a narrower-or-equal pair saves the most time per bit
+given up, and where no narrower pair of any layer is faster, takes the table's fastest pair of every layer; the
+budget is infeasible only below that fastest policy. The episode's reward is `reward_fn(policy)`, given at the
 last step; every earlier step returns 0 (the agent spreads the final reward over the episode's transitions, as HAQ).
 
 Nothing here trains or evaluates a network: `reward_fn` does (see `arq_deploy.search.reward`).
@@ -122,9 +126,12 @@ class LatencyTable:
 
 
 class LatencyCost:
-    """cost(bits) = Σ_l latency_l(w_l, a_l) from a `LatencyTable` covering every layer and width pair used."""
+    """cost(bits) = Σ_l latency_l(w_l, a_l) from a `LatencyTable` covering every layer and width pair used.
+
+    Not monotone in the bits (`monotone` False): `action_wall` and `check_budget` search the table."""
 
     unit = "ms"
+    monotone = False
 
     def __init__(self, specs: Sequence[LayerSpec], table: LatencyTable, target: str | None = None):
         if target is not None and table.target != target:
@@ -146,13 +153,22 @@ class LatencyCost:
     def total(self, bits: Sequence[tuple[int, int]]) -> float:
         return float(sum(self.layer(i, w, a) for i, (w, a) in enumerate(bits)))
 
+    def fastest(self, min_bits: int = MIN_BITS, max_bits: int = MAX_BITS) -> list[tuple[int, int]]:
+        """Per layer its fastest pair in [min_bits, max_bits]² (the widest on a tie): the cheapest policy."""
+        pairs = [(w, a) for w in range(min_bits, max_bits + 1) for a in range(min_bits, max_bits + 1)]
+        return [min(pairs, key=lambda p, i=i: (self.layer(i, *p), -(p[0] + p[1]), -p[0]))
+                for i in range(len(self.names))]
+
 
 def action_wall(bits: Sequence[tuple[int, int]], cost, budget: float, min_bits: int = MIN_BITS
                 ) -> list[tuple[int, int]]:
     """Lower bits until cost.total(bits) <= budget, largest contributor first (see the module docstring).
 
-    Raises PolicyError when even min_bits everywhere does not fit (checked by `check_budget` before a search)."""
+    Raises PolicyError when even min_bits everywhere does not fit (checked by `check_budget` before a search).
+    A cost that is not monotone in the bits (`monotone` False: a latency table) takes `_table_wall`."""
     out = [(int(w), int(a)) for w, a in bits]
+    if not getattr(cost, "monotone", True):
+        return _table_wall(out, cost, budget, min_bits)
     while cost.total(out) > budget * (1 + 1e-12):
         candidates = [i for i, (w, a) in enumerate(out) if max(w, a) > min_bits]
         if not candidates:
@@ -164,10 +180,42 @@ def action_wall(bits: Sequence[tuple[int, int]], cost, budget: float, min_bits: 
     return out
 
 
+def _table_wall(out: list[tuple[int, int]], cost, budget: float, min_bits: int) -> list[tuple[int, int]]:
+    """The action wall for a cost that need not fall with the bits (module docstring): while over budget, move the
+    layer whose narrower-or-equal pair saves the most cost per bit given up (more bits kept, then the earlier layer,
+    on a tie); with no such saving anywhere, every layer's fastest pair (`cost.fastest`)."""
+    while cost.total(out) > budget * (1 + 1e-12):
+        best = None
+        for i, (w, a) in enumerate(out):
+            here = cost.layer(i, w, a)
+            for w2 in range(min_bits, w + 1):
+                for a2 in range(min_bits, a + 1):
+                    gain = here - cost.layer(i, w2, a2) if (w2, a2) != (w, a) else 0.0
+                    if gain > 0:
+                        score = (gain / ((w - w2) + (a - a2)), w2 + a2, -i)
+                        if best is None or score > best[0]:
+                            best = (score, i, (w2, a2))
+        if best is None:
+            fastest = cost.fastest(min_bits)
+            if cost.total(fastest) > budget * (1 + 1e-12):
+                raise PolicyError(f"the budget {budget:g} {cost.unit} cannot be met even by the fastest pair of "
+                                  f"every layer ({cost.total(fastest):g} {cost.unit})")
+            return fastest
+        out[best[1]] = best[2]
+    return out
+
+
 def check_budget(cost, budget: float, n_layers: int, min_bits: int = MIN_BITS) -> None:
-    """PolicyError, before any work, when the budget is not positive or below min_bits everywhere."""
+    """PolicyError, before any work, when the budget is not positive or below the cheapest policy: min_bits
+    everywhere, or for a cost that is not monotone in the bits, every layer's fastest pair."""
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise PolicyError(f"the budget must be a positive number, got {budget!r}")
+    if not getattr(cost, "monotone", True):
+        floor = cost.total(cost.fastest(min_bits))
+        if floor > budget * (1 + 1e-12):
+            raise PolicyError(f"infeasible budget: {budget:g} {cost.unit} is below the fastest pair of every layer "
+                              f"({floor:g} {cost.unit})")
+        return
     floor = cost.total([(min_bits, min_bits)] * n_layers)
     if floor > budget * (1 + 1e-12):
         raise PolicyError(f"infeasible budget: {budget:g} {cost.unit} is below W{min_bits}A{min_bits} on every layer "

@@ -293,7 +293,8 @@ def measure_table(lm, target_name: str, backend: str = "auto", remote: str | Non
             bar.update(task, advance=1)
         e2e = _end_to_end(lm, folded, entries, float_ms, timer, sigma, seed, bar, task) if end_to_end else None
     details = {
-        "backend": backend, "int_kernel": int_kernel if backend == "tvm-int" else None, "remote": remote, "batch": 1, "statistic": "median of repeats (ms)",
+        "backend": backend, "int_kernel": int_kernel if backend == "tvm-int" else None, "remote": remote, "batch": 1,
+        "statistic": "median of repeats (ms)",
         "repeats": repeats, "warmup": warmup, "seed": seed, "calibration_sigma": sigma,
         "input_shape": list(lm.input_shape), "layer_input_shapes": shapes, "overhead_ms": overhead,
         "variants": variants, "float_ms": {n: v["ms"] for n, v in float_ms.items()}, "end_to_end": e2e,

@@ -111,6 +111,56 @@ def test_latency_cost_needs_a_complete_table(tmp_path):
         LatencyTable.load(tmp_path / "bad.json")
 
 
+def _kernel_table() -> LatencyTable:
+    """A latency table that does not fall with the bits, as measured integer builds do: per layer W8A8 on a fast
+    8-bit kernel (1.0 ms), the pairs of 6..8 bits in all on a narrow kernel (0.9 ms at 6 bits: W3A3, W4A2, W2A4),
+    the narrowest pairs slower again (1.2 ms: W2A2), and the rest slowest (1.4 ms); layer i adds 0.1·i."""
+    def ms(i, w, a):
+        if (w, a) == (8, 8):
+            return 1.0 + 0.1 * i
+        if 6 <= w + a <= 8:
+            return 0.6 + 0.05 * (w + a) + 0.1 * i
+        return (1.2 if w + a < 6 else 1.4) + 0.1 * i
+    return LatencyTable("x86-avx2", "toy", {s.name: {f"w{w}a{a}": ms(i, w, a) for w in range(2, 9)
+                                                     for a in range(2, 9)} for i, s in enumerate(SPECS)})
+
+
+def test_latency_wall_searches_a_table_that_does_not_fall_with_the_bits():
+    c = LatencyCost(SPECS, _kernel_table())
+    w8 = c.total([(8, 8)] * 4)
+    fastest = c.fastest()
+    assert all(w + a == 6 for w, a in fastest) and c.total(fastest) == pytest.approx(w8 - 4 * 0.1)
+    check_budget(c, 0.95 * w8, 4)  # feasible: W3A3 everywhere is 0.93× W8A8, though W2A2 is slower than W8A8
+    c.monotone = True  # the BOPs rule (W2A2 everywhere is the cheapest) would refuse it
+    with pytest.raises(PolicyError, match="infeasible budget"):
+        check_budget(c, 0.95 * w8, 4)
+    c.monotone = False
+    with pytest.raises(PolicyError, match="below the fastest pair of every layer"):
+        check_budget(c, 0.99 * c.total(fastest), 4)
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        raw = [(int(b), int(b)) for b in rng.integers(2, 9, 4)]
+        budget = float(rng.uniform(c.total(fastest), w8 + 1))
+        out = action_wall(raw, c, budget)
+        assert c.total(out) <= budget * (1 + 1e-12)
+        if c.total(raw) <= budget:
+            assert out == raw
+    # from W8A8 with one layer's saving needed, the wall moves one layer to the pair that saves the most per bit
+    # given up: 6 bits in all (0.1 ms for 10 bits), not the 7-bit pairs (0.05 ms for 9)
+    out = action_wall([(8, 8)] * 4, c, w8 - 0.05)
+    moved = [(i, p) for i, p in enumerate(out) if p != (8, 8)]
+    assert len(moved) == 1 and sum(moved[0][1]) == 6 and c.total(out) <= w8 - 0.05
+
+
+def test_latency_wall_falls_back_to_the_fastest_policy_when_no_narrower_pair_is_faster():
+    # W8A8 is each layer's fastest pair: from (5, 5) no narrower pair saves anything, yet W8A8 meets the budget
+    entries = {s.name: {f"w{w}a{a}": (0.5 if (w, a) == (8, 8) else 1.0) for w in range(2, 9) for a in range(2, 9)}
+               for s in SPECS}
+    c = LatencyCost(SPECS, LatencyTable("x86", "toy", entries))
+    check_budget(c, 2.5, 4)
+    assert action_wall([(5, 5)] * 4, c, 2.5) == [(8, 8)] * 4
+
+
 def test_env_follows_the_gymnasium_api():
     from gymnasium.utils.env_checker import check_env
 
