@@ -19,8 +19,8 @@ Six kernels; `select` picks the best the target has:
   `vpmaddwd` with `vpmaddubsw` as its per-layer variant; VNNI targets keep vpdpbusd alone (64 exact MACs per
   instruction already; vpmaddubsw + vpaddw measured slower there, benchmarks/x86_narrow_bench.py), unless the
   family is named (`vpmaddubsw`: the narrow kernel per layer, else the target's exact kernel). The packed weights
-  hold each word twice, [.., j] with only pair j's bytes, so that the TE compute states the pair sums as word
-  dot products (no index arithmetic); the instruction runs on their union.
+  are the words themselves (O×chunks×n×KH×KW); the TE compute states each int16 lane j as the pair dot product of
+  bytes 2j, 2j+1 (`pair_dot`), which is what one vpmaddubsw of a broadcast weight word computes.
 * `sdot` (AArch64 dot product, FEAT_DotProd: Raspberry Pi 5's Cortex-A76, Jetson Orin's Cortex-A78AE): per int32
   lane, four s8 × s8 products summed into the accumulator, 16 multiply-adds per 128-bit instruction. uint8
   activations do not fit s8, so the pack stage stores x − 128 and the layer adds 128·Σ_{c,kh,kw} w[o] back (a
@@ -278,6 +278,19 @@ def word_dot(a, b, group: int, signed_a: bool = False):
     return ta[0] * tb[0] + ta[1] * tb[1] + ta[2] * tb[2] + ta[3] * tb[3]
 
 
+PAIR_SHIFTS = np.array([0, 16], np.int32)  # bit offset of vpmaddubsw's pair j in a word: `pair_dot`'s shift table
+
+
+def pair_dot(a, b, s):
+    """Σ over the bytes at bit offsets s and s + 8 of field(a)·field(b), unsigned bytes of a times signed bytes of b,
+    as a TIR expression; s = PAIR_SHIFTS[j] gives vpmaddubsw's int16 lane j of the int32 word lane (before
+    saturation). The shift comes from a table, not from arithmetic on j, so that j stays an index: relax's int64
+    loop variables would otherwise widen the words to int64, where `<< 24 >> 24` no longer sign-extends a byte."""
+    a0, a1 = (a >> s) & 255, (a >> (s + 8)) & 255
+    b0, b1 = ((b >> s) << 24) >> 24, ((b >> (s + 8)) << 24) >> 24
+    return a0 * b0 + a1 * b1
+
+
 def _intrin_funcs(kernel: Kernel, lanes: int):
     from tvm.script import tirx as T
 
@@ -328,35 +341,36 @@ def _intrin_funcs(kernel: Kernel, lanes: int):
 
 
 def _pair_intrin_funcs(kernel: Kernel, lanes: int):
-    """vpmaddubsw: C[i, j] += int16(word_dot(A[i], B[j], 4)) for i < lanes, j < 2: two int16 pair sums per int32
-    word of 4 u8 activations, B[j] being the weight word with only pair j's bytes (2j, 2j+1) kept, the others zero
-    (`packed_weights`). The implementation runs vpmaddubsw on the word B[0] | B[1], whose int16 lane 2i+j is the
-    sum over pair j's bytes, i.e. word_dot(A[i], B[j]) when B[0] and B[1] hold disjoint pairs, as packed. The
-    instruction saturates each pair sum to int16 and vpaddw wraps; both equal the stated int16 arithmetic where no
-    sum leaves int16, which `pair_chunk` guarantees."""
+    """vpmaddubsw: C[i, j] += int16(pair_dot(A[i], B[0], j)) for i < lanes, j < 2: two int16 pair sums per int32
+    word of 4 u8 activations times one broadcast weight word of 4 s8. The implementation is one vpmaddubsw of the
+    activation words by the broadcast weight word, whose int16 lane 2i+j is exactly that pair sum. The instruction
+    saturates each pair sum to int16 and vpaddw wraps; both equal the stated int16 arithmetic where no sum leaves
+    int16, which `pair_chunk` guarantees."""
     from tvm.script import tirx as T
 
     llvm, vec32, vec8, vec16 = kernel.llvm(lanes), f"int32x{lanes}", f"int8x{4 * lanes}", f"int16x{2 * lanes}"
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((2,), "int32", offset_factor=1),
+    def desc(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((1,), "int32", offset_factor=1),
+             S: T.Buffer((2,), "int32", offset_factor=1),
              C: T.Buffer((lanes, 2), "int16", offset_factor=1, scope="local")):
         with T.sblock("root"):
-            T.reads(C[0:lanes, 0:2], A[0:lanes], B[0:2])
+            T.reads(C[0:lanes, 0:2], A[0:lanes], S[0:2], B[0:1])  # the compute's access order
             T.writes(C[0:lanes, 0:2])
             for i, j in T.grid(lanes, 2):
                 with T.sblock("update"):
                     vi, vj = T.axis.remap("SS", [i, j])
-                    C[vi, vj] = C[vi, vj] + T.Cast("int16", word_dot(A[vi], B[vj], 4))
+                    C[vi, vj] = C[vi, vj] + T.Cast("int16", pair_dot(A[vi], B[0], S[vj]))
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((2,), "int32", offset_factor=1),
+    def impl(A: T.Buffer((lanes,), "int32", offset_factor=1), B: T.Buffer((1,), "int32", offset_factor=1),
+             S: T.Buffer((2,), "int32", offset_factor=1),
              C: T.Buffer((lanes, 2), "int16", offset_factor=1, scope="local")):
         with T.sblock("root"):
-            T.reads(C[0:lanes, 0:2], A[0:lanes], B[0:2])
+            T.reads(C[0:lanes, 0:2], A[0:lanes], S[0:2], B[0:1])  # the compute's access order
             T.writes(C[0:lanes, 0:2])
             a = T.reinterpret(A.vload([0], vec32), dtype=vec8)
-            b = T.reinterpret(T.broadcast(B[0] | B[1], lanes), dtype=vec8)
+            b = T.reinterpret(T.broadcast(B[0], lanes), dtype=vec8)
             C[0, T.ramp(T.int32(0), 1, 2 * lanes)] = C[0, T.ramp(T.int32(0), 1, 2 * lanes)] + \
                 T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm), a, b, dtype=vec16)
 
@@ -557,18 +571,16 @@ def kernel_chunk(kernel: Kernel, w_int: np.ndarray, a_max: int = 255) -> int | N
 
 def packed_weights(kernel: Kernel, w_int: np.ndarray, a_max: int = 255) -> np.ndarray:
     """The weight constant `qconv2d` takes for this kernel: words (`pack_weights`) for vpdpbusd/vpmaddwd/sdot;
-    O×chunks×n×KH×KW×2 words for vpmaddubsw (n = `pair_chunk` words, missing words 0; [.., j]: the word with only
-    pair j's bytes, 2j and 2j+1, the others 0); O×C×KH×KW int16 for smlal;
+    O×chunks×n×KH×KW words for vpmaddubsw (n = `pair_chunk` words, missing words 0); O×C×KH×KW int16 for smlal;
     O×chunks×n×KH×KW int8 for smlal_narrow (n = `narrow_chunk`, missing channels 0)."""
     if kernel.name == "vpmaddubsw":
         words = pack_weights(w_int, kernel.group)
         o, cg, kh, kw = words.shape
         n = pair_chunk(w_int, a_max)
         chunks = -(-cg // n)
-        out = np.zeros((o, chunks * n, kh, kw, 2), np.int32)
-        out[:, :cg, :, :, 0] = words & 0xFFFF  # pair 0: channels 4c, 4c+1 (bytes 0, 1)
-        out[:, :cg, :, :, 1] = words & ~0xFFFF  # pair 1: channels 4c+2, 4c+3 (bytes 2, 3)
-        return out.reshape(o, chunks, n, kh, kw, 2)
+        out = np.zeros((o, chunks * n, kh, kw), np.int32)
+        out[:, :cg] = words
+        return out.reshape(o, chunks, n, kh, kw)
     if kernel.operand == "int32":
         return pack_weights(w_int, kernel.group)
     if kernel.operand == "int16":
@@ -581,19 +593,17 @@ def packed_weights(kernel: Kernel, w_int: np.ndarray, a_max: int = 255) -> np.nd
     return w.reshape(o, chunks, n, kh, kw)
 
 
-def qconv2d(x, wp, strides, padding, kernel: Kernel):
+def qconv2d(x, wp, strides, padding, kernel: Kernel, shifts=None):
     """TE compute: uint8 NCHW x, packed weights O×CG×KH×KW (`packed_weights`) -> int32 NCHW conv2d (no zero points),
     less kernel.x_offset·Σ_{c,kh,kw} w[o] (`offset_correction`) when the kernel has an activation offset.
 
-    strides: (sh, sw); padding: (top, left, bottom, right)."""
+    strides: (sh, sw); padding: (top, left, bottom, right); shifts: vpmaddubsw's `PAIR_SHIFTS` as a tensor."""
     from tvm import te, tirx
 
     g, bits, off = kernel.group, 32 // kernel.group, kernel.x_offset
     conv_name, pack_name = block_names(kernel)
     n_, c_, h_, w_ = (int(d) for d in x.shape)
-    dims = [int(d) for d in wp.shape]  # cg_: channel words (packed), or channels (NEON: all chunks)
-    if kernel.name == "vpmaddubsw":  # O×chunks×n×KH×KW×2: the last axis is the pair
-        dims = dims[:-1]
+    dims = [int(d) for d in wp.shape]  # cg_: channel words (packed; vpmaddubsw: all chunks), or channels (NEON)
     o_, cg_, kh_, kw_ = dims[0], int(np.prod(dims[1:-2])), dims[-2], dims[-1]
     sh, sw = (int(s) for s in strides)
     pt, pl, pb, pr = (int(p) for p in padding)
@@ -632,7 +642,7 @@ def qconv2d(x, wp, strides, padding, kernel: Kernel):
     if kernel.operand != "int32":
         return _neon_conv(load, wp, (n_, o_, oh_, ow_), kernel)
     if kernel.name == "vpmaddubsw":
-        return _pair_conv(load, wp, (n_, o_, oh_, ow_), kernel)
+        return _pair_conv(load, wp, shifts, (n_, o_, oh_, ow_), kernel)
     rc, rh, rw = te.reduce_axis((0, cg_), "rc"), te.reduce_axis((0, kh_), "rh"), te.reduce_axis((0, kw_), "rw")
 
     def acc(n, o, oh, ow):
@@ -646,9 +656,9 @@ def part_name(kernel: Kernel) -> str:
     return f"{CONV_BLOCK}_{kernel.name}_part"
 
 
-def _pair_conv(load, wp, out_shape, kernel: Kernel):
+def _pair_conv(load, wp, shifts, out_shape, kernel: Kernel):
     """vpmaddubsw: per chunk of n words (4 input channels each), two int16 partial sums per output pixel,
-    part[n, ch, o, oh, ow, j] = Σ_{c<n,kh,kw} int16(word_dot(x word, w word of pair j)) (exact: `pair_chunk` keeps
+    part[n, ch, o, oh, ow, j] = Σ_{c<n,kh,kw} int16(pair_dot(x word, w word, shifts[j])) (exact: `pair_chunk` keeps
     every partial sum within int16), then acc = Σ_ch int32(part[.., 0]) + int32(part[.., 1])."""
     from tvm import te
 
@@ -657,7 +667,7 @@ def _pair_conv(load, wp, out_shape, kernel: Kernel):
     ri, rh, rw = (te.reduce_axis((0, e), nm) for e, nm in ((per, "ri"), (int(wp.shape[3]), "rh"),
                                                             (int(wp.shape[4]), "rw")))
     part = te.compute((out_shape[0], chunks, *out_shape[1:], 2), lambda n, ch, o, oh, ow, j: te.sum(
-        word_dot(load(n, ch * per + ri, oh, ow, rh, rw), wp[o, ch, ri, rh, rw, j], 4).astype("int16"),
+        pair_dot(load(n, ch * per + ri, oh, ow, rh, rw), wp[o, ch, ri, rh, rw], shifts[j]).astype("int16"),
         axis=[ri, rh, rw]), name=part_name(kernel))
     rch = te.reduce_axis((0, chunks), "rch")
     return te.compute(out_shape, lambda n, o, oh, ow: te.sum(

@@ -427,8 +427,10 @@ def emit_layer(bb, ly: _Layer, x_q, kernel=None, report: dict | None = None):
     if chosen is not None:
         a = ly.attrs
         strides, padding = [int(v) for v in a.strides], [int(v) for v in a.padding]
-        acc = bb.emit_te(lambda xq, wp: int_kernels.qconv2d(xq, wp, strides, padding, chosen), x_q,
-                         relax.const(int_kernels.packed_weights(chosen, ly.w_int, ly.a_max)),
+        args = [x_q, relax.const(int_kernels.packed_weights(chosen, ly.w_int, ly.a_max))]
+        if chosen.name == "vpmaddubsw":  # the pair shift table (`int_kernels.pair_dot`)
+            args.append(relax.const(int_kernels.PAIR_SHIFTS))
+        acc = bb.emit_te(lambda xq, wp, *sh: int_kernels.qconv2d(xq, wp, strides, padding, chosen, *sh), *args,
                          primfunc_name_hint=int_kernels.block_names(chosen)[0])
         chan = (1, -1, 1, 1)
         corr = int_kernels.offset_correction(chosen, ly.w_int)
