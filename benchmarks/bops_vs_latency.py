@@ -122,14 +122,11 @@ def calibration_images(train, count: int, sigma: float = 0.25, seed: int = 0) ->
     return (x + sigma * rng.standard_normal(x.shape, dtype=np.float32)).astype(np.float32)
 
 
-def storage(artifact) -> dict | None:
-    """The artifact's recorded sizes (manifest `storage`), else the total bytes of its files."""
+def storage(artifact) -> dict:
+    """The artifact's recorded sizes (manifest `storage`, written by every CPU build)."""
     from arq_deploy.core.artifact import load_artifact
 
-    a = load_artifact(artifact)
-    if "storage" in a.manifest:
-        return a.manifest["storage"]
-    return {"artifact_bytes": sum(f.stat().st_size for f in Path(artifact).iterdir() if f.is_file())}
+    return load_artifact(artifact).manifest["storage"]
 
 
 def runners(models: list[dict], peer: dict) -> dict[tuple[str, str], object]:

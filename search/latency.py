@@ -211,7 +211,6 @@ class Timer:
         self.int_kernel = int_kernel
         self.workdir = Path(workdir)
         self.count = 0
-        self.planned = 0
 
     def plan(self, graph) -> tuple[str, str]:
         """(key, label) of the code a build of this graph runs beyond its structure: ("", "") except for tvm-int."""
@@ -219,11 +218,7 @@ class Timer:
             return "", ""
         from arq_deploy.targets.tvm_build import integer_plan
 
-        self.planned += 1
-        path = self.workdir / f"plan{self.planned}.onnx"
-        save_onnx(graph, path)
-        report = integer_plan(path, self.target, batch_size=1, int_kernel=self.int_kernel)
-        path.unlink()
+        report = integer_plan(graph, self.target, batch_size=1, int_kernel=self.int_kernel)
         layers = [(c["kernel"] or "int-conv2d", c["chunk"]) for c in report["conv2d_layers"]]
         label = ",".join(k if c is None else f"{k}/chunk{c}" for k, c in layers) or "int-matmul"
         return json.dumps([layers, report["matmul"], report["requantized"]]), label

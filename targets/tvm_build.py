@@ -254,13 +254,9 @@ def build(mod, tvm_target: dict, *, opt_level: int = 3, schedule: str = "arq", i
     info: dict = {"name": schedule, "vector_lanes_f32": lanes}
     kernel = None
     if integer:
-        from arq_deploy.targets import int_kernels
         from arq_deploy.targets.int_lowering import lower_integer
 
-        kernel = int_kernels.select(tgt, check_int_kernel(int_kernel))
-        if kernel is None and int_kernel not in ("auto", "none"):
-            raise ArqError(f"integer kernel {int_kernel!r} needs CPU features this target lacks "
-                           f"({tgt.attrs.get('mcpu', 'generic')}); use --int-kernel auto")
+        kernel = integer_kernel(tgt, int_kernel)
         mod, info["integer_lowering"] = lower_integer(mod, kernel=kernel)
         info["int_kernel"] = kernel.to_json() if kernel is not None else None
         if external_weights is not None:
@@ -289,29 +285,36 @@ def build(mod, tvm_target: dict, *, opt_level: int = 3, schedule: str = "arq", i
     return ex, info
 
 
-def integer_plan(onnx_path: str | os.PathLike, target: str | Target = "x86", *, batch_size: int = 1,
-                 int_kernel: str = "auto") -> dict:
-    """What an integer build (`compile_onnx(..., integer=True)`) of this QDQ ONNX model would run, without building
-    it: the integer lowering's report (`int_lowering.lower_integer`: per conv layer its kernel and a narrow kernel's
-    int16 chunk). Two models with the same graph structure and the same plan compile to the same code; only their
-    constants differ (the latency table measures one of them)."""
+def integer_kernel(tgt, int_kernel: str = "auto"):
+    """The integer conv kernel (`int_kernels.select`) of an integer build for TVM target tgt; ArqError when a kernel
+    named explicitly needs CPU features the target lacks."""
+    from arq_deploy.targets import int_kernels
+
+    kernel = int_kernels.select(tgt, check_int_kernel(int_kernel))
+    if kernel is None and int_kernel not in ("auto", "none"):
+        raise ArqError(f"integer kernel {int_kernel!r} needs CPU features this target lacks "
+                       f"({tgt.attrs.get('mcpu', 'generic')}); use --int-kernel auto")
+    return kernel
+
+
+def integer_plan(model, target: str | Target = "x86", *, batch_size: int = 1, int_kernel: str = "auto") -> dict:
+    """What an integer build (`compile_onnx(..., integer=True)`) of this QDQ ONNX model (a path or a ModelProto)
+    would run, without building it: the integer lowering's report (`int_lowering.lower_integer`: per conv layer its
+    kernel and a narrow kernel's int16 chunk). Two models with the same graph structure and the same plan compile to
+    the same code; only their constants differ (the latency table measures one of them)."""
     import tvm
+
+    from arq_deploy.targets.int_lowering import lower_integer
 
     t = get_target(target) if isinstance(target, str) else target
     check_build_options(t, batch_size, integer=True, int_kernel=int_kernel)
-    from arq_deploy.targets import int_kernels
-    from arq_deploy.targets.int_lowering import lower_integer
-
-    onnx_path = Path(onnx_path)
-    model = load_onnx(onnx_path)
+    path = Path(model) if isinstance(model, (str, os.PathLike)) else Path(f"{model.graph.name or 'model'}.onnx")
+    if isinstance(model, (str, os.PathLike)):
+        model = load_onnx(path)
     inp, _ = io_spec(model, batch_size)
     check_supported(model)
-    mod = import_onnx(model, inp["name"], inp["shape"], onnx_path, fold_weights=False)
-    tgt = tvm.target.Target(resolve_tvm_target(t))
-    kernel = int_kernels.select(tgt, check_int_kernel(int_kernel))
-    if kernel is None and int_kernel not in ("auto", "none"):
-        raise ArqError(f"integer kernel {int_kernel!r} needs CPU features target {t.name!r} lacks; use auto")
-    return lower_integer(mod, kernel=kernel)[1]
+    mod = import_onnx(model, inp["name"], inp["shape"], path, fold_weights=False)
+    return lower_integer(mod, kernel=integer_kernel(tvm.target.Target(resolve_tvm_target(t)), int_kernel))[1]
 
 
 def prepare(mod, tgt, opt_level: int = 3):

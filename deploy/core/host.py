@@ -18,14 +18,11 @@ def host_cores() -> int:
     return os.cpu_count() or 1
 
 
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi", "avx512_vpopcntdq",
-              "avx_vnni", "asimd", "asimddp", "i8mm", "sve")
-
-
-# LLVM's feature names for SIMD_FLAGS (what a compiled library may use) -> the /proc/cpuinfo flag
+# the SIMD features that decide the kernels: LLVM's name (what a compiled library may use) -> the /proc/cpuinfo flag
 LLVM_FEATURES = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl",
                  "avx512vnni": "avx512_vnni", "avx512vbmi": "avx512vbmi", "avx512vpopcntdq": "avx512_vpopcntdq",
                  "avxvnni": "avx_vnni", "neon": "asimd", "dotprod": "asimddp", "i8mm": "i8mm", "sve": "sve"}
+SIMD_FLAGS = tuple(LLVM_FEATURES.values())
 
 
 def cpu_model_and_flags() -> tuple[str | None, list[str]]:
