@@ -155,3 +155,39 @@ def test_onnx_for_a_device_target_is_refused_here(digits_builds):
     if gpu_here and not cuda_driver_present():
         with pytest.raises(ArqError, match="NVIDIA GPU"):
             bench_artifact(digits_builds[0], gpu_here[0].name, repeats=2)
+
+
+def test_measure_isolated_times_each_runtime_in_its_own_process(digits_builds):
+    """The study's timings: an ONNX file (onnxruntime) and a TVM artifact, each timed in a fresh process that runs
+    the given plan; this process starts no runtime thread for them."""
+    import threading
+    from pathlib import Path
+
+    from arq_deploy.targets.isolated import measure_isolated
+
+    onnx_path, art = digits_builds
+    before = len(list(Path("/proc/self/task").iterdir())), threading.active_count()
+    for model, target in ((onnx_path, "x86"), (art, None)):
+        t1, tb = measure_isolated(model, target, [(1, 12, 2), (48, 3, 1)], seed=1)
+        assert (t1.batch, t1.repeats, tb.batch, tb.repeats) == (1, 12, 48, 3)
+        for t in (t1, tb):
+            assert 0 < t.min_ms <= t.p50_ms <= t.p90_ms <= t.p99_ms
+            assert t.images_per_s == pytest.approx(t.batch / (t.p50_ms / 1e3), rel=1e-6)
+    assert (len(list(Path("/proc/self/task").iterdir())), threading.active_count()) == before
+
+
+def test_measure_isolated_bad_input(digits_builds, tmp_path):
+    from arq_deploy.targets.isolated import measure_isolated
+
+    onnx_path, art = digits_builds
+    with pytest.raises(ArqError, match="does not exist"):
+        measure_isolated(tmp_path / "missing.onnx")
+    with pytest.raises(ArqError, match="compiled for target 'x86'"):
+        measure_isolated(art, "x86-avx2", [(1, 2, 0)])
+    with pytest.raises(ArqError, match="measurement plan"):
+        measure_isolated(onnx_path, None, [(0, 5, 1)])
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ArqError, match="onnxruntime cannot load") as e:
+        measure_isolated(bad)
+    assert "\n" not in str(e.value)
