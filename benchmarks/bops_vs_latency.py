@@ -8,7 +8,9 @@ layers whose (w, a) pair keeps its int16 sums exact, vpmaddwd for the rest). Bes
 model (onnxruntime, and TVM float builds for both targets) and the strongest peer, onnxruntime's `quantize_static`
 int8 model of the same network (QDQ, per channel, calibrated on the same noisy images). Latency p50 at batch 1 and
 throughput at `--batch` are measured in `--rounds` interleaved rounds (every model and backend once per round, so
-that load on the machine spreads over all of them; per model the median p50 and the best throughput are kept).
+that load on the machine spreads over all of them; per model the median p50 and the best throughput are kept),
+each in a fresh process (`arq_deploy.targets.isolated`): onnxruntime's worker threads spin after a run and slowed
+a TVM build timed next in the same process about twofold at batch 1.
 BOPs = Σ MACs·w·a. For each backend: Spearman's rank correlation between BOPs and batch-1 latency and between BOPs
 and time per image at the large batch (quantized policies only, and with fp32), a scatter plot, every ratio against
 fp32 and against the peer, and each integer artifact's size (the manifest's `storage`, where the build records it).
@@ -129,29 +131,31 @@ def storage(artifact) -> dict:
     return load_artifact(artifact).manifest["storage"]
 
 
-def runners(models: list[dict], peer: dict) -> dict[tuple[str, str], object]:
-    from arq_deploy.runtime.runners import OrtRunner
-    from arq_deploy.runtime.tvm_runner import TvmRunner
-
+def runs(models: list[dict], peer: dict) -> dict[tuple[str, str], tuple[str, str]]:
+    """(model, backend) -> (ONNX file or artifact directory, target) to time."""
     out = {}
     for m in models:
-        out[(m["name"], "onnxruntime")] = OrtRunner(m["onnx"], providers=["CPUExecutionProvider"])
-        for backend in TVM_TARGETS:
-            out[(m["name"], backend)] = TvmRunner(m[backend])
-    out[(PEER, "onnxruntime")] = OrtRunner(peer["onnx"], providers=["CPUExecutionProvider"])
+        out[(m["name"], "onnxruntime")] = (str(m["onnx"]), "x86")
+        for backend, target in TVM_TARGETS.items():
+            out[(m["name"], backend)] = (str(m[backend]), target)
+    out[(PEER, "onnxruntime")] = (str(peer["onnx"]), "x86")
     return out
 
 
 def measure_all(runs: dict, args) -> dict[tuple[str, str], dict]:
-    """Interleaved rounds of bench.measure: per (model, backend) the median batch-1 p50 and the best throughput."""
-    from arq_deploy.targets.bench import measure
+    """Interleaved rounds: per (model, backend) and round, batch-1 latency and large-batch throughput timed in a
+    fresh process (`targets.isolated`: onnxruntime's spinning worker threads would otherwise slow whatever runs
+    next); per (model, backend) the median batch-1 p50 and the best throughput."""
+    from arq_deploy.targets.isolated import measure_isolated
 
+    plan = [(1, args.repeats, args.warmup), (args.batch, args.large_repeats, 1)]
     lat: dict = {k: [] for k in runs}
     thr: dict = {k: [] for k in runs}
     for r in range(args.rounds):
-        for key, runner in runs.items():
-            lat[key].append(measure(runner, 1, args.repeats, args.warmup, seed=r))
-            thr[key].append(measure(runner, args.batch, args.large_repeats, 1, seed=r))
+        for key, (path, target) in runs.items():
+            t1, tb = measure_isolated(path, target, plan, seed=r)
+            lat[key].append(t1)
+            thr[key].append(tb)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     out = {}
     for key in runs:
@@ -284,7 +288,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="arq-bops-") as d:
         models, peer = build_models(args, Path(d))
-        res = measure_all(runners(models, peer), args)
+        res = measure_all(runs(models, peer), args)
     corr = {b: {"latency_quantized": spearman(models, res, b, "latency_p50_ms", False),
                 "latency_with_fp32": spearman(models, res, b, "latency_p50_ms", True),
                 "per_image_quantized": spearman(models, res, b, "ms_per_image_large_batch", False),
@@ -311,6 +315,7 @@ def main(argv=None):
                  "(this host's ISA) and x86-avx2 (arq schedules, untuned), beside onnxruntime quantize_static int8",
         "quick": q, "batch_large": args.batch, "repeats": args.repeats, "large_repeats": args.large_repeats,
         "rounds": args.rounds, "warmup": args.warmup, "calib_images": args.calib_images, "sigma": 0.25,
+        "isolation": "every (model, backend, round) timed in a fresh process (arq_deploy.targets.isolated)",
         "aggregation": "per model: median over rounds of the batch-1 p50 (and the fastest call, latency_min_ms); "
                        "best throughput over rounds",
         "models": rows, "peer": {"name": PEER, "policy": peer["policy"], "bops_fraction": peer["bops_fraction"],

@@ -10,6 +10,7 @@ was read from and by what that file records about the machine.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -136,6 +137,10 @@ def _host(h: dict) -> str:
     return f"{h.get('cpu_model') or 'CPU model not recorded'}, {h['cpus']} CPUs ({flags}), load {h['load_average']}"
 
 
+def _spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / max(values)
+
+
 def bops() -> str:
     d = load("bops_vs_latency.json")
     fp = next(m for m in d["models"] if m["name"] == "fp32")
@@ -153,7 +158,8 @@ def bops() -> str:
     rows.append([d["peer"]["name"], f"{100 * d['peer']['bops_fraction']:.2f}", n0(peer["images_per_s"]), "", "",
                  f"{peer['latency_p50_ms']:.2f}", ""])
     text = (source("bops_vs_latency.json", _host(d["host"])) + f", ResNet-20 gauss0.25, σ = {d['sigma']}, "
-            f"batch {d['batch_large']}, {d['rounds']} interleaved rounds, {d['aggregation']}:\n\n" +
+            f"batch {d['batch_large']}, {d['rounds']} interleaved rounds"
+            + (f" ({d['isolation']})" if "isolation" in d else "") + f", {d['aggregation']}:\n\n" +
             table(["policy", "BOPs %", "onnxruntime img/s (vs fp32)", "TVM integer x86 img/s (vs TVM fp32)",
                    "TVM integer x86-avx2 img/s (vs TVM fp32)",
                    "p50 ms at batch 1: onnxruntime / x86 / x86-avx2", "x86 weights kB (packed)"], rows))
@@ -168,6 +174,10 @@ def bops() -> str:
         rows.append([b, ratio(g["W4A4_over_W8A8_throughput"]), ratio(g["W2A2_over_W8A8_throughput"]),
                      ratio(g["W8A8_over_peer_throughput"]), ratio(g["W8A8_over_peer_batch1_speedup"]),
                      ", ".join(g["sub8_behind_peer_throughput"]) or "none"])
+    spread = statistics.median(_spread(r["images_per_s_rounds"]) for r in
+                               [m[b] for m in d["models"] for b in backends] + [peer])
+    text += (f"\n\nNoise: the median over (model, backend) of the spread of throughput between rounds, (best − worst) / "
+             f"best, is {100 * spread:.0f}%.")
     text += "\n\nThe kernel goals, from the same run:\n\n" + table(
         ["build", "W4A4 / W8A8 throughput", "W2A2 / W8A8 throughput", "W8A8 / peer throughput",
          "W8A8 / peer batch-1 speed", "sub-8-bit policies at or below the peer's throughput"], rows)
