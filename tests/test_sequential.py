@@ -16,6 +16,7 @@ import pytest
 from scipy.stats import norm
 
 from arq_deploy.certify.sequential import (
+    FUTILITY_BETA,
     NOT_ROBUST,
     ROBUST,
     UNDECIDED,
@@ -33,6 +34,7 @@ from arq_deploy.certify.sequential import (
     estimate_radius,
     look_schedule,
     max_radius,
+    radii_schedule,
 )
 from arq_deploy.certify.smooth import Smooth
 from arq_deploy.certify.stats import cp_lower, rcp_lower
@@ -57,6 +59,11 @@ def test_schedule_spends_alpha_once_over_geometric_looks():
     assert s.looks == (500, 1000, 2000, 4000, 8000, 16000, 32000, 64000, 100000)
     assert s.alpha == pytest.approx(0.001) and s.alphas[-1] == pytest.approx(0.0005)
     assert look_schedule(0.01, 500, 500).looks == (500,) and look_schedule(0.01, 500, 500).alphas == (0.01,)
+    # certify --radii: looks ×1.5, a quarter of α on the cap, the rest even over the other 12 looks
+    r = radii_schedule(0.001, 100_000, 500)
+    assert r.looks[:4] == (500, 750, 1125, 1688) and r.max_n == 100_000 and len(r.looks) == 14
+    assert r.alpha == pytest.approx(0.001) and r.alphas[-1] == pytest.approx(0.00025)
+    assert r.alphas[0] == pytest.approx(0.00075 / 13)
     # the most the cap can certify: σ·Φ⁻¹ of the last look's bound with every sample on c_A, (α/2)^(1/N)
     assert max_radius(0.25, s) == pytest.approx(0.25 * norm.ppf(0.0005 ** (1 / 100_000)), rel=1e-9)
     # the sequence's bounds are Clopper-Pearson at each look's α
@@ -101,6 +108,10 @@ def test_false_robust_claims_stay_within_alpha_under_optional_stopping():
     for futility in (0.01, None):
         rate, _used = false_robust_rate(p_a, (0.25, 0.5), schedule, seed=1, futility=futility)
         assert rate <= bound, (futility, rate, bound)
+    # what certify --radii runs: its finer looks and its futility level
+    rate, _used = false_robust_rate(p_a, (0.25, 0.5), radii_schedule(ALPHA, 20_000, 100), seed=5,
+                                    futility=FUTILITY_BETA)
+    assert rate <= bound, (rate, bound)
     # the mutant: fixed-N Clopper-Pearson at α re-tested after every batch of 100, no correction for the looks
     mutant = LookSchedule(tuple(range(100, 20_001, 100)), (ALPHA,) * 200)
     mutant_rate, _ = false_robust_rate(p_a, (0.25, 0.5), mutant, seed=1, futility=None)
@@ -301,6 +312,9 @@ def test_cli_sequential_adaptive_and_errors(cli, digits_model, tmp_path):
     summary = json.loads((tmp_path / "s.summary.json").read_text())
     assert summary["meta"]["mode"] == "sequential" and set(summary["summary"]["certified_accuracy"]) == {"0", "0.1",
                                                                                                          "0.25"}
+    meta = summary["meta"]
+    assert meta["looks"] == list(radii_schedule(meta["alpha"], 2000, 200).looks) and meta["looks"][:2] == [200, 300]
+    assert meta["futility_beta"] == FUTILITY_BETA and sum(meta["look_alphas"]) == pytest.approx(meta["alpha"])
     assert summary["summary"]["certified_accuracy"]["0.25"] == sum(c.correct and c.decision_at(0.25) == ROBUST
                                                                    for c in certs) / 6
     assert cli(*seq)[0] == 0 and _rows(tmp_path / "s.tsv") == rows  # resume: nothing new, same rows

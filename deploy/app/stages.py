@@ -23,11 +23,13 @@ from arq_deploy.certify.incremental import (
 )
 from arq_deploy.certify.results import CertifyLog, certify_dataset, plot_curve, write_summary
 from arq_deploy.certify.sequential import (
+    FUTILITY_BETA,
     SequentialLog,
     certify_dataset_sequential,
     check_log_mode,
     check_radii,
     look_schedule,
+    radii_schedule,
 )
 from arq_deploy.certify.smooth import Smooth
 from arq_deploy.certify.stats import DEFAULT_RADII, summarize
@@ -141,9 +143,10 @@ def _sequential_schedule(cfg: CertifyConfig):
     cap can certify: one line and nothing written when it cannot."""
     if cfg.mode not in ("sequential", "adaptive"):
         return None
-    schedule = look_schedule(cfg.alpha, cfg.max_n, cfg.first_n)
-    if cfg.radii is not None:
-        check_radii(cfg.radii, cfg.sigma, schedule)
+    if cfg.radii is None:
+        return look_schedule(cfg.alpha, cfg.max_n, cfg.first_n)
+    schedule = radii_schedule(cfg.alpha, cfg.max_n, cfg.first_n)
+    check_radii(cfg.radii, cfg.sigma, schedule)
     return schedule
 
 
@@ -154,7 +157,7 @@ def _certify_sequential(cfg: CertifyConfig, schedule, runner, ds, meta, progress
     meta.update(mode=cfg.mode, sigma=cfg.sigma, n0=cfg.n0, alpha=cfg.alpha, seed=cfg.seed, max_n=cfg.max_n,
                 first_n=cfg.first_n, looks=list(schedule.looks))
     if cfg.radii is not None:
-        meta["radii"] = list(cfg.radii)
+        meta.update(radii=list(cfg.radii), look_alphas=list(schedule.alphas), futility_beta=FUTILITY_BETA)
     else:
         meta["tolerance"] = cfg.tolerance
     indices = list(range(0, len(ds), cfg.skip))[: cfg.max_images or None]
