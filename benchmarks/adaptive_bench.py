@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 RADII = (0.25, 0.5, 0.75, 1.0)
+MODES = ("fixed", "sequential", "adaptive")
 
 
 def summary(certs, evaluations, seconds, sequential_radii=None) -> dict:
@@ -48,15 +49,19 @@ def summary(certs, evaluations, seconds, sequential_radii=None) -> dict:
         out["decisions"] = {format(r, "g"): {d: sum(c.decision_at(r) == d for c in certs)
                                              for d in ("robust", "not-robust", "abstain")} for r in sequential_radii}
         del out["acr"]  # a step function of the requested radii, not comparable with a radius estimate
+    # per input: where the evaluations went (index, correct, evaluations, c_A hits among the estimation samples, samples)
+    out["per_input"] = [[c.idx, int(c.correct), int(e), c.count_a, c.n] for c, e in zip(certs, evaluations)]
     return out
 
 
 def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
     from arq_deploy.certify.sequential import (
+        FUTILITY_BETA,
         certify_adaptive,
         certify_sequential,
         look_schedule,
         max_radius,
+        radii_schedule,
     )
     from arq_deploy.certify.smooth import Smooth
     from arq_deploy.export.pipeline import load
@@ -71,13 +76,17 @@ def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
     save_onnx(float_onnx(lm.model, lm.input_shape), onnx_path)
     counted = CountingRunner(OrtRunner(onnx_path, batch_size=args.batch_size))
     smooth = Smooth(counted, 10, sigma, batch_size=args.batch_size)
-    schedule = look_schedule(args.alpha, args.n, args.first_n)
-    top = max_radius(sigma, schedule)
+    schedule = look_schedule(args.alpha, args.n, args.first_n)  # adaptive estimation
+    # sequential at given radii: what certify --radii runs, or the doubling grid it ran before (with β = 0.01)
+    seq_schedule = (radii_schedule(args.alpha, args.n, args.first_n) if args.sequential_grid == "radii"
+                    else schedule)
+    beta = FUTILITY_BETA if args.sequential_grid == "radii" else 0.01
+    top = max_radius(sigma, seq_schedule)
     radii = tuple(r for r in RADII if r <= top)
     step = 1000 // args.images
-    idx = np.arange(0, 1000, step)[: args.images]
+    idx = np.arange(args.offset, 1000, step)[: args.images]
     x_all, labels = test.x(idx), test.labels
-    runs = {"fixed": ([], [], 0.0), "sequential": ([], [], 0.0), "adaptive": ([], [], 0.0)}
+    runs = {m: ([], [], 0.0) for m in MODES if m in args.modes}
 
     def timed(key, fn):
         certs, evals, secs = runs[key]
@@ -89,30 +98,41 @@ def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
     for k, i in enumerate(idx):
         x, seed, label = x_all[k], input_seed(args.seed, int(i)), int(labels[i])
         at = {"seed": seed, "label": label, "idx": int(i)}
-        timed("fixed", lambda x=x, at=at: smooth.certify(x, args.n0, args.n, args.alpha, **at))
-        timed("sequential", lambda x=x, at=at: certify_sequential(smooth, x, args.n0, radii, schedule, **at))
-        timed("adaptive", lambda x=x, at=at: certify_adaptive(smooth, x, args.n0, schedule, args.tolerance, **at))
+        if "fixed" in runs:
+            timed("fixed", lambda x=x, at=at: smooth.certify(x, args.n0, args.n, args.alpha, **at))
+        if "sequential" in runs:
+            timed("sequential", lambda x=x, at=at: certify_sequential(smooth, x, args.n0, radii, seq_schedule, futility=beta,
+                                                                     **at))
+        if "adaptive" in runs:
+            timed("adaptive", lambda x=x, at=at: certify_adaptive(smooth, x, args.n0, schedule, args.tolerance, **at))
         if (k + 1) % 5 == 0:
             ev = {key: np.mean(v[1]) for key, v in runs.items()}
             print(f"  σ={sigma} {k + 1}/{len(idx)} images, {time.perf_counter() - t0:.0f} s, evaluations/input "
                   + ", ".join(f"{key} {e:,.0f}" for key, e in ev.items()), file=sys.stderr, flush=True)
     res = {"model": name, "radii_decided": list(radii), "radii_beyond_cap": [r for r in RADII if r > top],
-           "max_certifiable_radius": top, "looks": list(schedule.looks), "look_alphas": list(schedule.alphas)}
+           "max_certifiable_radius": top, "looks": list(schedule.looks), "look_alphas": list(schedule.alphas),
+           "sequential_looks": list(seq_schedule.looks), "sequential_look_alphas": list(seq_schedule.alphas),
+           "futility_beta": beta}
     for key, (certs, evals, secs) in runs.items():
         res[key] = summary(certs, evals, secs, radii if key == "sequential" else None)
-    f, s, a = res["fixed"], res["sequential"], res["adaptive"]
-    gaps = {r: 100 * (s["certified_accuracy"][r] - f["certified_accuracy"][r])
-            for r in s["certified_accuracy"] if s["certified_accuracy"][r] is not None}
-    res["goals"] = {
-        "sequential_certified_accuracy_gap_pp": gaps,
-        "sequential_max_abs_gap_pp": max(abs(g) for g in gaps.values()),
-        "sequential_evaluation_ratio": f["evaluations_mean"] / s["evaluations_mean"],
-        "sequential_met": max(abs(g) for g in gaps.values()) <= 1.0
-        and f["evaluations_mean"] / s["evaluations_mean"] >= 20,
-        "adaptive_acr_gap": a["acr"] - f["acr"],
-        "adaptive_evaluation_ratio": f["evaluations_mean"] / a["evaluations_mean"],
-        "adaptive_met": abs(a["acr"] - f["acr"]) <= 0.01 and f["evaluations_mean"] / a["evaluations_mean"] >= 3,
-    }
+    if "fixed" not in runs:  # no reference in this run: counts only
+        return res
+    f, s, a = res["fixed"], res.get("sequential"), res.get("adaptive")
+    res["goals"] = {}
+    if s is not None:
+        gaps = {r: 100 * (s["certified_accuracy"][r] - f["certified_accuracy"][r])
+                for r in s["certified_accuracy"] if s["certified_accuracy"][r] is not None}
+        res["goals"].update({
+            "sequential_certified_accuracy_gap_pp": gaps,
+            "sequential_max_abs_gap_pp": max(abs(g) for g in gaps.values()),
+            "sequential_evaluation_ratio": f["evaluations_mean"] / s["evaluations_mean"],
+            "sequential_met": max(abs(g) for g in gaps.values()) <= 1.0
+            and f["evaluations_mean"] / s["evaluations_mean"] >= 20})
+    if a is not None:
+        res["goals"].update({
+            "adaptive_acr_gap": a["acr"] - f["acr"],
+            "adaptive_evaluation_ratio": f["evaluations_mean"] / a["evaluations_mean"],
+            "adaptive_met": abs(a["acr"] - f["acr"]) <= 0.01 and f["evaluations_mean"] / a["evaluations_mean"] >= 3})
     return res
 
 
@@ -121,6 +141,10 @@ def main():
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--sigmas", default="0.25,0.5")
     ap.add_argument("--images", type=int, default=40, help="every (1000/images)-th lossless test image")
+    ap.add_argument("--offset", type=int, default=0, help="the first of them (0 .. 1000/images - 1)")
+    ap.add_argument("--sequential-grid", choices=("radii", "doubling"), default="radii",
+                    help="sequential mode's looks: certify --radii's (radii_schedule, β = FUTILITY_BETA) or the "
+                         "doubling grid with half of α on the cap and β = 0.01 (its earlier default)")
     ap.add_argument("--n", type=int, default=10_000, help="fixed N, and the cap of the sequential runs")
     ap.add_argument("--n0", type=int, default=100)
     ap.add_argument("--alpha", type=float, default=0.001)
@@ -128,8 +152,13 @@ def main():
     ap.add_argument("--tolerance", type=float, default=0.02)
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="which of fixed, sequential, adaptive to run (without fixed: evaluation counts only)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "adaptive_bench.json"))
     args = ap.parse_args()
+    args.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not args.modes or any(m not in MODES for m in args.modes):
+        sys.exit(f"error: --modes takes a comma-separated subset of {', '.join(MODES)}, got {args.modes}")
 
     import torch
 
@@ -142,7 +171,8 @@ def main():
     t0 = time.perf_counter()
     host = host_info()
     out = {"host": host, "torch_threads": torch.get_num_threads(), "runtime": "onnxruntime fp32 (OrtRunner.counts)",
-           "scale": {"images": args.images, "image_step": 1000 // args.images, "n": args.n, "n0": args.n0,
+           "modes": list(args.modes), "sequential_grid": args.sequential_grid,
+           "scale": {"images": args.images, "image_step": 1000 // args.images, "image_offset": args.offset, "n": args.n, "n0": args.n0,
                      "alpha": args.alpha, "first_n": args.first_n, "tolerance": args.tolerance,
                      "issue_setting": "N = 100,000 on 100 images (not run: about 40 min per model per mode here)"},
            "sigmas": {}}
@@ -153,7 +183,7 @@ def main():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     for sg, r in out["sigmas"].items():
-        print(f"σ = {sg}: " + json.dumps({k: r[k] for k in ("fixed", "sequential", "adaptive", "goals")}, indent=1))
+        print(f"σ = {sg}: " + json.dumps({k: r[k] for k in (*MODES, "goals") if k in r}, indent=1))
     print(f"wrote {args.out} ({out['wall_seconds'] / 60:.1f} min)")
 
 

@@ -367,6 +367,44 @@ def adaptive_10k() -> str:
     return _adaptive("adaptive_bench.json")
 
 
+def sequential_100() -> str:
+    """Sequential certification alone on 100 images per σ: the earlier doubling grid and what certify --radii runs."""
+    rows = []
+    for name in ("adaptive_bench_sequential_100img.json", "adaptive_bench_sequential_100img_offset5_doubling.json",
+                 "adaptive_bench_sequential_100img_new_schedule.json"):
+        d = load(name)
+        sc = d["scale"]
+        first = sc.get("image_offset", 0)
+        for sg, v in d["sigmas"].items():
+            m, looks = v["sequential"], v.get("sequential_looks", v["looks"])
+            ca = m["certified_accuracy"]
+            rows.append([f"`{name}`", sg, f"{first}, {first + sc['image_step']}, …, {first + 99 * sc['image_step']}",
+                         f"{len(looks)} looks, ×{looks[1] / looks[0]:.1f}, β = {v.get('futility_beta', 0.01)}",
+                         " / ".join("–" if ca.get(r) is None else f"{100 * ca[r]:.0f}"
+                                    for r in ("0.25", "0.5", "0.75", "1")) + " %",
+                         n0(m["evaluations_mean"]), n0(m["evaluations_median"]),
+                         ratio((sc["n0"] + sc["n"]) / m["evaluations_mean"])])
+    return table(["JSON", "σ", "test images", "schedule", "certified r = 0.25 / 0.5 / 0.75 / 1.0",
+                  "evaluations / input (mean)", "median", "fewer than fixed N = 100,000"], rows)
+
+
+def schedule_sim() -> str:
+    d = load("sequential_schedule_sim.json")
+    rows = []
+    for sg, v in d["sigmas"].items():
+        for s in v["schedules"]:
+            rows.append([sg, f"{s['first_n']}, ×{s['ratio']:g}, {s['final_share']:g}, {s['futility_beta']:g}"
+                         + (" (certify --radii)" if s["certify_radii_default"] else ""),
+                         n0(s["evaluations_mean"]), ratio(s["fewer_than_fixed"]),
+                         " / ".join(f"{g:+.2f}" for g in s["certified_accuracy_gap_pp_mean"].values()),
+                         f"{100 * s['share_of_replicates_within_1pp_at_every_radius']:.0f}%"])
+    return (f"`benchmarks/results/sequential_schedule_sim.json` ({d['replicates']} replicate draws per input, rates "
+            f"from `{d['source']}`, N = cap = {d['n']:,}, α = {d['alpha']}):\n\n"
+            + table(["σ", "first look, ratio, α share on the cap, β", "evaluations / input (mean)",
+                     "fewer than fixed N", "certified accuracy − fixed N, pp, per radius (mean)",
+                     "draws within 1 pp at every radius"], rows))
+
+
 def _adaptive(name: str) -> str:
     d = load(name)
     h, sc = d["host"], d["scale"]
@@ -443,7 +481,8 @@ def reward_rank() -> str:
 
 SECTIONS = {"tvm_int8": tvm_int8, "runtime": runtime, "certify": certify, "bops": bops, "schemes": schemes, "arq": arq,
             "arq_paired": paired, "irs": irs, "irs_equal_acr": equal_acr, "robustness": robustness,
-            "adaptive": adaptive, "adaptive_10k": adaptive_10k, "reward_rank": reward_rank}
+            "adaptive": adaptive, "adaptive_10k": adaptive_10k, "sequential_100": sequential_100,
+            "schedule_sim": schedule_sim, "reward_rank": reward_rank}
 
 
 def main(argv: list[str]) -> None:
