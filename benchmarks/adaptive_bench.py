@@ -31,6 +31,7 @@ import numpy as np
 
 RADII = (0.25, 0.5, 0.75, 1.0)
 MODES = ("fixed", "sequential", "adaptive")
+EARLIER_BETA = 0.01  # the futility level sequential mode used with the doubling grid
 
 
 def summary(certs, evaluations, seconds, sequential_radii=None) -> dict:
@@ -49,7 +50,8 @@ def summary(certs, evaluations, seconds, sequential_radii=None) -> dict:
         out["decisions"] = {format(r, "g"): {d: sum(c.decision_at(r) == d for c in certs)
                                              for d in ("robust", "not-robust", "abstain")} for r in sequential_radii}
         del out["acr"]  # a step function of the requested radii, not comparable with a radius estimate
-    # per input: where the evaluations went (index, correct, evaluations, c_A hits among the estimation samples, samples)
+    # per input, where the evaluations went: index, correct, evaluations, c_A's hits among the estimation samples,
+    # estimation samples
     out["per_input"] = [[c.idx, int(c.correct), int(e), c.count_a, c.n] for c, e in zip(certs, evaluations)]
     return out
 
@@ -80,7 +82,7 @@ def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
     # sequential at given radii: what certify --radii runs, or the doubling grid it ran before (with β = 0.01)
     seq_schedule = (radii_schedule(args.alpha, args.n, args.first_n) if args.sequential_grid == "radii"
                     else schedule)
-    beta = FUTILITY_BETA if args.sequential_grid == "radii" else 0.01
+    beta = FUTILITY_BETA if args.sequential_grid == "radii" else EARLIER_BETA
     top = max_radius(sigma, seq_schedule)
     radii = tuple(r for r in RADII if r <= top)
     step = 1000 // args.images
@@ -101,8 +103,8 @@ def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
         if "fixed" in runs:
             timed("fixed", lambda x=x, at=at: smooth.certify(x, args.n0, args.n, args.alpha, **at))
         if "sequential" in runs:
-            timed("sequential", lambda x=x, at=at: certify_sequential(smooth, x, args.n0, radii, seq_schedule, futility=beta,
-                                                                     **at))
+            timed("sequential", lambda x=x, at=at: certify_sequential(smooth, x, args.n0, radii, seq_schedule,
+                                                                     futility=beta, **at))
         if "adaptive" in runs:
             timed("adaptive", lambda x=x, at=at: certify_adaptive(smooth, x, args.n0, schedule, args.tolerance, **at))
         if (k + 1) % 5 == 0:
@@ -172,7 +174,8 @@ def main():
     host = host_info()
     out = {"host": host, "torch_threads": torch.get_num_threads(), "runtime": "onnxruntime fp32 (OrtRunner.counts)",
            "modes": list(args.modes), "sequential_grid": args.sequential_grid,
-           "scale": {"images": args.images, "image_step": 1000 // args.images, "image_offset": args.offset, "n": args.n, "n0": args.n0,
+           "scale": {"images": args.images, "image_step": 1000 // args.images, "image_offset": args.offset,
+                     "n": args.n, "n0": args.n0,
                      "alpha": args.alpha, "first_n": args.first_n, "tolerance": args.tolerance,
                      "issue_setting": "N = 100,000 on 100 images (not run: about 40 min per model per mode here)"},
            "sigmas": {}}

@@ -9,8 +9,8 @@ model (onnxruntime, and TVM float builds for both targets) and the strongest pee
 int8 model of the same network (QDQ, per channel, calibrated on the same noisy images). Latency p50 at batch 1 and
 throughput at `--batch` are measured in `--rounds` interleaved rounds (every model and backend once per round, so
 that load on the machine spreads over all of them; per model the median p50 and the best throughput are kept),
-each in a fresh process (`arq_deploy.targets.isolated`): onnxruntime's worker threads spin after a run and slowed
-a TVM build timed next in the same process about twofold at batch 1.
+each in a fresh process (`arq_deploy.targets.isolated`): onnxruntime's worker threads spin after a run and can
+slow whatever is timed next in the same process (benchmarks/spin_interference.py).
 BOPs = Σ MACs·w·a. For each backend: Spearman's rank correlation between BOPs and batch-1 latency and between BOPs
 and time per image at the large batch (quantized policies only, and with fp32), a scatter plot, every ratio against
 fp32 and against the peer, and each integer artifact's size (the manifest's `storage`, where the build records it).

@@ -176,8 +176,8 @@ def bops() -> str:
                      ", ".join(g["sub8_behind_peer_throughput"]) or "none"])
     spread = statistics.median(_spread(r["images_per_s_rounds"]) for r in
                                [m[b] for m in d["models"] for b in backends] + [peer])
-    text += (f"\n\nNoise: the median over (model, backend) of the spread of throughput between rounds, (best − worst) / "
-             f"best, is {100 * spread:.0f}%.")
+    text += ("\n\nNoise: the median over (model, backend) of the spread of throughput between rounds, "
+             f"(best − worst) / best, is {100 * spread:.0f}%.")
     text += "\n\nThe kernel goals, from the same run:\n\n" + table(
         ["build", "W4A4 / W8A8 throughput", "W2A2 / W8A8 throughput", "W8A8 / peer throughput",
          "W8A8 / peer batch-1 speed", "sub-8-bit policies at or below the peer's throughput"], rows)
@@ -378,7 +378,7 @@ def sequential_100() -> str:
         for sg, v in d["sigmas"].items():
             m, looks = v["sequential"], v.get("sequential_looks", v["looks"])
             ca = m["certified_accuracy"]
-            rows.append([f"`{name}`", sg, f"{first}, {first + sc['image_step']}, …, {first + 99 * sc['image_step']}",
+            rows.append([f"`{name}`", sg, f"{first}, {first + sc['image_step']}, …, {first + (sc['images'] - 1) * sc['image_step']}",
                          f"{len(looks)} looks, ×{looks[1] / looks[0]:.1f}, β = {v.get('futility_beta', 0.01)}",
                          " / ".join("–" if ca.get(r) is None else f"{100 * ca[r]:.0f}"
                                     for r in ("0.25", "0.5", "0.75", "1")) + " %",

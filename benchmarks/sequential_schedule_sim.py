@@ -34,10 +34,10 @@ SCHEDULES = [(500, 2.0, 0.5, 0.01, True), (500, 2.0, 0.5, 0.05, True), (500, 1.5
 
 def simulate(p: np.ndarray, correct: np.ndarray, sigma: float, radii, n: int, n0: int, alpha: float, sched,
              replicates: int, seed: int) -> dict:
-    from scipy.special import betaincinv
     from scipy.stats import norm
 
-    from arq_deploy.certify.sequential import ROBUST, decide_at_radii, look_schedule
+    from arq_deploy.certify.sequential import FUTILITY_BETA, ROBUST, decide_at_radii, look_schedule, radii_schedule
+    from arq_deploy.certify.stats import cp_lower
 
     first_n, ratio, share, beta, near_cap = sched
     schedule = look_schedule(alpha, n, first_n, ratio, share, near_cap)
@@ -52,13 +52,9 @@ def simulate(p: np.ndarray, correct: np.ndarray, sigma: float, radii, n: int, n0
             evals[rep, i] = n0 + d.samples
             if ok:
                 seq_cert[rep] += [x == ROBUST for x in d.decisions]
-                k = rng.binomial(n, pi)
-                lo = betaincinv(k, n - k + 1.0, alpha) if k > 0 else 0.0
-                fix_cert[rep] += lo >= thresholds
+                fix_cert[rep] += cp_lower(int(rng.binomial(n, pi)), n, alpha) >= thresholds
     per_rep = evals.mean(axis=1)
     gap = 100.0 * (seq_cert - fix_cert) / len(p)
-    from arq_deploy.certify.sequential import FUTILITY_BETA, radii_schedule
-
     shipped = schedule == radii_schedule(alpha, n, first_n) and beta == FUTILITY_BETA
     return {"first_n": first_n, "ratio": ratio, "final_share": share, "futility_beta": beta,
             "looks_near_cap": near_cap, "certify_radii_default": shipped,

@@ -1,10 +1,10 @@
 """Timings of one runtime at a time: each measurement in a fresh process that exits before the next one starts.
 
 Runtimes that share a process disturb each other's timings. onnxruntime's intra-op worker threads keep spinning after
-a run (its default, which makes its own back-to-back calls faster), and on a 2-core machine they take a core from
-whatever runs next: ResNet-20 W8A8 built with TVM took about 0.51 ms per image at batch 1 when timed right after an
-onnxruntime session had run, and 0.26 ms alone. A study that compares runtimes therefore times each one here, in
-a process of its own; the process exits, and its threads with it, before the next runtime is timed.
+a run (its default, which makes its own back-to-back calls faster), and on a 2-core machine they can take a core from
+whatever runs next (benchmarks/spin_interference.py measures it; the effect is easily lost in a noisy machine's
+variation). A study that compares runtimes therefore times each one here, in a process of its own; the process
+exits, and its threads with it, before the next runtime is timed.
 
     measure_isolated(model, target, [(batch, repeats, warmup), ...], seed) -> [Timing, ...]
 """

@@ -308,9 +308,11 @@ def integer_plan(model, target: str | Target = "x86", *, batch_size: int = 1, in
 
     t = get_target(target) if isinstance(target, str) else target
     check_build_options(t, batch_size, integer=True, int_kernel=int_kernel)
-    path = Path(model) if isinstance(model, (str, os.PathLike)) else Path(f"{model.graph.name or 'model'}.onnx")
     if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
         model = load_onnx(path)
+    else:
+        path = Path(f"{model.graph.name or 'model'}.onnx")
     inp, _ = io_spec(model, batch_size)
     check_supported(model)
     mod = import_onnx(model, inp["name"], inp["shape"], path, fold_weights=False)
