@@ -478,6 +478,72 @@ def test_bias_with_another_scale_is_added_in_float():
     assert (got != want).mean() < 0.01
 
 
+def _residual_graph(out_dtype, z_y: int, a_bits: int = 8):
+    """The exporter's residual block ending: a QDQ conv whose output is added to the block's dequantized input, then
+    Relu and QuantizeLinear to `out_dtype` with zero point z_y [and the integer Clip to a_bits levels]."""
+    model, _ = qdq_graph("conv", relu=False, out_q=False, a_bits=a_bits, seed=3)
+    g = model.graph
+    ident = next(n for n in g.node if n.op_type == "Identity")
+    g.node.remove(ident)
+    tensor = TensorProto.UINT8 if out_dtype == "uint8" else TensorProto.INT8
+    g.initializer.extend([nh.from_array(np.float32(0.07), "sy2"), nh.from_array(np.array(z_y, out_dtype), "zy2")])
+    g.node.extend([helper.make_node("Add", ["c", "xd"], ["res"]), helper.make_node("Relu", ["res"], ["r2"]),
+                   helper.make_node("QuantizeLinear", ["r2", "sy2", "zy2"], ["y"])])
+    g.output[0].CopyFrom(helper.make_tensor_value_info("y", tensor, ["N", 16, "OH", "OW"]))
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("out_dtype,z_y", [("uint8", 0), ("int8", 3), ("uint8", 7)])
+def test_a_quantize_after_a_residual_add_is_fused_into_the_conv_and_exact(out_dtype, z_y):
+    """A QuantizeLinear that does not end a matched layer (here after the residual Add and Relu) becomes elementwise
+    ops, saturate(round_half_even(x / s) + z), which fusion puts into the conv's epilogue: no quantize function of
+    its own is left, and the bytes equal onnxruntime's QuantizeLinear (ties round to even before the zero point is
+    added: an odd zero point is where the order shows)."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from arq_deploy.targets.int_lowering import lower_integer
+
+    model = _residual_graph(out_dtype, z_y, a_bits=4)
+    x = _input("conv", (2, 16, 8, 8), 0, a_max=15)
+    mod = from_onnx(model, shape_dict={"x": list(x.shape)}, keep_params_in_input=False)
+    lowered, report = lower_integer(mod)
+    assert report["float_out"] == 1 and report["quantize_elementwise"] == 2  # the input's and the block's
+    assert "relax.quantize" not in lowered.script()
+    got, info = tvm_run(model, x)
+    assert info["integer_lowering"]["quantize_elementwise"] == 2
+    assert got.dtype == np.dtype(out_dtype)
+    assert np.array_equal(got, ort_run(model, x))
+
+
+def test_quantize_rounds_half_to_even_before_adding_the_zero_point():
+    """Exact ties: inputs x = (k + 0.5)·s quantized with an odd zero point must give round_half_even(k + 0.5) + z
+    (ONNX QuantizeLinear), not round(k + 0.5 + z)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from arq_deploy.targets.int_lowering import lower_integer
+    from arq_deploy.targets.registry import get_target, resolve_tvm_target
+    from arq_deploy.targets.tvm_build import build
+
+    s = np.float32(0.25)
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]),
+                           helper.make_node("QuantizeLinear", ["r", "s", "z"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT8, [64])],
+                          [nh.from_array(s, "s"), nh.from_array(np.uint8(3), "z")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = ((np.arange(64) + 0.5) * s).astype(np.float32)  # x / s = k + 0.5 exactly
+    mod = from_onnx(model, shape_dict={"x": [64]}, keep_params_in_input=False)
+    assert lower_integer(mod)[1]["quantize_elementwise"] == 1
+    ex, _ = build(mod, resolve_tvm_target(get_target("x86")), integer=True)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    want = np.clip(np.rint(np.arange(64) + 0.5) + 3, 0, 255).astype(np.uint8)  # numpy rint: half to even
+    assert np.array_equal(want, ort_run(model, x))
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("w_u8", [True, False])
 def test_single_dense_bit_exact(w_u8):
     model, params = qdq_graph("dense", cin=64, cout=24, w_u8=w_u8, relu=True, seed=5)
