@@ -21,11 +21,6 @@ with x_q fed as it is when z_x = 0 (uint8/int8 × int8 weights) and widened to i
     or dequantize (the next op needs float):   y = float(acc) · float32(s_x · s_w[o])  (+ float bias if b's scale is
         not s_x·s_w).
 
-Every other `quantize` (per-tensor, to uint8/int8: after a residual Add and ReLU, or of the network's input) is
-re-stated as the elementwise ops of its definition, saturate(round_half_even(x / s) + z) (`_quantize_elementwise`),
-which operator fusion then puts into the producing conv's epilogue; as a `quantize` call it would stay a function of
-its own, and the conv would write a float32 tensor for it to read back (report["quantize_elementwise"] counts them).
-
 The bias is added in int32 when its scale equals s_x·s_w to 1e-6 relative (what QLinearConv assumes), else in float.
 Remaining `dequantize(constant)` calls (weights of layers that did not match) are evaluated in numpy, so no
 constant-folding TIR functions are compiled for them. Layers that do not match (non-constant weights, per-tensor
@@ -40,8 +35,7 @@ int32 output. The choice is per layer (`int_kernels.choose`), from the layer's m
 (a_max: 255 for uint8, or 2^b - 1 where the exporter's integer Clip bounds them), and recorded in the report.
 
     lower_integer(mod, kernel=None) -> (mod, report)
-        report: {"conv2d": n, "matmul": n, "requantized": n, "float_out": n, "quantize_elementwise": n,
-                 "conv2d_kernel": n, "kernel": name,
+        report: {"conv2d": n, "matmul": n, "requantized": n, "float_out": n, "conv2d_kernel": n, "kernel": name,
                  "conv2d_kernels": {kernel name: n},
                  "conv2d_layers": [{"shape", "w_max", "a_max", "kernel", "chunk"}, ...]}
     integer_lowering_pass(report, kernel)   the same as a tvm.transform module pass
@@ -57,9 +51,6 @@ import numpy as np
 from arq_deploy.targets import int_kernels
 
 BIAS_RTOL = 1e-6
-# State the other QuantizeLinears as elementwise ops so that they fuse into the conv epilogues (module docstring);
-# False keeps them as `quantize` calls (benchmarks/x86_narrow_bench.py measures the difference)
-FUSE_QUANTIZE = True
 _INT_RANGE = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767)}
 
 
@@ -97,7 +88,7 @@ def lower_integer(mod, func_name: str = "main", kernel=None):
 
     gv = mod.get_global_var(func_name)
     layers = _plan(mod[gv], mod)
-    report = {"conv2d": 0, "matmul": 0, "requantized": 0, "float_out": 0, "quantize_elementwise": 0, "conv2d_kernel": 0,
+    report = {"conv2d": 0, "matmul": 0, "requantized": 0, "float_out": 0, "conv2d_kernel": 0,
               "kernel": kernel.name if kernel is not None else None, "conv2d_kernels": {}, "conv2d_layers": []}
     for ly in layers:
         report[ly.kind] += 1
@@ -406,13 +397,7 @@ class _Rewriter:
                     self.set_var_remap(ly.end, new)
                 elif binding.var not in rw.skip:
                     folded = _fold_dequantize(binding.value)
-                    quant = _quantize_parts(binding.value) if folded is None and FUSE_QUANTIZE else None
-                    if quant is not None:
-                        rw.report["quantize_elementwise"] = rw.report.get("quantize_elementwise", 0) + 1
-                        expr = _quantize_elementwise(bb, self.visit_expr(binding.value.args[0]), *quant)
-                        dataflow = isinstance(binding.var, relax.DataflowVar)
-                        self.set_var_remap(binding.var, bb.emit(expr) if dataflow else bb.emit_output(expr))
-                    elif folded is None or not isinstance(binding.var, relax.DataflowVar):
+                    if folded is None or not isinstance(binding.var, relax.DataflowVar):
                         super().visit_var_binding_(binding)
                     else:
                         self.set_var_remap(binding.var, bb.emit(folded))
@@ -493,37 +478,6 @@ def _use_kernel(ly: _Layer, x_q, kernel):
     out_w = (int(x_q.ty.shape[3]) + pad[1] + pad[3] - ly.w_int.shape[3]) // int(a.strides[1]) + 1
     return int_kernels.choose(kernel, str(x_q.ty.dtype), ly.z_x, ly.w_int, int(a.groups), a.dilation, out_w,
                               ly.a_max)
-
-
-def _quantize_parts(call):
-    """(scale, zero point, dtype) of quantize(x, constant per-tensor scale, constant zero point) to uint8/int8 on
-    float32 x, else None."""
-    if _op(call) != "relax.quantize":
-        return None
-    s, z = _const(call.args[1]), _const(call.args[2])
-    dtype = str(call.attrs.out_dtype)
-    x_dtype = str(getattr(call.args[0].ty, "dtype", ""))
-    if s is None or z is None or s.size != 1 or z.size != 1 or dtype not in _INT_RANGE or dtype == "int16" \
-            or x_dtype != "float32":
-        return None
-    return np.float32(s.reshape(-1)[0]), int(np.asarray(z).reshape(-1)[0]), dtype
-
-
-def _quantize_elementwise(bb, x, s_y: np.float32, z_y: int, dtype: str):
-    """ONNX QuantizeLinear as elementwise ops, saturate(round_half_even(x / s_y) + z_y): the arithmetic of TVM's own
-    legalized `quantize` (a division, not a product with 1/s_y), stated as divide / round / add / clip / astype so
-    that operator fusion puts it into the producing conv's epilogue. (A `relax.quantize` call stays a function of
-    its own: the residual add and ReLU after a conv would otherwise write a float tensor that a separate pass reads
-    back to quantize.)"""
-    from tvm import relax
-    from tvm.relax import op as R
-
-    y = bb.emit(R.round(R.divide(x, relax.const(s_y))))
-    if z_y:
-        y = bb.emit(R.add(y, relax.const(np.float32(z_y))))
-    lo, hi = _INT_RANGE[dtype]
-    y = bb.emit(R.clip(y, float(lo), float(hi)))
-    return R.astype(y, dtype)
 
 
 def _fold_dequantize(call):
