@@ -49,6 +49,7 @@ def summary(certs, evaluations, seconds, sequential_radii=None) -> dict:
                              if r in sequential_radii else None) for r in RADII}}
         out["decisions"] = {format(r, "g"): {d: sum(c.decision_at(r) == d for c in certs)
                                              for d in ("robust", "not-robust", "abstain")} for r in sequential_radii}
+        out["decisions_per_input"] = [{format(r, "g"): c.decision_at(r) for r in sequential_radii} for c in certs]
         del out["acr"]  # a step function of the requested radii, not comparable with a radius estimate
     # per input, where the evaluations went: index, correct, evaluations, c_A's hits among the estimation samples,
     # estimation samples
@@ -111,7 +112,7 @@ def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
             ev = {key: np.mean(v[1]) for key, v in runs.items()}
             print(f"  σ={sigma} {k + 1}/{len(idx)} images, {time.perf_counter() - t0:.0f} s, evaluations/input "
                   + ", ".join(f"{key} {e:,.0f}" for key, e in ev.items()), file=sys.stderr, flush=True)
-    res = {"model": name, "radii_decided": list(radii), "radii_beyond_cap": [r for r in RADII if r > top],
+    res = {"model": name, "sigma": sigma, "alpha": args.alpha, "radii_decided": list(radii), "radii_beyond_cap": [r for r in RADII if r > top],
            "max_certifiable_radius": top, "looks": list(schedule.looks), "look_alphas": list(schedule.alphas),
            "sequential_looks": list(seq_schedule.looks), "sequential_look_alphas": list(seq_schedule.alphas),
            "futility_beta": beta}
@@ -119,23 +120,90 @@ def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
         res[key] = summary(certs, evals, secs, radii if key == "sequential" else None)
     if "fixed" not in runs:  # no reference in this run: counts only
         return res
+    res["goals"] = goals(res)
+    return res
+
+
+def goals(res: dict) -> dict:
+    """The issue's goals for one σ's entry holding a fixed-N reference: the sequential mode's certified-accuracy gap
+    per radius (pp) and evaluation ratio, the adaptive mode's ACR gap and ratio, and per radius the inputs on which
+    the sequential decision and fixed N disagree (image index, fixed N's hit rate, the sequential run's)."""
     f, s, a = res["fixed"], res.get("sequential"), res.get("adaptive")
-    res["goals"] = {}
+    out = {}
     if s is not None:
-        gaps = {r: 100 * (s["certified_accuracy"][r] - f["certified_accuracy"][r])
-                for r in s["certified_accuracy"] if s["certified_accuracy"][r] is not None}
-        res["goals"].update({
+        asked = {format(r, "g") for r in res["radii_decided"]}  # the requested radii (not r = 0: never tested)
+        gaps = {r: round(100 * (s["certified_accuracy"][r] - f["certified_accuracy"][r]), 6)
+                for r in s["certified_accuracy"] if r in asked and s["certified_accuracy"][r] is not None}
+        out.update({
             "sequential_certified_accuracy_gap_pp": gaps,
             "sequential_max_abs_gap_pp": max(abs(g) for g in gaps.values()),
             "sequential_evaluation_ratio": f["evaluations_mean"] / s["evaluations_mean"],
             "sequential_met": max(abs(g) for g in gaps.values()) <= 1.0
             and f["evaluations_mean"] / s["evaluations_mean"] >= 20})
+        if "per_input" in f and "per_input" in s and "decisions_per_input" in s:
+            out["sequential_disagreements"] = disagreements(res)
     if a is not None:
-        res["goals"].update({
+        out.update({
             "adaptive_acr_gap": a["acr"] - f["acr"],
             "adaptive_evaluation_ratio": f["evaluations_mean"] / a["evaluations_mean"],
             "adaptive_met": abs(a["acr"] - f["acr"]) <= 0.01 and f["evaluations_mean"] / a["evaluations_mean"] >= 3})
-    return res
+    return out
+
+
+def disagreements(res: dict) -> dict:
+    """Per decided radius r, the inputs fixed N certifies at r that the sequential run does not (lost) and the other
+    way round (gained): [image index, fixed N's hit rate, sequential hit rate, sequential evaluations]."""
+    from scipy.stats import norm
+
+    from arq_deploy.certify.stats import cp_lower
+
+    f, s = res["fixed"], res["sequential"]
+    alpha, sigma = res["alpha"], res["sigma"]
+    fixed = {row[0]: row for row in f["per_input"]}
+    out = {}
+    for r in res["radii_decided"]:
+        key, lost, gained = format(r, "g"), [], []
+        for row, dec in zip(s["per_input"], s["decisions_per_input"], strict=True):
+            idx, correct, ev, k, n = row
+            fk, fn = fixed[idx][3], fixed[idx][4]
+            by_fixed = bool(fixed[idx][1]) and cp_lower(fk, fn, alpha) > norm.cdf(r / sigma)
+            by_seq = bool(correct) and dec[key] == "robust"
+            if by_fixed != by_seq:
+                (lost if by_fixed else gained).append([idx, round(fk / fn, 5), round(k / max(n, 1), 5), ev])
+        out[key] = {"lost": lost, "gained": gained}
+    return out
+
+
+def merge(paths: list[str], out: str) -> None:
+    """One JSON from runs of the same images, σ and N in separate invocations (e.g. fixed N alone, sequential
+    alone): per σ the modes of all of them, and the goals where one holds fixed N."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    keys = ("images", "image_offset", "n", "n0", "alpha", "first_n", "seed")
+    for r in runs:  # runs recorded before the seed was: the default, 0 (no recorded command set another)
+        r["scale"].setdefault("seed", 0)
+        r["scale"].setdefault("image_offset", 0)
+    for p, r in zip(paths[1:], runs[1:]):
+        differ = [k for k in keys if r["scale"].get(k) != runs[0]["scale"].get(k)]
+        if differ:
+            sys.exit(f"error: {p} differs from {paths[0]} in {', '.join(differ)}: not the same runs")
+    merged = dict(runs[0]) | {"merged_from": [str(p) for p in paths],
+                              "modes": sorted({m for r in runs for m in r["modes"]})}
+    merged["sigmas"] = {}
+    for r in runs:
+        for sg, entry in r["sigmas"].items():
+            into = merged["sigmas"].setdefault(sg, {})
+            for k, v in entry.items():
+                if k in MODES or k not in into:
+                    into[k] = v
+    for sg, entry in merged["sigmas"].items():
+        entry.setdefault("sigma", float(sg))
+        entry.setdefault("alpha", merged["scale"]["alpha"])
+        if "fixed" in entry:
+            entry["goals"] = goals(entry)
+    merged["wall_seconds"] = sum(r.get("wall_seconds", 0.0) for r in runs)
+    Path(out).write_text(json.dumps(merged, indent=2) + "\n")
+    print(json.dumps({sg: e.get("goals") for sg, e in merged["sigmas"].items()}, indent=1))
+    print(f"wrote {out}")
 
 
 def main():
@@ -157,7 +225,11 @@ def main():
     ap.add_argument("--modes", default=",".join(MODES),
                     help="which of fixed, sequential, adaptive to run (without fixed: evaluation counts only)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "adaptive_bench.json"))
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge these runs' JSONs (same images, σ and N) into --out and score the goals; runs nothing")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     args.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     if not args.modes or any(m not in MODES for m in args.modes):
         sys.exit(f"error: --modes takes a comma-separated subset of {', '.join(MODES)}, got {args.modes}")
@@ -175,7 +247,7 @@ def main():
     out = {"host": host, "torch_threads": torch.get_num_threads(), "runtime": "onnxruntime fp32 (OrtRunner.counts)",
            "modes": list(args.modes), "sequential_grid": args.sequential_grid,
            "scale": {"images": args.images, "image_step": 1000 // args.images, "image_offset": args.offset,
-                     "n": args.n, "n0": args.n0,
+                     "n": args.n, "n0": args.n0, "seed": args.seed,
                      "alpha": args.alpha, "first_n": args.first_n, "tolerance": args.tolerance,
                      "issue_setting": "N = 100,000 on 100 images (not run: about 40 min per model per mode here)"},
            "sigmas": {}}
