@@ -394,7 +394,7 @@ def sequential_vs_fixed() -> str:
     d = load(name)
     sc, h = d["scale"], d["host"]
     first = sc.get("image_offset", 0)
-    rows, lost = [], []
+    rows, totals = [], []
     for sg, v in d["sigmas"].items():
         if "fixed" not in v:  # a σ the sequential run covered and the fixed run did not
             continue
@@ -409,14 +409,14 @@ def sequential_vs_fixed() -> str:
                          f"{g['sequential_certified_accuracy_gap_pp'][r]:+.0f}",
                          ", ".join(f"{x[0]} ({x[1]:.4f})" if len(x) > 1 else x[0] for x in dis["lost"]) or "none",
                          ", ".join(f"{x[0]} ({x[1]:.4f})" if len(x) > 1 else x[0] for x in dis["gained"]) or "none"])
-        lost.append([sg, n0(f["evaluations_mean"]), n0(q["evaluations_mean"]), ratio(g["sequential_evaluation_ratio"]),
+        totals.append([sg, n0(f["evaluations_mean"]), n0(q["evaluations_mean"]), ratio(g["sequential_evaluation_ratio"]),
                      f"{g['sequential_max_abs_gap_pp']:.0f} pp", "yes" if g["sequential_met"] else "no"])
-    return (source(name, f"CPU {h['cpu_model']}, {h['cpus']} cores") + f", merged from "
+    return (source(name, f"CPU {h['cpu_model']}, {h['cpus']} cores") + ", merged from "
             + ", ".join(f"`{Path(m).name}`" for m in d["merged_from"]) + f"; {sc['images']} lossless test images "
             f"{first}, {first + sc['image_step']}, …, N = cap = {sc['n']:,}, α = {sc['alpha']}, the certify --radii "
             "grid:\n\n"
             + table(["σ", "evaluations / input, fixed N", "sequential", "fewer", "largest gap at a requested radius",
-                     "goal met (≤ 1 pp, ≥ 20×)"], lost)
+                     "goal met (≤ 1 pp, ≥ 20×)"], totals)
             + "\n\nPer radius (certified accuracy; the inputs fixed N certifies and the sequential run does not, and "
             "the other way round, with fixed N's hit rate p̂):\n\n"
             + table(["σ", "r", "fixed N", "sequential", "gap, pp", "lost (image, p̂)", "gained (image, p̂)"], rows))
