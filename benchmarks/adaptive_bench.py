@@ -112,7 +112,7 @@ def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
             ev = {key: np.mean(v[1]) for key, v in runs.items()}
             print(f"  σ={sigma} {k + 1}/{len(idx)} images, {time.perf_counter() - t0:.0f} s, evaluations/input "
                   + ", ".join(f"{key} {e:,.0f}" for key, e in ev.items()), file=sys.stderr, flush=True)
-    res = {"model": name, "sigma": sigma, "alpha": args.alpha, "radii_decided": list(radii), "radii_beyond_cap": [r for r in RADII if r > top],
+    res = {"model": name, "radii_decided": list(radii), "radii_beyond_cap": [r for r in RADII if r > top],
            "max_certifiable_radius": top, "looks": list(schedule.looks), "look_alphas": list(schedule.alphas),
            "sequential_looks": list(seq_schedule.looks), "sequential_look_alphas": list(seq_schedule.alphas),
            "futility_beta": beta}
@@ -120,11 +120,11 @@ def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
         res[key] = summary(certs, evals, secs, radii if key == "sequential" else None)
     if "fixed" not in runs:  # no reference in this run: counts only
         return res
-    res["goals"] = goals(res)
+    res["goals"] = goals(res, sigma, args.alpha)
     return res
 
 
-def goals(res: dict) -> dict:
+def goals(res: dict, sigma: float, alpha: float) -> dict:
     """The issue's goals for one σ's entry holding a fixed-N reference: the sequential mode's certified-accuracy gap
     per radius (pp) and evaluation ratio, the adaptive mode's ACR gap and ratio, and per radius the inputs on which
     the sequential decision and fixed N disagree (image index, fixed N's hit rate, the sequential run's)."""
@@ -141,7 +141,7 @@ def goals(res: dict) -> dict:
             "sequential_met": max(abs(g) for g in gaps.values()) <= 1.0
             and f["evaluations_mean"] / s["evaluations_mean"] >= 20})
         if "per_input" in f and "per_input" in s and "decisions_per_input" in s:
-            out["sequential_disagreements"] = disagreements(res)
+            out["sequential_disagreements"] = disagreements(res, sigma, alpha)
     if a is not None:
         out.update({
             "adaptive_acr_gap": a["acr"] - f["acr"],
@@ -150,23 +150,26 @@ def goals(res: dict) -> dict:
     return out
 
 
-def disagreements(res: dict) -> dict:
+def disagreements(res: dict, sigma: float, alpha: float) -> dict:
     """Per decided radius r, the inputs fixed N certifies at r that the sequential run does not (lost) and the other
-    way round (gained): [image index, fixed N's hit rate, sequential hit rate, sequential evaluations]."""
-    from scipy.stats import norm
+    way round (gained): [image index, fixed N's hit rate, sequential hit rate, sequential evaluations]. Fixed N's
+    certificate is CERTIFY's, rebuilt from its recorded count (`stats.cp_lower`, `stats.radius`, abstain at
+    p̲ ≤ 1/2) and counted at r as `stats.summarize` counts it (radius ≥ r)."""
+    from arq_deploy.certify.stats import cp_lower, radius
 
-    from arq_deploy.certify.stats import cp_lower
+    def certified(correct: int, k: int, n: int, r: float) -> bool:
+        pa = cp_lower(k, n, alpha)
+        return bool(correct) and pa > 0.5 and radius(sigma, pa) >= r
 
-    f, s = res["fixed"], res["sequential"]
-    alpha, sigma = res["alpha"], res["sigma"]
-    fixed = {row[0]: row for row in f["per_input"]}
+    fixed = {row[0]: row for row in res["fixed"]["per_input"]}
+    s = res["sequential"]
     out = {}
     for r in res["radii_decided"]:
         key, lost, gained = format(r, "g"), [], []
         for row, dec in zip(s["per_input"], s["decisions_per_input"], strict=True):
             idx, correct, ev, k, n = row
             fk, fn = fixed[idx][3], fixed[idx][4]
-            by_fixed = bool(fixed[idx][1]) and cp_lower(fk, fn, alpha) > norm.cdf(r / sigma)
+            by_fixed = certified(fixed[idx][1], fk, fn, r)
             by_seq = bool(correct) and dec[key] == "robust"
             if by_fixed != by_seq:
                 (lost if by_fixed else gained).append([idx, round(fk / fn, 5), round(k / max(n, 1), 5), ev])
@@ -177,6 +180,8 @@ def disagreements(res: dict) -> dict:
 def merge(paths: list[str], out: str) -> None:
     """One JSON from runs of the same images, σ and N in separate invocations (e.g. fixed N alone, sequential
     alone): per σ the modes of all of them, and the goals where one holds fixed N."""
+    from arq_deploy.core.fileio import write_json
+
     runs = [json.loads(Path(p).read_text()) for p in paths]
     keys = ("images", "image_offset", "n", "n0", "alpha", "first_n", "seed")
     for r in runs:  # runs recorded before the seed was: the default, 0 (no recorded command set another)
@@ -196,12 +201,10 @@ def merge(paths: list[str], out: str) -> None:
                 if k in MODES or k not in into:
                     into[k] = v
     for sg, entry in merged["sigmas"].items():
-        entry.setdefault("sigma", float(sg))
-        entry.setdefault("alpha", merged["scale"]["alpha"])
         if "fixed" in entry:
-            entry["goals"] = goals(entry)
+            entry["goals"] = goals(entry, float(sg), merged["scale"]["alpha"])
     merged["wall_seconds"] = sum(r.get("wall_seconds", 0.0) for r in runs)
-    Path(out).write_text(json.dumps(merged, indent=2) + "\n")
+    write_json(out, merged)  # temp file, then rename
     print(json.dumps({sg: e.get("goals") for sg, e in merged["sigmas"].items()}, indent=1))
     print(f"wrote {out}")
 

@@ -399,16 +399,12 @@ def sequential_vs_fixed() -> str:
         if "fixed" not in v:  # a σ the sequential run covered and the fixed run did not
             continue
         f, q, g = v["fixed"], v["sequential"], v["goals"]
-        for r in ("0.25", "0.5", "0.75", "1"):
-            if q["certified_accuracy"].get(r) is None:
-                continue
-            dis = g.get("sequential_disagreements", {}).get(r)
-            if dis is None:  # a sequential run from before per-input decisions were recorded
-                dis = {"lost": [["not recorded"]], "gained": [["not recorded"]]}
+        for r in (format(x, "g") for x in v["radii_decided"]):
+            dis = g["sequential_disagreements"][r]
             rows.append([sg, r, f"{100 * f['certified_accuracy'][r]:.0f}%", f"{100 * q['certified_accuracy'][r]:.0f}%",
                          f"{g['sequential_certified_accuracy_gap_pp'][r]:+.0f}",
-                         ", ".join(f"{x[0]} ({x[1]:.4f})" if len(x) > 1 else x[0] for x in dis["lost"]) or "none",
-                         ", ".join(f"{x[0]} ({x[1]:.4f})" if len(x) > 1 else x[0] for x in dis["gained"]) or "none"])
+                         ", ".join(f"{x[0]} ({x[1]:.4f})" for x in dis["lost"]) or "none",
+                         ", ".join(f"{x[0]} ({x[1]:.4f})" for x in dis["gained"]) or "none"])
         totals.append([sg, n0(f["evaluations_mean"]), n0(q["evaluations_mean"]), ratio(g["sequential_evaluation_ratio"]),
                      f"{g['sequential_max_abs_gap_pp']:.0f} pp", "yes" if g["sequential_met"] else "no"])
     return (source(name, f"CPU {h['cpu_model']}, {h['cpus']} cores") + ", merged from "
