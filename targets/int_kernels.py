@@ -68,8 +68,10 @@ Requirements (else the caller uses a plain integer conv2d): uint8 activations wi
 within the kernel's range (int8 for vpdpbusd, sdot and smlal_narrow, int16 for vpmaddwd and smlal), groups = 1,
 dilation 1, output width a multiple of 4 (of 8 for smlal_narrow), and the NEON kernels' sum bounds (`fits`).
 
-Schedule (`schedule_qconv`): batch loop parallel, pack computed per image, register tile F output channels × U rows ×
-L columns of int32 accumulators (F, U: `tile`), reduction over (cg, kh, kw) inside, the fused epilogue (bias,
+Schedule (`schedule_qconv`): batch loop parallel (with the output-channel tiles when there are fewer images than
+twice the threads), pack computed per image inside it (or, for few images, once before it, parallel over channel
+words), its rows vectorized over the interior columns (`_schedule_pack`), register tile F output channels × U rows
+× L columns of int32 accumulators (F, U: `tile`), reduction over (cg, kh, kw) inside, the fused epilogue (bias,
 requantize or dequantize) computed per tile and vectorized.
 """
 
@@ -80,6 +82,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 CONV_BLOCK, PACK_BLOCK = "arq_qconv", "arq_qconv_pack"
+PACK_COLUMNS = "arq_pack_columns"  # the stride-1 pack block's annotation: [left padding columns, input width]
+# False: the pack as it was scheduled before (computed inside the conv's parallel loop whatever the batch, its rows
+# vectorized with the padding test in them, which TVM scalarizes), for measuring the difference (x86_narrow_bench)
+VECTORIZED_PACK = True
 UNROLL = ("oi", "ohi", "rw")
 KERNELS = ("vpdpbusd", "vpmaddwd", "vpmaddubsw", "sdot", "smlal", "smlal_narrow")  # x86 (vpdpbusd with VNNI,
 # else vpmaddwd with vpmaddubsw for narrow pairs), then AArch64 (sdot with the dot-product extension, else smlal
@@ -628,7 +634,9 @@ def qconv2d(x, wp, strides, padding, kernel: Kernel, shifts=None):
             return pix(n, c, h, w).astype(kernel.operand)
 
     if sw == 1:  # row width rounded up to 8 columns so that the pack stage vectorizes evenly
-        xs = te.compute((n_, cg_, h_ + pt + pb, -(-(w_ + pl + pr) // 8) * 8), word, name=pack_name)
+        # PACK_COLUMNS tells the schedule where the padding columns are: (left, interior)
+        xs = te.compute((n_, cg_, h_ + pt + pb, -(-(w_ + pl + pr) // 8) * 8), word, name=pack_name,
+                        attrs={PACK_COLUMNS: [pl, w_]})
 
         def load(n, cg, oh, ow, kh, kw):
             return xs[n, cg, oh * sh + kh, ow + kw]
@@ -740,8 +748,7 @@ def _schedule_one(sch, kernel: Kernel, names: set, threads: int) -> bool:
         sch.parallel(sch.fuse(n, oo))
     if narrow:  # the partial sums inside the chunk loop first (they, not rb, consume the pack stage)
         sch.compute_at(sch.get_sblock(part), red[0])
-    sch.compute_at(pack, sch.get_loops(rb)[0])
-    _vectorize_inner(sch, pack, lanes)
+    _schedule_pack(sch, pack, rb, lanes, per_image=ext[0] >= 2 * threads or ext[0] >= 8)
     for name in epilogue:
         eb = sch.get_sblock(name)
         sch.reverse_compute_at(eb, owo)
@@ -788,6 +795,45 @@ def _schedule_partial(sch, pb, chunk_loop, kernel: Kernel, tile: tuple[int, int,
         if name in loops:
             sch.unroll(loops[name])
     sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _schedule_pack(sch, pack, rb, lanes: int, per_image: bool) -> None:
+    """The pack stage (activations to padded words or elements). per_image: the conv's parallel loop is the batch
+    alone, so each image's pack is computed inside it, where the conv reads it from cache; otherwise (few images:
+    the parallel loop also runs over output-channel tiles, each of which would repack the whole image) the pack runs
+    once, before the conv, parallel over images and channel words.
+
+    Its rows are vectorized without the padding test: the columns of a stride-1 pack split into the left padding,
+    the interior and the rest (`loop_partition`), so that the interior, where every column reads the input, has no
+    column-dependent condition, which the vectorizer cannot keep in vector form (it would scalarize the whole row
+    into byte loads and branches). The padding columns stay scalar: one or two per row."""
+    if not VECTORIZED_PACK:
+        sch.compute_at(pack, sch.get_loops(rb)[0])
+        _vectorize_inner(sch, pack, lanes)
+        return
+    if per_image:
+        sch.compute_at(pack, sch.get_loops(rb)[0])
+        loops = sch.get_loops(pack)[1:]
+    else:
+        loops = sch.get_loops(pack)
+        sch.parallel(sch.fuse(*loops[:2]))
+        loops = sch.get_loops(pack)[1:]
+    cols = sch.get(pack).annotations.get(PACK_COLUMNS)
+    if cols is None:  # strided pack (columns gathered per kernel column): rows vectorized as they are
+        _vectorize_inner(sch, pack, lanes)
+        return
+    left, width = (int(v) for v in cols)
+    wl = loops[-1]
+    extent = int(sch.get(wl).extent)
+    if not 0 < width <= extent - left:
+        _vectorize_inner(sch, pack, lanes)
+        return
+    # the last piece's extent is inferred (loop_partition takes the others' sum below the extent)
+    factors = [f for f in (left, width) if f > 0]
+    parts = sch.loop_partition(wl, [*factors, None]) if left + width < extent else (
+        sch.loop_partition(wl, [left, None]) if left > 0 else [wl])
+    # the whole interior as one vector (LLVM splits it into registers; a partitioned loop cannot be split)
+    sch.vectorize(parts[1] if left > 0 else parts[0])
 
 
 def _vectorize_inner(sch, block, lanes):

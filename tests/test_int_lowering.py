@@ -450,6 +450,79 @@ def test_vpmaddubsw_library_runs_the_instruction(tmp_path):
     ex.export_library(str(tmp_path / "m.so"))
     asm = subprocess.run([objdump, "-d", str(tmp_path / "m.so")], capture_output=True, text=True).stdout
     assert asm.count("vpmaddubsw") > 0 and asm.count("vpaddw") > 0 and "zmm" not in asm and "vpdpbusd" not in asm
+    assert "vpmovzxbd" in asm  # the pack's rows: bytes zero-extended into words in vectors, not one by one
+
+
+def _scheduled_qconv(target: str, kernel_name: str, n: int, threads: int = 2):
+    """`qconv2d` of a 16 -> 16 channel 3×3 layer (padding 1) on 16×16 inputs (batch n) for kernel_name on target,
+    scheduled by `schedule_qconv`: the schedule, and the names of the pack's interior block and the conv's block."""
+    import re
+
+    import tvm
+    from tvm import s_tir, te
+
+    from arq_deploy.targets import int_kernels
+    from arq_deploy.targets.registry import get_target, resolve_tvm_target
+
+    tgt = tvm.target.Target(resolve_tvm_target(get_target(target)))
+    base = int_kernels.select(tgt, "auto" if target.startswith("rpi") else kernel_name)
+    kern = next(k for k in int_kernels.family(base) if k.name == kernel_name)
+    w = np.random.default_rng(0).integers(-7, 8, (16, 16, 3, 3))
+    wpk = int_kernels.packed_weights(kern, w, 15)
+    x = te.placeholder((n, 16, 16, 16), "uint8", name="x")
+    args = [x, te.placeholder(wpk.shape, str(wpk.dtype), name="wp")]
+    if kern.name == "vpmaddubsw":
+        args.append(te.placeholder((2,), "int32", name="shifts"))
+    y = int_kernels.qconv2d(x, args[1], (1, 1), (1,) * 4, kern, args[2] if len(args) > 2 else None)
+    sch = s_tir.Schedule(te.create_prim_func([*args, y]))
+    assert int_kernels.schedule_qconv(sch, kern, threads=threads)
+    names = re.findall(r'T\.sblock\("([^"]+)"\)', sch.mod.script())
+    conv, pack = int_kernels.block_names(kern)
+    return sch, [b for b in names if b.startswith(pack)], next(
+        b for b in names if b.startswith(conv) and b.endswith("_update_o") and "part" not in b)
+
+
+@pytest.mark.parametrize("target,kernel_name", [("x86-avx2", "vpmaddubsw"), ("x86-avx2", "vpmaddwd"),
+                                                ("x86", "vpdpbusd"), ("rpi4", "smlal_narrow"), ("rpi4", "smlal")])
+@pytest.mark.parametrize("n", [1, 8])
+def test_the_pack_rows_are_vectorized_and_packed_once_per_image(target, kernel_name, n):
+    """The pack stage (activations into padded words or elements) of a stride-1 layer: its interior columns (1 ..
+    16 here, after one padding column) form a vectorized loop of their own, where the padding test is known true (a
+    column-dependent condition makes TVM scalarize the whole row into byte loads and branches; the AVX2 library
+    test below finds the vector zero-extensions it becomes). With 8 images (2 threads) it is computed per image
+    inside the conv's parallel batch loop; with 1 image, once, in a parallel loop of its own, not inside the conv's
+    loop over output-channel tiles (which would repack the image for every tile)."""
+    from tvm import tirx
+
+    sch, packs, conv = _scheduled_qconv(target, kernel_name, n)
+
+    def loops(block: str) -> list:
+        return [sch.get(lp) for lp in sch.get_loops(sch.get_sblock(block))]
+
+    vec = [lp for b in packs for lp in loops(b) if lp.kind == tirx.ForKind.VECTORIZED]
+    assert [(int(lp.min), int(lp.extent)) for lp in vec] == [(1, 16)]
+    conv_loops = loops(conv)
+    common = [b for b in packs if b.endswith("_common")]  # the blocks of the partitioned columns sit in this one
+    assert len(common) == 1
+    par_pack = [lp for lp in loops(common[0]) if lp.kind == tirx.ForKind.PARALLEL]
+    par_conv = [lp for lp in conv_loops if lp.kind == tirx.ForKind.PARALLEL]
+    assert len(par_pack) == 1 and len(par_conv) == 1
+    assert par_pack[0].same_as(par_conv[0]) == (n == 8)
+    if n == 1:  # the pack's parallel loop runs over the image's channel words; the conv's over its channel tiles
+        assert int(par_pack[0].extent) == (16 // 4 if kernel_name.startswith("vp") and kernel_name != "vpmaddwd"
+                                           else 16 // 2 if kernel_name == "vpmaddwd" else 16)
+
+
+def test_the_vectorized_pack_keeps_padding_and_strides_exact():
+    """Batch 1 (pack in its own loop) and batch 8 (pack per image), stride 1 with padding 1 and 0, stride 2: the
+    integer build equals the exact reference bit for bit."""
+    for n, stride, pad in ((1, 1, 1), (1, 2, 1), (8, 1, 0), (1, 1, 0), (8, 2, 1)):
+        model, params = qdq_graph("conv", stride=stride, pad=pad, seed=n + stride + pad)
+        hw = 16 + 2 * (1 - pad)  # output width 16 or 8: a multiple of the kernels' 4 lanes
+        x = _input("conv", (n, 16, hw, hw), 0, 255, seed=stride)
+        got, info = tvm_run(model, x)
+        assert info["integer_lowering"]["conv2d_kernel"] == 1
+        assert np.array_equal(got, reference("conv", x, params, z_x=0, stride=stride, pad=pad)), (n, stride, pad)
 
 
 def test_float_output_conv_matches_within_float_rounding():
