@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 POLICIES = {"W8A8": 8, "W4A4": 4, "W2A2": 2}
 # (target, policy, --int-kernel): `auto` everywhere, and the other kernel for the narrow policies
 BUILDS = [(t, p, "auto") for t in ("x86", "x86-avx2") for p in POLICIES] + [
@@ -86,7 +85,7 @@ def main():
         save_onnx(float_onnx(load("resnet20", ckpt).model, lm.input_shape), work / "fp32.onnx")
         calib = train.x()[:512]
         ort_quantize_static(work / "fp32.onnx", calib, work / "ort_int8.onnx")
-        runners, lowering, compile_s = {PEER: OrtRunner(work / "ort_int8.onnx", batch_size=args.batch)}, {}, {}
+        runners, lowering, compile_s = {}, {}, {}  # runners: for the agreement check only, in this process
         models = {PEER: (work / "ort_int8.onnx", None)}  # what each timing process opens: (path, target)
         for (target, policy, kernel), scalar in [(b, False) for b in BUILDS] + [(b, True) for b in SCALAR_PACK]:
             k = key(target, policy, kernel, scalar)
@@ -113,9 +112,8 @@ def main():
             for k, r in runners.items():
                 if f" {policy} " in k:
                     agree[k] = float((r(x).argmax(1) == ref).mean())
-        del runners[PEER]  # no runtime stays open in this process while the timing processes run
         keys = [PEER, *runners]
-        runners.clear()
+        runners.clear()  # no runtime stays open in this process while the timing processes run
         lat = {k: [] for k in keys}
         thr = {k: [] for k in keys}
         for rnd in range(args.rounds):

@@ -742,13 +742,11 @@ def _schedule_one(sch, kernel: Kernel, names: set, threads: int) -> bool:
     oho, ohi = sch.split(oh, [None, u])
     owo, owi = sch.split(ow, [None, lanes])
     sch.reorder(n, oo, oho, owo, *red, oi, ohi, owi)
-    if ext[0] >= 2 * threads or ext[0] >= 8:
-        sch.parallel(n)
-    else:
-        sch.parallel(sch.fuse(n, oo))
+    per_image = ext[0] >= 2 * threads or ext[0] >= 8  # enough images to parallelize over the batch alone
+    sch.parallel(n if per_image else sch.fuse(n, oo))
     if narrow:  # the partial sums inside the chunk loop first (they, not rb, consume the pack stage)
         sch.compute_at(sch.get_sblock(part), red[0])
-    _schedule_pack(sch, pack, rb, lanes, per_image=ext[0] >= 2 * threads or ext[0] >= 8)
+    _schedule_pack(sch, pack, rb, lanes, per_image)
     for name in epilogue:
         eb = sch.get_sblock(name)
         sch.reverse_compute_at(eb, owo)
@@ -806,34 +804,25 @@ def _schedule_pack(sch, pack, rb, lanes: int, per_image: bool) -> None:
     Its rows are vectorized without the padding test: the columns of a stride-1 pack split into the left padding,
     the interior and the rest (`loop_partition`), so that the interior, where every column reads the input, has no
     column-dependent condition, which the vectorizer cannot keep in vector form (it would scalarize the whole row
-    into byte loads and branches). The padding columns stay scalar: one or two per row."""
-    if not VECTORIZED_PACK:
+    into byte loads and branches). The few columns either side of it stay scalar."""
+    if per_image or not VECTORIZED_PACK:
         sch.compute_at(pack, sch.get_loops(rb)[0])
-        _vectorize_inner(sch, pack, lanes)
-        return
-    if per_image:
-        sch.compute_at(pack, sch.get_loops(rb)[0])
-        loops = sch.get_loops(pack)[1:]
     else:
-        loops = sch.get_loops(pack)
-        sch.parallel(sch.fuse(*loops[:2]))
-        loops = sch.get_loops(pack)[1:]
+        sch.parallel(sch.fuse(*sch.get_loops(pack)[:2]))  # images × channel words
     cols = sch.get(pack).annotations.get(PACK_COLUMNS)
-    if cols is None:  # strided pack (columns gathered per kernel column): rows vectorized as they are
-        _vectorize_inner(sch, pack, lanes)
-        return
-    left, width = (int(v) for v in cols)
-    wl = loops[-1]
+    wl = sch.get_loops(pack)[-1]
     extent = int(sch.get(wl).extent)
-    if not 0 < width <= extent - left:
+    left, width = (int(v) for v in cols) if cols is not None else (0, 0)
+    # the old schedule, or a strided pack (columns gathered per kernel column): the rows vectorized as they are
+    if not VECTORIZED_PACK or not 0 < width <= extent - left:
         _vectorize_inner(sch, pack, lanes)
         return
-    # the last piece's extent is inferred (loop_partition takes the others' sum below the extent)
-    factors = [f for f in (left, width) if f > 0]
-    parts = sch.loop_partition(wl, [*factors, None]) if left + width < extent else (
-        sch.loop_partition(wl, [left, None]) if left > 0 else [wl])
+    # pieces before the interior's end; the last one's extent is inferred (loop_partition wants the given ones'
+    # sum below the loop's extent)
+    pieces = ([left] if left > 0 else []) + ([width] if left + width < extent else [])
+    parts = sch.loop_partition(wl, [*pieces, None]) if pieces else [wl]
     # the whole interior as one vector (LLVM splits it into registers; a partitioned loop cannot be split)
-    sch.vectorize(parts[1] if left > 0 else parts[0])
+    sch.vectorize(parts[1 if left > 0 else 0])
 
 
 def _vectorize_inner(sch, block, lanes):

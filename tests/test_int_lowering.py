@@ -455,7 +455,7 @@ def test_vpmaddubsw_library_runs_the_instruction(tmp_path):
 
 def _scheduled_qconv(target: str, kernel_name: str, n: int, threads: int = 2):
     """`qconv2d` of a 16 -> 16 channel 3×3 layer (padding 1) on 16×16 inputs (batch n) for kernel_name on target,
-    scheduled by `schedule_qconv`: the schedule, and the names of the pack's interior block and the conv's block."""
+    scheduled by `schedule_qconv`: the schedule, the kernel, the names of the pack's blocks and the conv's block."""
     import re
 
     import tvm
@@ -478,7 +478,7 @@ def _scheduled_qconv(target: str, kernel_name: str, n: int, threads: int = 2):
     assert int_kernels.schedule_qconv(sch, kern, threads=threads)
     names = re.findall(r'T\.sblock\("([^"]+)"\)', sch.mod.script())
     conv, pack = int_kernels.block_names(kern)
-    return sch, [b for b in names if b.startswith(pack)], next(
+    return sch, kern, [b for b in names if b.startswith(pack)], next(
         b for b in names if b.startswith(conv) and b.endswith("_update_o") and "part" not in b)
 
 
@@ -489,12 +489,12 @@ def test_the_pack_rows_are_vectorized_and_packed_once_per_image(target, kernel_n
     """The pack stage (activations into padded words or elements) of a stride-1 layer: its interior columns (1 ..
     16 here, after one padding column) form a vectorized loop of their own, where the padding test is known true (a
     column-dependent condition makes TVM scalarize the whole row into byte loads and branches; the AVX2 library
-    test below finds the vector zero-extensions it becomes). With 8 images (2 threads) it is computed per image
+    test above finds the vector zero-extensions it becomes). With 8 images (2 threads) it is computed per image
     inside the conv's parallel batch loop; with 1 image, once, in a parallel loop of its own, not inside the conv's
     loop over output-channel tiles (which would repack the image for every tile)."""
     from tvm import tirx
 
-    sch, packs, conv = _scheduled_qconv(target, kernel_name, n)
+    sch, kern, packs, conv = _scheduled_qconv(target, kernel_name, n)
 
     def loops(block: str) -> list:
         return [sch.get(lp) for lp in sch.get_loops(sch.get_sblock(block))]
@@ -509,8 +509,7 @@ def test_the_pack_rows_are_vectorized_and_packed_once_per_image(target, kernel_n
     assert len(par_pack) == 1 and len(par_conv) == 1
     assert par_pack[0].same_as(par_conv[0]) == (n == 8)
     if n == 1:  # the pack's parallel loop runs over the image's channel words; the conv's over its channel tiles
-        assert int(par_pack[0].extent) == (16 // 4 if kernel_name.startswith("vp") and kernel_name != "vpmaddwd"
-                                           else 16 // 2 if kernel_name == "vpmaddwd" else 16)
+        assert int(par_pack[0].extent) == 16 // kern.group
 
 
 def test_the_vectorized_pack_keeps_padding_and_strides_exact():
