@@ -178,6 +178,32 @@ def test_single_conv_bit_exact_against_onnxruntime_and_numpy(case, kernel_name):
     assert len(np.unique(got)) > 20  # the outputs span the range (not all clipped)
 
 
+def test_every_kernel_function_gets_the_kernel_schedule():
+    """A plain integer build schedules its conv with the kernel: nothing is listed as unscheduled."""
+    model, _ = qdq_graph("conv")
+    _, info = tvm_run(model, _input("conv", (2, 16, 8, 8), 0))
+    assert info["funcs_arq"] >= 1 and "int_kernel_unscheduled" not in info
+
+
+def test_a_failed_kernel_schedule_is_reported_and_stays_exact(monkeypatch):
+    """A kernel schedule that raises (a bug in ours, a shape it did not foresee) does not pass silently: the build
+    warns, names the function in its schedule info, and the layer, under a generic schedule, is still exact."""
+    from arq_deploy.targets import int_kernels
+    from arq_deploy.targets.tvm_build import KernelScheduleWarning
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("injected schedule failure")
+
+    monkeypatch.setattr(int_kernels, "_schedule_one", broken)
+    model, params = qdq_graph("conv")
+    x = _input("conv", (2, 16, 8, 8), 0)
+    with pytest.warns(KernelScheduleWarning, match="injected schedule failure"):
+        got, info = tvm_run(model, x)
+    failed = info["int_kernel_unscheduled"]
+    assert len(failed) == 1 and "qconv" in failed[0]["function"] and "injected" in failed[0]["error"]
+    assert np.array_equal(got, reference("conv", x, params, z_x=0))
+
+
 @pytest.mark.parametrize("kernel_name", KERNEL_PARAMS)
 def test_full_range_int8_weights_are_exact(kernel_name):
     """u8 activations × s8 weights, both full range (-128 included): TVM's integer build equals the exact
