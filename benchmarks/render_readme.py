@@ -415,7 +415,32 @@ def sequential_vs_fixed() -> str:
                      "goal met (≤ 1 pp, ≥ 20×)"], totals)
             + "\n\nPer radius (certified accuracy; the inputs fixed N certifies and the sequential run does not, and "
             "the other way round, with fixed N's hit rate p̂):\n\n"
-            + table(["σ", "r", "fixed N", "sequential", "gap, pp", "lost (image, p̂)", "gained (image, p̂)"], rows))
+            + table(["σ", "r", "fixed N", "sequential", "gap, pp", "lost (image, p̂)", "gained (image, p̂)"], rows)
+            + _adaptive_vs_fixed(d))
+
+
+def _adaptive_vs_fixed(d: dict) -> str:
+    """The adaptive runs of a merged 100-image JSON: ACR against fixed N where the fixed run exists, evaluations
+    against fixed N's known cost (n0 + N per input) everywhere."""
+    sc, rows = d["scale"], []
+    for sg, v in d["sigmas"].items():
+        a = v.get("adaptive")
+        if a is None:
+            continue
+        f, g = v.get("fixed"), v.get("goals", {})
+        fixed_cost = sc["n0"] + sc["n"]
+        ratio_x = fixed_cost / a["evaluations_mean"]
+        rows.append([sg, f3(f["acr"]) if f else "not run", f3(a["acr"]),
+                     f"{g['adaptive_acr_gap']:+.3f}" if f else "–", n0(a["evaluations_mean"]),
+                     n0(a["evaluations_median"]), n0(sum(e >= fixed_cost for e in (r[2] for r in a["per_input"]))),
+                     ratio(ratio_x), ("yes" if g["adaptive_met"] else "no") if f else
+                     f"{'≥' if ratio_x >= 3 else '<'} 3×; ACR not compared"])
+    if not rows:
+        return ""
+    return ("\n\nAdaptive radius estimation (`certify --adaptive`, tolerance "
+            f"{sc['tolerance']}) on the same images, against fixed N's ACR where that run exists:\n\n"
+            + table(["σ", "ACR, fixed N", "ACR, adaptive", "gap", "evaluations / input (mean)", "median",
+                     "inputs at the cap", "fewer than fixed N", "goal met (ACR within 0.01, ≥ 3×)"], rows))
 
 
 def schedule_sim() -> str:

@@ -11,6 +11,9 @@ onnxruntime, by each reward kind of `arq_deploy.search.reward`, interleaved poli
   adaptive-T the adaptive reward (anytime-valid confidence sequences, cap n_p, first look --first-n), tolerance T
   adaptive-float-T  the same with stop = "float": an image also stops once its radius is within T of f's radius
   adaptive-capC-T   the adaptive reward with a lower cap C (`--low-cap`, first look --low-cap-first-n)
+  full-retest       with `--retest-seed S`: the full reward again on the same images and quantized models, with the
+                    noise of seed S: how well the reference ranking reproduces itself (its test-retest ρ bounds what
+                    any reward can reach against it), and a second reference (ρ against the mean of both)
 
 The IRS, small-n_p IRS and adaptive rewards all run f_q on prefixes of the same noise stream (seed, "irs"): a
 `SharedRows` runner computes each row once per policy and the others replay it, while each reward is still charged
@@ -105,6 +108,8 @@ def main(argv=None):
     ap.add_argument("--low-cap-tolerances", default="0.05,0.1,0.15")
     ap.add_argument("--calib-images", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--retest-seed", type=int, default=None,
+                    help="also score the full reward with this noise seed (kind full-retest)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reward_rank_bench.json"))
     ap.add_argument("--cluster", type=float, default=0.02,
                     help="near-float policies: full-N reward within this of the best (ρ reported apart)")
@@ -142,14 +147,23 @@ def main(argv=None):
         for t in (float(v) for v in args.low_cap_tolerances.split(",") if v):
             kinds[f"adaptive-cap{args.low_cap}-{t:g}"] = RewardConfig(
                 kind="adaptive", first_n=args.low_cap_first_n, tolerance=t, **(base | {"n_p": args.low_cap}))
-    settings = {key: {"kind": c.kind, "n_p": c.n_p} | ({"first_n": c.first_n, "tolerance": c.tolerance, "stop": c.stop}
-                                                       if c.kind == "adaptive" else {}) for key, c in kinds.items()}
+    if args.retest_seed is not None:
+        if args.retest_seed == args.seed:
+            ap.error("--retest-seed must differ from --seed")
+        kinds["full-retest"] = RewardConfig(kind="full", **(base | {"seed": args.retest_seed}))
+    settings = {key: {"kind": c.kind, "n_p": c.n_p} | ({"seed": c.seed} if key == "full-retest" else {})
+                | ({"first_n": c.first_n, "tolerance": c.tolerance, "stop": c.stop} if c.kind == "adaptive" else {})
+                for key, c in kinds.items()}
     work = Path(tempfile.mkdtemp(prefix="reward-rank-"))
     evs, float_info = {}, {}
     t0 = time.perf_counter()
     for key, cfg in kinds.items():
-        ev = RewardEvaluator(lm, train, cfg)
-        cache = work / f"n_p{cfg.n_p}"  # f's IRS labels per n_p; f's certificates are the same for all
+        if key == "full-retest":  # the same images and calibration set; only the noise differs
+            ev = RewardEvaluator(lm, train, cfg, indices=(evs["full"].val_idx, evs["full"].calib_idx))
+            cache = work / "retest"
+        else:
+            ev = RewardEvaluator(lm, train, cfg)
+            cache = work / f"n_p{cfg.n_p}"  # f's IRS labels per n_p; f's certificates are the same for all
         cache.mkdir(exist_ok=True)
         if cfg.n_p != args.n_p and (work / f"n_p{args.n_p}" / "float-cert.tsv").exists():
             shutil.copy(work / f"n_p{args.n_p}" / "float-cert.tsv", cache / "float-cert.tsv")
@@ -213,13 +227,23 @@ def summarize(rows: dict, settings: dict, cluster: float) -> dict:
                         "computed_per_reward": float(np.mean([r["computed"] for r in rs])),
                         "seconds_per_reward": float(np.mean([r["seconds"] for r in rs])),
                         "mean_reward": float(np.mean(rewards))}
+    if "full-retest" in rows:  # a second reference: how well the full ranking reproduces itself, and the mean of both
+        retest = np.array([r["reward"] for r in rows["full-retest"]][: len(full)])
+        both = (full + retest) / 2
+        for key, s in summary.items():
+            rewards = np.array([r["reward"] for r in rows[key][: len(full)]])
+            s["spearman_vs_retest"] = rho(spearmanr, rewards, retest)
+            s["spearman_vs_both"] = rho(spearmanr, rewards, both)
     irs_samples = summary["irs"]["samples_per_reward"]
     for s in summary.values():
         s["cheaper_than_irs"] = irs_samples / s["samples_per_reward"] if s["samples_per_reward"] else None
     goals = {k: {"cheaper_than_irs_x": s["cheaper_than_irs"], "spearman": s["spearman_vs_full"],
                  "met": bool(s["cheaper_than_irs"] >= 3 and s["spearman_vs_full"] >= 0.9)}
-             for k, s in summary.items() if k not in ("full", "irs")}
-    return {"kinds": summary, "goals": goals,
+             for k, s in summary.items() if k not in ("full", "irs", "full-retest")}
+    reference = ({"test_retest_spearman": summary["full-retest"]["spearman_vs_full"],
+                  "test_retest_spearman_near_float": summary["full-retest"]["spearman_near_float"]}
+                 if "full-retest" in summary else {})
+    return {"kinds": summary, "goals": goals, **({"reference": reference} if reference else {}),
             "near_float": {"cluster": cluster, "policies": int(near.sum()),
                            "full_reward_range": [float(full[near].min()), float(full[near].max())]}}
 
@@ -245,7 +269,7 @@ def results(args, rows, policies, names, float_info, host, build_seconds, wall, 
                   "n": args.n, "n_p": args.n_p,
                   "small_n_p": args.small_n_p, "first_n": args.first_n, "low_cap": args.low_cap,
                   "low_cap_first_n": args.low_cap_first_n, "calib_images": args.calib_images,
-                  "alpha": 0.001, "alpha_zeta": 0.001, "seed": args.seed,
+                  "alpha": 0.001, "alpha_zeta": 0.001, "seed": args.seed, "retest_seed": args.retest_seed,
                   "policy_sampling": "per policy floor b ~ U{2..6}; each layer's w and a bits ~ U{b..8}"},
         "float_model": {"acr": float_info["full"]["acr"], "clean_accuracy": float_info["full"]["clean_accuracy"],
                         "one_off_evaluations": {"certify": args.images * (args.n0 + args.n),
