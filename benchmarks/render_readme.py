@@ -534,10 +534,28 @@ def reward_rank() -> str:
     return text
 
 
+def reward_retest() -> str:
+    """The ranking run again with a second full reward on other noise: the reference's own reproducibility."""
+    name = "reward_rank_bench_retest.json"
+    d = load(name)
+    h, sc, ref = d["host"], d["scale"], d["reference"]
+    rows = [[key, f2(k["spearman_vs_full"]), f2(k["spearman_vs_retest"]), f2(k["spearman_vs_both"]),
+             f2(k["spearman_near_float"]), ratio(k["cheaper_than_irs"])]
+            for key, k in d["kinds"].items() if key not in ("full", "full-retest")]
+    return (source(name, f"CPU {h['cpu_model']}, {h['cpus']} cores") + f"; the run above again ({sc['policies']} "
+            f"policies, {sc['images']} images, seed {sc['seed']}), with the full reward scored a second time on noise "
+            f"seed {sc['retest_seed']}: the full reward's test-retest Spearman ρ is {f3(ref['test_retest_spearman'])} "
+            f"({f3(ref['test_retest_spearman_near_float'])} over the {d['near_float']['policies']} near-float "
+            "policies). Every reward's ρ against the first full reward, the second, and the mean of both:\n\n"
+            + table(["reward", "ρ vs full (seed 0)", f"ρ vs full (seed {sc['retest_seed']})", "ρ vs their mean",
+                     "ρ near-float (seed 0)", "cheaper than IRS"], rows))
+
+
 SECTIONS = {"tvm_int8": tvm_int8, "runtime": runtime, "certify": certify, "bops": bops, "schemes": schemes, "arq": arq,
             "arq_paired": paired, "irs": irs, "irs_equal_acr": equal_acr, "robustness": robustness,
             "adaptive": adaptive, "adaptive_10k": adaptive_10k, "sequential_100": sequential_100,
-            "schedule_sim": schedule_sim, "sequential_vs_fixed": sequential_vs_fixed, "reward_rank": reward_rank}
+            "schedule_sim": schedule_sim, "sequential_vs_fixed": sequential_vs_fixed, "reward_rank": reward_rank,
+            "reward_retest": reward_retest}
 
 
 def main(argv: list[str]) -> None:
