@@ -96,6 +96,11 @@ def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
         before, t = counted.evaluations, time.perf_counter()
         certs.append(fn())
         runs[key] = (certs, evals + [counted.evaluations - before], secs + time.perf_counter() - t)
+        if args.progress_log:  # one line per input as it finishes: a run cut short still leaves its inputs
+            c = certs[-1]
+            with open(args.progress_log, "a") as f:
+                f.write(f"{sigma}\t{key}\t{c.idx}\t{int(c.correct)}\t{runs[key][1][-1]}\t"
+                        f"{c.count_a}\t{c.n}\n")
 
     t0 = time.perf_counter()
     for k, i in enumerate(idx):
@@ -230,6 +235,8 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "adaptive_bench.json"))
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="merge these runs' JSONs (same images, σ and N) into --out and score the goals; runs nothing")
+    ap.add_argument("--progress-log", default=None, metavar="TSV",
+                    help="append each input's result (σ, mode, image, correct, evaluations, hits, n) as it finishes")
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.out)
