@@ -423,12 +423,12 @@ def _adaptive_vs_fixed(d: dict) -> str:
     """The adaptive runs of a merged 100-image JSON: ACR against fixed N where the fixed run exists, evaluations
     against fixed N's known cost (n0 + N per input) everywhere."""
     sc, rows = d["scale"], []
+    fixed_cost = sc["n0"] + sc["n"]
     for sg, v in d["sigmas"].items():
         a = v.get("adaptive")
         if a is None:
             continue
         f, g = v.get("fixed"), v.get("goals", {})
-        fixed_cost = sc["n0"] + sc["n"]
         ratio_x = fixed_cost / a["evaluations_mean"]
         rows.append([sg, f3(f["acr"]) if f else "not run", f3(a["acr"]),
                      f"{g['adaptive_acr_gap']:+.3f}" if f else "–", n0(a["evaluations_mean"]),

@@ -158,12 +158,12 @@ def main(argv=None):
     evs, float_info = {}, {}
     t0 = time.perf_counter()
     for key, cfg in kinds.items():
-        if key == "full-retest":  # the same images and calibration set; only the noise differs
-            ev = RewardEvaluator(lm, train, cfg, indices=(evs["full"].val_idx, evs["full"].calib_idx))
-            cache = work / "retest"
-        else:
-            ev = RewardEvaluator(lm, train, cfg)
-            cache = work / f"n_p{cfg.n_p}"  # f's IRS labels per n_p; f's certificates are the same for all
+        if key == "full-retest":  # the same images and calibration set, other noise; the full reward needs nothing
+            # of f prepared (the float model is the first full reward's)
+            evs[key] = RewardEvaluator(lm, train, cfg, indices=(evs["full"].val_idx, evs["full"].calib_idx))
+            continue
+        ev = RewardEvaluator(lm, train, cfg)
+        cache = work / f"n_p{cfg.n_p}"  # f's IRS labels per n_p; f's certificates are the same for all
         cache.mkdir(exist_ok=True)
         if cfg.n_p != args.n_p and (work / f"n_p{args.n_p}" / "float-cert.tsv").exists():
             shutil.copy(work / f"n_p{args.n_p}" / "float-cert.tsv", cache / "float-cert.tsv")

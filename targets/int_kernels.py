@@ -706,17 +706,32 @@ def _neon_conv(load, wp, out_shape, kernel: Kernel):
                       name=conv_name)
 
 
+def _top_blocks(sch) -> set[str]:
+    """The names of the blocks under a schedule's root block (none where it has no root block: not ours)."""
+    try:
+        return {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    except Exception:  # noqa: BLE001 - no root block: not a function of ours
+        return set()
+
+
+def _held_kernel(names: set[str], kernel: Kernel) -> Kernel | None:
+    """The member of kernel's family whose `qconv2d` blocks are among names, or None."""
+    return next((k for k in family(kernel) if set(block_names(k)) <= names), None)
+
+
+def holds_qconv(func, kernel: Kernel) -> bool:
+    """Whether PrimFunc func holds `qconv2d`'s blocks of kernel or one of its variants."""
+    from tvm import s_tir
+
+    return _held_kernel(_top_blocks(s_tir.Schedule(func)), kernel) is not None
+
+
 def schedule_qconv(sch, kernel: Kernel, threads: int = 1) -> bool:
     """Schedule a (fused) PrimFunc holding `qconv2d`'s blocks (of kernel or one of its variants) in place; False when
-    it holds none."""
-    try:
-        names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    except Exception:  # noqa: BLE001 - no root block: not a function of ours
-        return False
-    for k in family(kernel):
-        if set(block_names(k)) <= names:
-            return _schedule_one(sch, k, names, threads)
-    return False
+    it holds none. Raises where it holds them and the kernel's schedule cannot apply (the caller reports it)."""
+    names = _top_blocks(sch)
+    k = _held_kernel(names, kernel)
+    return k is not None and _schedule_one(sch, k, names, threads)
 
 
 def _schedule_one(sch, kernel: Kernel, names: set, threads: int) -> bool:
@@ -734,8 +749,8 @@ def _schedule_one(sch, kernel: Kernel, names: set, threads: int) -> bool:
     n, o, oh, ow, *red = sch.get_loops(rb)
     ext = [int(sch.get(lp).extent) for lp in (n, o, oh, ow)]
     lanes = kernel.lanes_for(ext[3])
-    if not lanes:
-        return False
+    if not lanes:  # `fits` admits no such layer; should one reach here, the build reports it rather than skip it
+        raise ValueError(f"{kernel.name}: no vector width divides the output width {ext[3]}")
     f = _divisor(ext[1], kernel.tile[0])
     u = _divisor(ext[2], kernel.tile[1])
     oo, oi = sch.split(o, [None, f])

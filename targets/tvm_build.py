@@ -43,7 +43,7 @@ from pathlib import Path
 from arq_deploy.core.errors import ArqError, UnsupportedOpError
 from arq_deploy.core.host import machine_arch
 from arq_deploy.export.qdq import load_onnx
-from arq_deploy.targets.int_kernels import KERNELS, block_names, family
+from arq_deploy.targets.int_kernels import KERNELS, holds_qconv
 from arq_deploy.targets.registry import Target, get_target, resolve_tvm_target
 from arq_deploy.targets.tuning import check_trials, database_dir
 from arq_deploy.targets.tvm_frontend import (
@@ -251,7 +251,7 @@ def build(mod, tvm_target: dict, *, opt_level: int = 3, schedule: str = "arq", i
         raise ArqError("tuning needs a database directory (tuning_db) to write its records to")
     tgt = tvm.target.Target(tvm_target)
     lanes = f32_lanes(tgt)
-    stats: dict = {}
+    stats: dict = {}  # funcs_* counts, and int_kernel_unscheduled where a kernel schedule failed
     info: dict = {"name": schedule, "vector_lanes_f32": lanes}
     kernel = None
     if integer:
@@ -437,18 +437,6 @@ def schedule_pass(tgt, lanes: int, stats: dict | None = None, kernel=None):
 class KernelScheduleWarning(UserWarning):
     """An integer conv kernel's schedule failed on a function: it runs under a generic schedule (exact, but without
     the kernel's SIMD instructions). The build's schedule info lists it under `int_kernel_unscheduled`."""
-
-
-def holds_qconv(func, kernel) -> bool:
-    """Whether PrimFunc func holds the conv blocks of `kernel` or one of its variants."""
-    from tvm import s_tir
-
-    try:
-        sch = s_tir.Schedule(func)
-        names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    except Exception:  # noqa: BLE001 - no root block: not one of ours
-        return False
-    return any(block_names(k)[0] in names for k in family(kernel))
 
 
 def _kernel_unscheduled(stats: dict, function: str, error: Exception) -> None:
