@@ -12,7 +12,7 @@ on c_A; e.g. 0.79 at σ = 0.25 and N = 10,000): above that, fixed N certifies no
 radii were left out.
 
     python benchmarks/adaptive_bench.py [--images 40] [--n 10000] [--sigmas 0.25,0.5] [--alpha 0.001]
-        [--first-n 500] [--tolerance 0.02] [--out benchmarks/results/adaptive_bench.json]
+        [--first-n 500] [--tolerance 0.015] [--out benchmarks/results/adaptive_bench.json]
 
 The issue's setting (N = 100,000 on 100 images) takes about 40 minutes per model for fixed N alone on a 2-core CPU;
 --images and --n set the scale, and the JSON records the one used.
@@ -123,6 +123,8 @@ def run_sigma(args, shared: Path, sigma: float, test, tmp: Path) -> dict:
            "futility_beta": beta}
     for key, (certs, evals, secs) in runs.items():
         res[key] = summary(certs, evals, secs, radii if key == "sequential" else None)
+    if "adaptive" in res:
+        res["adaptive"]["tolerance"] = args.tolerance
     if "fixed" not in runs:  # no reference in this run: counts only
         return res
     res["goals"] = goals(res, sigma, args.alpha)
@@ -203,8 +205,13 @@ def merge(paths: list[str], out: str) -> None:
         for sg, entry in r["sigmas"].items():
             into = merged["sigmas"].setdefault(sg, {})
             for k, v in entry.items():
+                if k == "adaptive":  # runs recorded before the entry held its tolerance: the run's
+                    v = {"tolerance": r["scale"]["tolerance"]} | v
+                    merged["scale"] = merged["scale"] | {"tolerance": v["tolerance"]}
                 if k in MODES or k not in into:
                     into[k] = v
+    if len({e["adaptive"]["tolerance"] for e in merged["sigmas"].values() if "adaptive" in e}) > 1:
+        merged["scale"]["tolerance"] = "per σ: sigmas.<σ>.adaptive.tolerance"
     for sg, entry in merged["sigmas"].items():
         if "fixed" in entry:
             entry["goals"] = goals(entry, float(sg), merged["scale"]["alpha"])
@@ -227,7 +234,7 @@ def main():
     ap.add_argument("--n0", type=int, default=100)
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--first-n", type=int, default=500)
-    ap.add_argument("--tolerance", type=float, default=0.02)
+    ap.add_argument("--tolerance", type=float, default=None, help="adaptive mode's [certify --adaptive's default]")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default=",".join(MODES),
@@ -240,6 +247,10 @@ def main():
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.out)
+    if args.tolerance is None:
+        from arq_deploy.core.config import CertifyConfig
+
+        args.tolerance = CertifyConfig.DEFAULT_TOLERANCE
     args.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     if not args.modes or any(m not in MODES for m in args.modes):
         sys.exit(f"error: --modes takes a comma-separated subset of {', '.join(MODES)}, got {args.modes}")

@@ -460,6 +460,23 @@ def schedule_sim() -> str:
                      "draws within 1 pp at every radius"], rows))
 
 
+def adaptive_tolerance_sim() -> str:
+    """Adaptive estimation's look schedule and tolerance replayed on fixed N's per-input rates."""
+    d = load("adaptive_tolerance_sim.json")
+    rows = []
+    for sg, v in d["sigmas"].items():
+        for c in v["configs"]:
+            rows.append([sg, f"{c['first_n']}, ×{c['ratio']:g}, {c['final_share']:g}, {c['tolerance']:g}"
+                         + (" (certify --adaptive)" if c["certify_adaptive_default"] else ""),
+                         n0(c["evaluations_mean"]), ratio(c["fewer_than_fixed"]), f"{c['acr_gap_mean']:+.4f}",
+                         f"{100 * c['share_of_replicates_meeting_goal']:.0f}%"])
+    return (f"`benchmarks/results/adaptive_tolerance_sim.json` ({d['replicates']} replicate draws per input, rates "
+            f"from fixed N in `{d['source']}`, N = cap = {d['n']:,}, α = {d['alpha']}):\n\n"
+            + table(["σ", "first look, ratio, α share on the cap, tolerance", "evaluations / input (mean)",
+                     "fewer than fixed N", "ACR − fixed N (mean)", "draws meeting the goal (within 0.01, ≥ 3×)"],
+                    rows))
+
+
 def _adaptive(name: str) -> str:
     d = load(name)
     h, sc = d["host"], d["scale"]
@@ -534,15 +551,17 @@ def reward_rank() -> str:
     return text
 
 
-def reward_retest() -> str:
+def reward_retest(name: str = "reward_rank_bench_retest.json") -> str:
     """The ranking run again with a second full reward on other noise: the reference's own reproducibility."""
-    name = "reward_rank_bench_retest.json"
     d = load(name)
     h, sc, ref = d["host"], d["scale"], d["reference"]
     rows = [[key, f2(k["spearman_vs_full"]), f2(k["spearman_vs_retest"]), f2(k["spearman_vs_both"]),
              f2(k["spearman_near_float"]), ratio(k["cheaper_than_irs"])]
             for key, k in d["kinds"].items() if key not in ("full", "full-retest")]
-    return (source(name, f"CPU {h['cpu_model']}, {h['cpus']} cores") + f"; the run above again ({sc['policies']} "
+    full = load("reward_rank_bench.json")["scale"]["n"]
+    what = ("the run above again" if sc["n"] == full else
+            f"the run above with the full reward at N = {sc['n']:,} instead of {full:,} (the other rewards as there)")
+    return (source(name, f"CPU {h['cpu_model']}, {h['cpus']} cores") + f"; {what} ({sc['policies']} "
             f"policies, {sc['images']} images, seed {sc['seed']}), with the full reward scored a second time on noise "
             f"seed {sc['retest_seed']}: the full reward's test-retest Spearman ρ is {f3(ref['test_retest_spearman'])} "
             f"({f3(ref['test_retest_spearman_near_float'])} over the {d['near_float']['policies']} near-float "
@@ -555,7 +574,9 @@ SECTIONS = {"tvm_int8": tvm_int8, "runtime": runtime, "certify": certify, "bops"
             "arq_paired": paired, "irs": irs, "irs_equal_acr": equal_acr, "robustness": robustness,
             "adaptive": adaptive, "adaptive_10k": adaptive_10k, "sequential_100": sequential_100,
             "schedule_sim": schedule_sim, "sequential_vs_fixed": sequential_vs_fixed, "reward_rank": reward_rank,
-            "reward_retest": reward_retest}
+            "reward_retest": reward_retest,
+            "reward_retest_n2000": lambda: reward_retest("reward_rank_bench_retest_n2000.json"),
+            "adaptive_tolerance_sim": adaptive_tolerance_sim}
 
 
 def main(argv: list[str]) -> None:

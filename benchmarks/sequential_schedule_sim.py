@@ -14,12 +14,23 @@ long enough for p̂ to be sharp. Every schedule keeps the guarantee (any stoppin
 
     python benchmarks/sequential_schedule_sim.py [--bench benchmarks/results/adaptive_bench_sequential_100img.json]
         [--replicates 200] [--out benchmarks/results/sequential_schedule_sim.json]
+
+With `--adaptive`, the same replay for adaptive radius estimation (`certify --adaptive`): each input's rate is fixed
+N's (hits / 100,000 in a run that holds fixed N, e.g. the merged 100-image JSON), `certify.sequential.estimate_radius`
+runs on binomial draws at that rate for each (look schedule, tolerance) in ADAPTIVE_CONFIGS, and fixed-N CERTIFY is
+drawn beside it: the expected ACR gap and the evaluation ratio per configuration, which is how the default
+`--tolerance` was chosen (a 100,000-sample run per σ and tolerance costs 20 to 80 minutes here; the replay, seconds).
+
+    python benchmarks/sequential_schedule_sim.py --adaptive
+        [--bench benchmarks/results/adaptive_bench_sequential_vs_fixed_100img.json]
+        [--out benchmarks/results/adaptive_tolerance_sim.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -66,13 +77,96 @@ def simulate(p: np.ndarray, correct: np.ndarray, sigma: float, radii, n: int, n0
             "share_of_replicates_within_1pp_at_every_radius": float((np.abs(gap) <= 1.0).all(axis=1).mean())}
 
 
+# (first_n, ratio, final_share, tolerance): the adaptive default (doubling looks, half of α on the cap) at four
+# tolerances, then finer looks, more of α on the cap, and a smaller first look
+ADAPTIVE_CONFIGS = [(500, 2.0, 0.5, t) for t in (0.02, 0.015, 0.0125, 0.01)] \
+    + [(500, 1.5, 0.5, t) for t in (0.015, 0.0125, 0.01)] + [(500, 2.0, 0.75, t) for t in (0.015, 0.0125)] \
+    + [(250, 1.5, 0.5, t) for t in (0.0125, 0.01)]
+
+
+def simulate_adaptive(p: np.ndarray, correct: np.ndarray, sigma: float, n: int, n0: int, alpha: float, config,
+                      replicates: int, seed: int) -> dict:
+    """Expected ACR of `estimate_radius` under one (schedule, tolerance) against fixed-N CERTIFY, both drawn at the
+    rates p, and the mean evaluations per input (n0 + samples; fixed N costs n0 + N)."""
+    from arq_deploy.certify.sequential import estimate_radius, look_schedule
+    from arq_deploy.certify.stats import cp_lower, radius
+    from arq_deploy.core.config import CertifyConfig
+
+    first_n, ratio, share, tol = config
+    schedule = look_schedule(alpha, n, first_n, ratio, share)
+    rng = np.random.default_rng(seed)
+    evals, acr_a, acr_f, at_cap = (np.zeros(replicates) for _ in range(4))
+    for rep in range(replicates):
+        for pi, ok in zip(p, correct):
+            e = estimate_radius(lambda num, pi=pi: int(rng.binomial(num, pi)), sigma, schedule, tol)
+            evals[rep] += n0 + e.samples
+            at_cap[rep] += not e.early
+            if ok:
+                acr_a[rep] += e.radius
+                lo = cp_lower(int(rng.binomial(n, pi)), n, alpha)
+                acr_f[rep] += radius(sigma, lo) if lo > 0.5 else 0.0
+    evals, gap = evals / len(p), (acr_a - acr_f) / len(p)
+    return {"first_n": first_n, "ratio": ratio, "final_share": share, "tolerance": tol,
+            "certify_adaptive_default": config == (500, 2.0, 0.5, CertifyConfig.DEFAULT_TOLERANCE),
+            "looks": list(schedule.looks), "evaluations_mean": float(evals.mean()),
+            "fewer_than_fixed": (n0 + n) / float(evals.mean()), "inputs_at_cap_mean": float(at_cap.mean()),
+            "acr_gap_mean": float(gap.mean()), "acr_gap_sd_over_replicates": float(gap.std()),
+            "share_of_replicates_meeting_goal": float(((np.abs(gap) <= 0.01) & ((n0 + n) / evals >= 3)).mean())}
+
+
+def main_adaptive(args) -> None:
+    from arq_deploy.core.fileio import write_json
+    from arq_deploy.core.host import host_info
+
+    t0 = time.perf_counter()
+    bench = json.loads(Path(args.bench).read_text())
+    sc = bench["scale"]
+    out = {"what": "adaptive radius estimation (estimate_radius) replayed on binomial draws at each input's fixed-N "
+                   "rate (a simulation, not a certification run), against fixed-N CERTIFY drawn the same way",
+           "source": Path(args.bench).name, "n": sc["n"], "n0": sc["n0"], "alpha": sc["alpha"],
+           "replicates": args.replicates, "sigmas": {}}
+    for sg, r in bench["sigmas"].items():
+        if "fixed" not in r or "per_input" not in r["fixed"]:
+            continue
+        rows = np.asarray(r["fixed"]["per_input"], dtype=np.float64)
+        correct, p = rows[:, 1].astype(bool), rows[:, 3] / rows[:, 4]
+        res = []
+        for config in ADAPTIVE_CONFIGS:
+            s = simulate_adaptive(p, correct, float(sg), sc["n"], sc["n0"], sc["alpha"], config, args.replicates,
+                                  args.seed)
+            res.append(s)
+            print(f"σ={sg} first {config[0]} ratio {config[1]} cap share {config[2]} tolerance {config[3]}"
+                  + (" (certify --adaptive)" if s["certify_adaptive_default"] else "")
+                  + f": ACR gap {s['acr_gap_mean']:+.4f} (sd {s['acr_gap_sd_over_replicates']:.4f}), "
+                  f"{s['fewer_than_fixed']:.2f}x fewer evaluations", flush=True)
+        measured = {m: {"acr": r[m]["acr"], "evaluations_mean": r[m]["evaluations_mean"]}
+                    for m in ("fixed", "adaptive") if m in r}
+        out["sigmas"][sg] = {"images": len(p), "measured": measured, "configs": res}
+    if not out["sigmas"]:
+        sys.exit(f"error: {args.bench} holds no fixed-N run with per-input counts to replay")
+    out["host"] = host_info()
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(Path(args.out), out)
+    print(f"wrote {args.out}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bench", default=str(RESULTS / "adaptive_bench_sequential_100img.json"))
-    ap.add_argument("--replicates", type=int, default=200)
+    ap.add_argument("--bench", default=None, help="[adaptive_bench_sequential_100img.json; with --adaptive, "
+                                                   "adaptive_bench_sequential_vs_fixed_100img.json]")
+    ap.add_argument("--replicates", type=int, default=None, help="[200; with --adaptive, 40]")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(RESULTS / "sequential_schedule_sim.json"))
+    ap.add_argument("--out", default=None, help="[sequential_schedule_sim.json; adaptive_tolerance_sim.json]")
+    ap.add_argument("--adaptive", action="store_true", help="replay adaptive radius estimation instead")
     args = ap.parse_args(argv)
+    if args.adaptive:
+        args.bench = args.bench or str(RESULTS / "adaptive_bench_sequential_vs_fixed_100img.json")
+        args.out = args.out or str(RESULTS / "adaptive_tolerance_sim.json")
+        args.replicates = args.replicates or 40
+        return main_adaptive(args)
+    args.bench = args.bench or str(RESULTS / "adaptive_bench_sequential_100img.json")
+    args.out = args.out or str(RESULTS / "sequential_schedule_sim.json")
+    args.replicates = args.replicates or 200
 
     from arq_deploy.core.fileio import write_json
     from arq_deploy.core.host import host_info

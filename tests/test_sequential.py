@@ -270,7 +270,7 @@ def test_config_fields_validate_and_round_trip():
     assert c.mode == "sequential" and c.radii == (0.25, 0.5) and c.n is None and c.first_n == 500
     assert CertifyConfig.from_json(c.to_json()) == c
     a = CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, adaptive=True)
-    assert a.mode == "adaptive" and a.tolerance == 0.02 and a.max_n == 100_000
+    assert a.mode == "adaptive" and a.tolerance == 0.015 and a.max_n == 100_000
     assert CertifyConfig.from_json(a.to_json()) == a
     r = CertifyConfig(out="c.tsv", model_path="m.onnx", sigma=0.25, randomized_cp=True)
     assert r.mode == "randomized-cp" and r.n == 10_000 and CertifyConfig.from_json(r.to_json()) == r
@@ -336,7 +336,7 @@ def test_cli_sequential_adaptive_and_errors(cli, digits_model, tmp_path):
     rc, out, err = cli(*base, "--adaptive", "--max-n", "2000", "--first-n", "200", "--out", tmp_path / "a.tsv")
     assert rc == 0, err
     meta = json.loads((tmp_path / "a.summary.json").read_text())["meta"]
-    assert meta["mode"] == "adaptive" and meta["tolerance"] == 0.02 and meta["samples_per_input"]["max"] <= 2100
+    assert meta["mode"] == "adaptive" and meta["tolerance"] == 0.015 and meta["samples_per_input"]["max"] <= 2100
     # randomized CP: fixed N, its own mode
     rc, out, err = cli(*base, "--n0", "20", "--n", "300", "--randomized-cp", "--out", tmp_path / "r.tsv")
     assert rc == 0, err

@@ -55,7 +55,7 @@ from arq_deploy.app.cli.options import (
 @click.option("--max-n", "max_n", type=int, default=None, help="--radii/--adaptive: sample cap per input [100000]")
 @click.option("--first-n", "first_n", type=int, default=None,
               help="--radii/--adaptive: samples at the first look (the first batch); looks double up to --max-n [500]")
-@click.option("--tolerance", type=float, default=None, help="--adaptive: radius tolerance [0.02]")
+@click.option("--tolerance", type=float, default=None, help="--adaptive: radius tolerance [0.015]")
 @click.option("--randomized-cp", is_flag=True, help="fixed-N CERTIFY with the randomized Clopper-Pearson bound "
                                                     "(exact coverage, never looser than Clopper-Pearson)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV log (appended, resumable)")
