@@ -114,17 +114,29 @@ def simulate_adaptive(p: np.ndarray, correct: np.ndarray, sigma: float, n: int, 
             "share_of_replicates_meeting_goal": float(((np.abs(gap) <= 0.01) & ((n0 + n) / evals >= 3)).mean())}
 
 
-def main_adaptive(args) -> None:
+def _start(args, what: str) -> tuple[dict, dict]:
+    """The benchmark JSON to replay, and the output's head (what, source, scale, replicates) with its start time."""
+    bench = json.loads(Path(args.bench).read_text())
+    sc = bench["scale"]
+    return bench, {"what": what, "source": Path(args.bench).name, "n": sc["n"], "n0": sc["n0"], "alpha": sc["alpha"],
+                   "replicates": args.replicates, "sigmas": {}, "_t0": time.perf_counter()}
+
+
+def _finish(out: dict, path: str) -> None:
     from arq_deploy.core.fileio import write_json
     from arq_deploy.core.host import host_info
 
-    t0 = time.perf_counter()
-    bench = json.loads(Path(args.bench).read_text())
+    out["host"] = host_info()
+    out["seconds"] = round(time.perf_counter() - out.pop("_t0"), 1)
+    write_json(Path(path), out)
+    print(f"wrote {path}")
+
+
+def main_adaptive(args) -> None:
+    bench, out = _start(args, "adaptive radius estimation (estimate_radius) replayed on binomial draws at each "
+                              "input's fixed-N rate (a simulation, not a certification run), against fixed-N CERTIFY "
+                              "drawn the same way")
     sc = bench["scale"]
-    out = {"what": "adaptive radius estimation (estimate_radius) replayed on binomial draws at each input's fixed-N "
-                   "rate (a simulation, not a certification run), against fixed-N CERTIFY drawn the same way",
-           "source": Path(args.bench).name, "n": sc["n"], "n0": sc["n0"], "alpha": sc["alpha"],
-           "replicates": args.replicates, "sigmas": {}}
     for sg, r in bench["sigmas"].items():
         if "fixed" not in r or "per_input" not in r["fixed"]:
             continue
@@ -144,10 +156,7 @@ def main_adaptive(args) -> None:
         out["sigmas"][sg] = {"images": len(p), "measured": measured, "configs": res}
     if not out["sigmas"]:
         sys.exit(f"error: {args.bench} holds no fixed-N run with per-input counts to replay")
-    out["host"] = host_info()
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(Path(args.out), out)
-    print(f"wrote {args.out}")
+    _finish(out, args.out)
 
 
 def main(argv=None):
@@ -167,17 +176,10 @@ def main(argv=None):
     args.bench = args.bench or str(RESULTS / "adaptive_bench_sequential_100img.json")
     args.out = args.out or str(RESULTS / "sequential_schedule_sim.json")
     args.replicates = args.replicates or 200
-
-    from arq_deploy.core.fileio import write_json
-    from arq_deploy.core.host import host_info
-
-    t0 = time.perf_counter()
-    bench = json.loads(Path(args.bench).read_text())
+    bench, out = _start(args, "sequential certification schedules replayed on binomial draws at each input's "
+                              "measured rate (a simulation, not a certification run), against fixed-N CERTIFY drawn "
+                              "the same way")
     sc = bench["scale"]
-    out = {"what": "sequential certification schedules replayed on binomial draws at each input's measured rate "
-                   "(a simulation, not a certification run), against fixed-N CERTIFY drawn the same way",
-           "source": Path(args.bench).name, "n": sc["n"], "n0": sc["n0"], "alpha": sc["alpha"],
-           "replicates": args.replicates, "sigmas": {}}
     for sg, r in bench["sigmas"].items():
         rows = np.asarray(r["sequential"]["per_input"], dtype=np.float64)
         correct, hits, samples = rows[:, 1].astype(bool), rows[:, 3], rows[:, 4]
@@ -196,10 +198,7 @@ def main(argv=None):
                   flush=True)
         out["sigmas"][sg] = {"images": len(p), "radii": list(radii),
                              "measured_evaluations_mean": r["sequential"]["evaluations_mean"], "schedules": res}
-    out["host"] = host_info()
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(Path(args.out), out)
-    print(f"wrote {args.out}")
+    _finish(out, args.out)
 
 
 if __name__ == "__main__":
