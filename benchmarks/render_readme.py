@@ -445,7 +445,7 @@ def _adaptive_vs_fixed(d: dict, earlier=EARLIER_ADAPTIVE) -> str:
         ratio_x = fixed_cost / a["evaluations_mean"]
         gap = a["acr"] - f["acr"] if f else None
         rows.append([sg, f"{tol:g}", f3(f["acr"]) if f else "not run", f3(a["acr"]),
-                     f"{gap:+.3f}" if f else "–", n0(a["evaluations_mean"]),
+                     f"{gap:+.4f}" if f else "–", n0(a["evaluations_mean"]),
                      n0(a["evaluations_median"]), n0(sum(e >= fixed_cost for e in (r[2] for r in a["per_input"]))),
                      ratio(ratio_x), ("yes" if abs(gap) <= 0.01 and ratio_x >= 3 else "no") if f else
                      f"{'≥' if ratio_x >= 3 else '<'} 3×; ACR not compared"])
@@ -574,7 +574,7 @@ def reward_retest(name: str = "reward_rank_bench_retest.json") -> str:
             for key, k in d["kinds"].items() if key not in ("full", "full-retest")]
     full = load("reward_rank_bench.json")["scale"]["n"]
     what = ("the run above again" if sc["n"] == full else
-            f"the run above with the full reward at N = {sc['n']:,} instead of {full:,} (the other rewards as there)")
+            f"the run above with N = {sc['n']:,} instead of {full:,}")
     return (source(name, f"CPU {h['cpu_model']}, {h['cpus']} cores") + f"; {what} ({sc['policies']} "
             f"policies, {sc['images']} images, seed {sc['seed']}), with the full reward scored a second time on noise "
             f"seed {sc['retest_seed']}: the full reward's test-retest Spearman ρ is {f3(ref['test_retest_spearman'])} "
