@@ -207,11 +207,10 @@ def merge(paths: list[str], out: str) -> None:
             for k, v in entry.items():
                 if k == "adaptive":  # runs recorded before the entry held its tolerance: the run's
                     v = {"tolerance": r["scale"]["tolerance"]} | v
-                    merged["scale"] = merged["scale"] | {"tolerance": v["tolerance"]}
                 if k in MODES or k not in into:
                     into[k] = v
-    if len({e["adaptive"]["tolerance"] for e in merged["sigmas"].values() if "adaptive" in e}) > 1:
-        merged["scale"]["tolerance"] = "per σ: sigmas.<σ>.adaptive.tolerance"
+    # the tolerance belongs to each adaptive entry: the first run's scale need not be the adaptive run's
+    merged["scale"] = {k: v for k, v in merged["scale"].items() if k != "tolerance"}
     for sg, entry in merged["sigmas"].items():
         if "fixed" in entry:
             entry["goals"] = goals(entry, float(sg), merged["scale"]["alpha"])

@@ -427,21 +427,19 @@ EARLIER_ADAPTIVE = ("adaptive_bench_adaptive_100img_offset5_sigma050.json",
 def _adaptive_vs_fixed(d: dict, earlier=EARLIER_ADAPTIVE) -> str:
     """The adaptive runs of a merged 100-image JSON (and `earlier` runs on the same images at other tolerances): ACR
     against fixed N where the fixed run exists, evaluations against fixed N's known cost (n0 + N per input)."""
-    sc, rows = d["scale"], []
+    sc, rows, seen = d["scale"], [], set()
     fixed_cost = sc["n0"] + sc["n"]
-    runs = [(sg, v.get("adaptive"), v) for sg, v in d["sigmas"].items()]
+    runs = [(sg, v["adaptive"], v) for sg, v in d["sigmas"].items() if "adaptive" in v]
     for name in earlier:
         e = load(name)
         if e["scale"]["images"] == sc["images"] and e["scale"].get("image_offset") == sc.get("image_offset"):
-            runs += [(sg, v["adaptive"] | {"tolerance": e["scale"]["tolerance"]}, d["sigmas"].get(sg, {}))
+            runs += [(sg, {"tolerance": e["scale"]["tolerance"]} | v["adaptive"], d["sigmas"].get(sg, {}))
                      for sg, v in e["sigmas"].items() if "adaptive" in v]
     for sg, a, v in runs:
-        if a is None:
+        f, tol = v.get("fixed"), a["tolerance"]
+        if (sg, tol) in seen:  # an earlier run that the merged JSON already holds
             continue
-        f = v.get("fixed")
-        tol = a.get("tolerance", sc["tolerance"])
-        if any(r[0] == sg and r[1] == f"{tol:g}" for r in rows):
-            continue
+        seen.add((sg, tol))
         ratio_x = fixed_cost / a["evaluations_mean"]
         gap = a["acr"] - f["acr"] if f else None
         rows.append([sg, f"{tol:g}", f3(f["acr"]) if f else "not run", f3(a["acr"]),
@@ -503,7 +501,7 @@ def _adaptive(name: str) -> str:
             m = v[mode]
             ca = m["certified_accuracy"]
             rows.append([sg, {"fixed": f"fixed N = {sc['n']:,}", "sequential": "sequential (--radii)",
-                              "adaptive": f"adaptive (tolerance {sc['tolerance']})"}[mode],
+                              "adaptive": f"adaptive (tolerance {m.get('tolerance', sc.get('tolerance'))})"}[mode],
                          " / ".join("–" if ca.get(r) is None else f"{100 * ca[r]:.0f}" for r in radii) + " %",
                          f3(m.get("acr")), n0(m["evaluations_mean"]), n0(m["evaluations_median"]),
                          f"{m['seconds']:.0f}"])

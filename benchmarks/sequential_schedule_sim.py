@@ -115,24 +115,25 @@ def simulate_adaptive(p: np.ndarray, correct: np.ndarray, sigma: float, n: int, 
 
 
 def _start(args, what: str) -> tuple[dict, dict]:
-    """The benchmark JSON to replay, and the output's head (what, source, scale, replicates) with its start time."""
+    """The benchmark JSON to replay, and the output's head (what, source, scale, replicates)."""
     bench = json.loads(Path(args.bench).read_text())
     sc = bench["scale"]
     return bench, {"what": what, "source": Path(args.bench).name, "n": sc["n"], "n0": sc["n0"], "alpha": sc["alpha"],
-                   "replicates": args.replicates, "sigmas": {}, "_t0": time.perf_counter()}
+                   "replicates": args.replicates, "sigmas": {}}
 
 
-def _finish(out: dict, path: str) -> None:
+def _finish(out: dict, path: str, t0: float) -> None:
     from arq_deploy.core.fileio import write_json
     from arq_deploy.core.host import host_info
 
     out["host"] = host_info()
-    out["seconds"] = round(time.perf_counter() - out.pop("_t0"), 1)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(Path(path), out)
     print(f"wrote {path}")
 
 
 def main_adaptive(args) -> None:
+    t0 = time.perf_counter()
     bench, out = _start(args, "adaptive radius estimation (estimate_radius) replayed on binomial draws at each "
                               "input's fixed-N rate (a simulation, not a certification run), against fixed-N CERTIFY "
                               "drawn the same way")
@@ -156,7 +157,7 @@ def main_adaptive(args) -> None:
         out["sigmas"][sg] = {"images": len(p), "measured": measured, "configs": res}
     if not out["sigmas"]:
         sys.exit(f"error: {args.bench} holds no fixed-N run with per-input counts to replay")
-    _finish(out, args.out)
+    _finish(out, args.out, t0)
 
 
 def main(argv=None):
@@ -176,6 +177,7 @@ def main(argv=None):
     args.bench = args.bench or str(RESULTS / "adaptive_bench_sequential_100img.json")
     args.out = args.out or str(RESULTS / "sequential_schedule_sim.json")
     args.replicates = args.replicates or 200
+    t0 = time.perf_counter()
     bench, out = _start(args, "sequential certification schedules replayed on binomial draws at each input's "
                               "measured rate (a simulation, not a certification run), against fixed-N CERTIFY drawn "
                               "the same way")
@@ -198,7 +200,7 @@ def main(argv=None):
                   flush=True)
         out["sigmas"][sg] = {"images": len(p), "radii": list(radii),
                              "measured_evaluations_mean": r["sequential"]["evaluations_mean"], "schedules": res}
-    _finish(out, args.out)
+    _finish(out, args.out, t0)
 
 
 if __name__ == "__main__":
